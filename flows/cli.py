@@ -10,7 +10,10 @@ from rich.console import Console
 from flows.home import configure
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="DAX: C-arm X-ray DICOM to foundation models.")
+catalog_app = typer.Typer(no_args_is_help=True, help="Query the dataset catalog (read-only, from its published snapshot).")
+app.add_typer(catalog_app, name="catalog")
 console = Console()
+HOME_OPTION = typer.Option(None, "--home", help="DAX home folder (default: $DAX_HOME or ./dax-home).")
 
 
 @app.command()
@@ -52,6 +55,73 @@ def montage(
     from tasks.montage import make_montage
 
     console.print(f"montage written to {make_montage(corpus, out, include_real=real)}")
+
+
+@app.command()
+def ingest(
+    source: Path = typer.Argument(..., help="Folder of raw DICOM (a hospital export); it is only read."),
+    home: Optional[Path] = HOME_OPTION,
+    modality: list[str] = typer.Option(["XA", "RF", "DX", "CR"], help="Modalities to accept (repeat the option)."),
+    max_size: int = typer.Option(1024, help="Long side of the stored images, in pixels."),
+    frame_step: int = typer.Option(1, help="Keep every k-th frame of multi-frame files."),
+    batch_size: int = typer.Option(32, help="Files per Prefect task run."),
+    shard_mb: int = typer.Option(1000, help="Target shard size in MB."),
+    image_format: str = typer.Option("npy", help="npy (uint16, fast) or png (16-bit, ~20 % smaller, ~10x slower to write)."),
+    workers: int = typer.Option(2, help="Worker processes."),
+) -> None:
+    """De-identify, normalize and shard a DICOM export into HOME, cataloged in DuckDB."""
+    root = configure(home)
+    from prefect.task_runners import ProcessPoolTaskRunner
+
+    from flows.ingest import ingest as ingest_flow
+
+    result = ingest_flow.with_options(task_runner=ProcessPoolTaskRunner(max_workers=workers))(
+        source=str(source), home=str(root), modalities=tuple(modality), max_size=max_size, frame_step=frame_step,
+        batch_size=batch_size, shard_target_mb=shard_mb, image_format=image_format)
+    console.print(f"{result['files']} files: [bold]{result['ingested']}[/] ingested ({result['images']} images in "
+                  f"{result['shards']} shards), {result['duplicates']} duplicates, {result['skipped']} skipped, "
+                  f"{result['quarantined']} quarantined. Catalog snapshot: {result['snapshot']}")
+
+
+@app.command()
+def locate(
+    sha256: str = typer.Argument(..., help="A file hash from the catalog."),
+    source: Path = typer.Argument(..., help="The source folder to search."),
+) -> None:
+    """Map a catalog hash back to its path on the source side (for operators; prints the path)."""
+    from tasks.triage import list_source, sha256_file
+
+    wanted = sha256.lower()
+    for relpath in list_source(source):
+        if sha256_file(source / relpath) == wanted:
+            console.print(str(source / relpath), markup=False, highlight=False)
+            return
+    console.print(f"no file under the source has SHA-256 {wanted}")
+    raise typer.Exit(1)
+
+
+@catalog_app.command("sql")
+def catalog_sql(
+    query: str = typer.Argument(..., help="A read-only SQL query, e.g. \"SELECT status, count(*) FROM sources GROUP BY 1\"."),
+    home: Optional[Path] = HOME_OPTION,
+    output: str = typer.Option("table", "--format", help="table, csv or json."),
+) -> None:
+    """Run a read-only query on the catalog snapshot."""
+    from tasks.catalog import query as run_query
+
+    typer.echo(run_query(configure(home), query, output))
+
+
+@catalog_app.command("report")
+def catalog_report(
+    home: Optional[Path] = HOME_OPTION,
+    out: Optional[Path] = typer.Option(None, help="HTML file to write (default: HOME/catalog-report.html)."),
+) -> None:
+    """An HTML report of the catalog: counts by modality, device and date, quarantine reasons, runs."""
+    from tasks.catalog_report import write_report
+
+    root = configure(home)
+    console.print(f"report written to {write_report(root, out or root / 'catalog-report.html')}")
 
 
 @app.command()

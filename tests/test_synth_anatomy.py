@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from tasks.synth.anatomy import (BONE_MATERIALS, build_phantom, point_in_body, point_in_bone,
+from tasks.synth.anatomy import (BONE_MATERIALS, attenuation_at, build_phantom, point_in_body, point_in_bone,
                                  point_in_primitive)
 from tasks.synth.implants import place_implants
 from tasks.synth.primitives import Box, Cylinder, Ellipsoid, line_integral
@@ -22,7 +22,7 @@ def test_region_builds_and_is_deterministic(region):
     b = build_phantom(region, np.random.default_rng(7))
     c = build_phantom(region, np.random.default_rng(8))
     assert a.region == region
-    assert 15 <= len(a.primitives) <= 110
+    assert 15 <= len(a.primitives) <= 140
     assert any(p.material in BONE_MATERIALS for p in a.primitives)
     assert any(p.name.startswith("body") for p in a.primitives)
     np.testing.assert_array_equal(_signature(a), _signature(b))
@@ -62,14 +62,53 @@ def test_point_in_primitive_shapes():
     assert point_in_primitive(bx, (0.9, -1.9, 2.9)) and not point_in_primitive(bx, (1.1, 0, 0))
 
 
-@pytest.mark.parametrize("region", BODY_REGIONS)
-def test_attenuation_never_negative(region):
-    ph = build_phantom(region, np.random.default_rng(3))
+def _bbox(ph):
     lo = np.min([p.aabb()[0] for p in ph.primitives], axis=0)
     hi = np.max([p.aabb()[1] for p in ph.primitives], axis=0)
-    pts = np.random.default_rng(0).uniform(lo, hi, (3000, 3))
-    total = sum(p.mu * point_in_primitive(p, pts) for p in ph.primitives)
-    assert total.min() > -1e-6
+    return lo, hi
+
+
+@pytest.mark.parametrize("region", BODY_REGIONS)
+def test_attenuation_never_negative(region):
+    # total attenuation (the sum of the differential mus) must be >= 0 everywhere: air spaces
+    # inside the body, never poking out of it nor overlapping each other
+    for seed in range(8):
+        ph = build_phantom(region, np.random.default_rng(seed))
+        lo, hi = _bbox(ph)
+        pts = np.random.default_rng(1000 + seed).uniform(lo, hi, (20000, 3))
+        total = sum(p.mu * point_in_primitive(p, pts) for p in ph.primitives)
+        i = int(np.argmin(total))
+        names = [p.name for p in ph.primitives if point_in_primitive(p, pts[i])]
+        assert total[i] >= -1e-9, (seed, total[i], names)
+    # the scalar helper agrees with the vectorised sum
+    assert np.isclose(attenuation_at(ph, pts[i]), total[i])
+
+
+# regions whose bones all lie inside the soft-tissue envelope; the others still have small
+# known protrusions (toes, fingers, clavicles / mandible of the neck, malleoli) left to fix
+_BONE_INSIDE = {"skull", "thorax", "pelvis and hip", "femur", "knee", "shoulder and upper arm", "lumbar spine"}
+
+
+@pytest.mark.parametrize("region", BODY_REGIONS)
+def test_bone_inside_body(region):
+    if region not in _BONE_INSIDE:
+        pytest.xfail("known: some bone ends poke out of the soft-tissue envelope")
+    worst = 0.0
+    for seed in range(8):
+        ph = build_phantom(region, np.random.default_rng(seed))
+        rng = np.random.default_rng(2000 + seed)
+        env = [p for p in ph.primitives if p.name.split(".")[0] == "body"]
+        pts = []
+        for p in ph.primitives:
+            if p.material in BONE_MATERIALS:
+                lo, hi = p.aabb()
+                q = rng.uniform(lo, hi, (200, 3))
+                pts.append(q[point_in_primitive(p, q)])
+        pts = np.concatenate(pts)
+        inside = np.any([point_in_primitive(p, pts) for p in env], axis=0)
+        worst = max(worst, 1.0 - inside.mean())
+    # a few sample points grazing the skin are tolerated, not a bone sticking out
+    assert worst <= 2e-3, worst
 
 
 @pytest.mark.parametrize("region", BODY_REGIONS)

@@ -12,10 +12,77 @@ screws, plates, nails and wires go, e.g. ``L3.pedicle_left.entry`` / ``.directio
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 
 from tasks.synth.primitives import MU, Box, Cylinder, Ellipsoid, Primitive, euler_rotation
 from tasks.synth.scene import BODY_REGIONS, Phantom
+
+# ----------------------------------------------------------------------------------------------
+# clipped primitives: a convex solid intersected with half-spaces. Pieces of one bone (or of one
+# soft-tissue envelope) are cut along shared planes so that they abut instead of overlapping:
+# overlapping shapes would add their attenuation and show unrealistic dense lenses.
+# ----------------------------------------------------------------------------------------------
+def _clip_interval(t0, t1, hit, planes, s, d):
+    """Intersect the ray intervals [t0, t1] with the local half-spaces ``n . q <= c``."""
+    for n0, n1, n2, c in planes:
+        nd = d[..., 0] * n0 + d[..., 1] * n1 + d[..., 2] * n2
+        ns = s[0] * n0 + s[1] * n1 + s[2] * n2
+        par = np.abs(nd) < _EPS_CLIP
+        t = (c - ns) / np.where(par, 1.0, nd)
+        t1 = np.where(~par & (nd > 0), np.minimum(t1, t), t1)
+        t0 = np.where(~par & (nd < 0), np.maximum(t0, t), t0)
+        if ns > c:
+            hit = hit & ~par
+    return np.where(hit, np.maximum(t1 - t0, 0.0), 0.0)
+
+
+_EPS_CLIP = 1e-12
+
+
+@dataclass
+class ClippedEllipsoid(Ellipsoid):
+    """An ellipsoid cut by half-spaces ``planes`` (k, 4): local ``n . q <= c``."""
+
+    planes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
+
+    def _local_chord(self, s, d):
+        ss = s / self.radii
+        dd = d / self.radii
+        a = np.einsum("...i,...i->...", dd, dd)
+        b = dd @ ss
+        c = ss @ ss - 1.0
+        disc = b * b - a * c
+        root = np.sqrt(np.maximum(disc, 0.0))
+        a = np.maximum(a, _EPS_CLIP)
+        return _clip_interval((-b - root) / a, (-b + root) / a, disc > 0, self.planes, s, d)
+
+
+@dataclass
+class ClippedCylinder(Cylinder):
+    """A capped elliptic cylinder cut by half-spaces ``planes`` (k, 4): local ``n . q <= c``."""
+
+    planes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
+
+    def _local_chord(self, s, d):
+        ra, rb = self.radii
+        h = self.half_length
+        sx, sy = s[0] / ra, s[1] / rb
+        dx, dy = d[..., 0] / ra, d[..., 1] / rb
+        a = dx * dx + dy * dy
+        b = dx * sx + dy * sy
+        c = sx * sx + sy * sy - 1.0
+        disc = b * b - a * c
+        root = np.sqrt(np.maximum(disc, 0.0))
+        a_safe = np.maximum(a, _EPS_CLIP)
+        radial = a > _EPS_CLIP
+        t0 = np.where(radial, (-b - root) / a_safe, -np.inf)
+        t1 = np.where(radial, (-b + root) / a_safe, np.inf)
+        hit = (radial & (disc > 0)) | (~radial & (c <= 0))
+        caps = np.array([[0, 0, 1, h], [0, 0, -1, h]], dtype=np.float64)
+        return _clip_interval(t0, t1, hit, np.concatenate([caps, self.planes]), s, d)
+
 
 # materials that count as "bone" for point-in-bone checks
 BONE_MATERIALS = ("cortical", "cancellous", "marrow", "enamel")
@@ -50,6 +117,16 @@ def point_in_primitive(prim: Primitive, points) -> np.ndarray:
     """Whether each point (..., 3) lies inside the primitive's solid (boundary included)."""
     p = np.asarray(points, dtype=np.float64)
     q = (p - prim.center) @ prim.rotation
+    if isinstance(prim, (ClippedEllipsoid, ClippedCylinder)):
+        inside = np.ones(q.shape[:-1], dtype=bool)
+        for n0, n1, n2, c in prim.planes:
+            inside &= q[..., 0] * n0 + q[..., 1] * n1 + q[..., 2] * n2 <= c + 1e-9
+        base = Ellipsoid if isinstance(prim, ClippedEllipsoid) else Cylinder
+        if base is Ellipsoid:
+            return inside & (np.sum((q / prim.radii) ** 2, axis=-1) <= 1.0 + 1e-9)
+        a, b = prim.radii
+        return inside & ((q[..., 0] / a) ** 2 + (q[..., 1] / b) ** 2 <= 1.0 + 1e-9) & (
+            np.abs(q[..., 2]) <= prim.half_length + 1e-9)
     if isinstance(prim, Ellipsoid):
         return np.sum((q / prim.radii) ** 2, axis=-1) <= 1.0 + 1e-9
     if isinstance(prim, Cylinder):
@@ -112,8 +189,23 @@ class _B:
         self.scalars[name] = np.array([float(v)])
 
     # primitives
-    def _make(self, kind, center, rot, dims, mu, material, name):
-        if kind == "e":
+    def _make(self, kind, center, rot, dims, mu, material, name, clip=None):
+        """``clip``: world half-spaces (point, normal[, inner offset]) keeping n . (x - point) <= 0."""
+        if clip and kind in ("e", "c"):
+            R = np.eye(3) if rot is None else np.asarray(rot, dtype=np.float64)
+            ctr = np.asarray(center, dtype=np.float64)
+            planes = []
+            for cl in clip:
+                nrm = _unit(cl[1])
+                planes.append(np.r_[R.T @ nrm, nrm @ (np.asarray(cl[0], dtype=np.float64) - ctr)])
+            planes = np.array(planes)
+            if kind == "e":
+                p = ClippedEllipsoid(center, rot, mu, material, name, radii=np.asarray(dims, dtype=np.float64),
+                                     planes=planes)
+            else:
+                p = ClippedCylinder(center, rot, mu, material, name, radii=(float(dims[0]), float(dims[1])),
+                                    half_length=float(dims[2]), planes=planes)
+        elif kind == "e":
             p = Ellipsoid(center, rot, mu, material, name, radii=np.asarray(dims, dtype=np.float64))
         elif kind == "c":
             p = Cylinder(center, rot, mu, material, name, radii=(float(dims[0]), float(dims[1])),
@@ -125,23 +217,30 @@ class _B:
         self.prims.append(p)
         return p
 
-    def tissue(self, kind, center, rot, dims, name, material="soft", base="air"):
-        return self._make(kind, center, rot, dims, MU[material] - MU[base], material, name)
+    def tissue(self, kind, center, rot, dims, name, material="soft", base="air", clip=None):
+        return self._make(kind, center, rot, dims, MU[material] - MU[base], material, name, clip)
 
-    def air(self, kind, center, rot, dims, name, base="soft", material="air", mu=None):
+    def air(self, kind, center, rot, dims, name, base="soft", material="air", mu=None, clip=None):
         m = MU[material] - MU[base] if mu is None else mu
-        return self._make(kind, center, rot, dims, m, material, name)
+        return self._make(kind, center, rot, dims, m, material, name, clip)
 
-    def solid(self, kind, center, rot, dims, name, mu_abs=None, material="cancellous", base="soft"):
+    def solid(self, kind, center, rot, dims, name, mu_abs=None, material="cancellous", base="soft", clip=None):
         """A bone of one uniform attenuation (small bones, ribs, processes)."""
         mu = (MU[material] if mu_abs is None else mu_abs) - MU[base]
-        return self._make(kind, center, rot, dims, mu, material, name)
+        return self._make(kind, center, rot, dims, mu, material, name, clip)
 
     def bone(self, kind, center, rot, dims, cortex, name, inner="cancellous", base="soft",
-             end_cortex=None):
-        """A cortical shell of thickness ``cortex`` around a cancellous (or marrow) interior."""
+             end_cortex=None, clip=None):
+        """A cortical shell of thickness ``cortex`` around a cancellous (or marrow) interior.
+
+        Clip planes cut the shell and the core alike (an open face, for pieces of one bone that
+        abut), unless the clip entry carries a third value: the cortex thickness on that face."""
         dims = np.asarray(dims, dtype=np.float64)
-        self._make(kind, center, rot, dims, MU["cortical"] - MU[base], "cortical", name)
+        self._make(kind, center, rot, dims, MU["cortical"] - MU[base], "cortical", name, clip)
+        iclip = None
+        if clip:
+            iclip = [(np.asarray(cl[0], float) - _unit(cl[1]) * (cl[2] if len(cl) > 2 else 0.0), cl[1])
+                     for cl in clip]
         if kind == "c":
             ec = cortex if end_cortex is None else end_cortex
             idims = np.array([dims[0] - cortex, dims[1] - cortex, dims[2] - ec])
@@ -149,12 +248,12 @@ class _B:
             idims = dims - cortex
         idims = np.maximum(idims, 0.3)
         if inner == "marrow":
-            self._make(kind, center, rot, idims, _MARROW - MU["cortical"], "marrow", name + ".canal")
+            self._make(kind, center, rot, idims, _MARROW - MU["cortical"], "marrow", name + ".canal", iclip)
         else:
-            self._make(kind, center, rot, idims, MU[inner] - MU["cortical"], "cancellous", name + ".core")
+            self._make(kind, center, rot, idims, MU[inner] - MU["cortical"], "cancellous", name + ".core", iclip)
 
     def rod(self, p0, p1, radius, cortex, name, inner="cancellous", xhint=(1, 0, 0), radii=None,
-            solid=False, mu_abs=None, end_cortex=None):
+            solid=False, mu_abs=None, end_cortex=None, clip=None):
         """A bone cylinder between two points (shell unless ``solid``)."""
         p0 = np.asarray(p0, dtype=np.float64)
         p1 = np.asarray(p1, dtype=np.float64)
@@ -164,8 +263,34 @@ class _B:
         dims = (r[0], r[1], np.linalg.norm(ax) / 2)
         if solid:
             return self.solid("c", (p0 + p1) / 2, rot, dims, name, mu_abs=mu_abs,
-                              material="cortical" if mu_abs and mu_abs > 0.045 else "cancellous")
-        return self.bone("c", (p0 + p1) / 2, rot, dims, cortex, name, inner=inner, end_cortex=end_cortex)
+                              material="cortical" if mu_abs and mu_abs > 0.045 else "cancellous", clip=clip)
+        return self.bone("c", (p0 + p1) / 2, rot, dims, cortex, name, inner=inner, end_cortex=end_cortex, clip=clip)
+
+    def chain(self, pts, radii, name, cortex=0.0, solid=False, mu_abs=None, xhints=None, inner="cancellous",
+              closed=False):
+        """A curved bone as a chain of rods through ``pts``, mitered at the joints: neighbouring
+        segments are cut by the plane that bisects their directions, so they abut (no doubled
+        density) and the bend shows no gap. ``radii`` is one (a, b) or one per segment, ``name``
+        one string or one per segment; ``closed`` joins the last point back to the first (a ring)."""
+        pts = [np.asarray(p, dtype=np.float64) for p in pts]
+        if closed:
+            pts = pts + [pts[0]]
+        n = len(pts) - 1
+        rr = [radii] * n if np.ndim(radii[0]) == 0 else list(radii)
+        names = [name] * n if isinstance(name, str) else list(name)
+        tans = [_unit(pts[i + 1] - pts[i]) for i in range(n)]
+        for i in range(n):
+            clip, p0, p1 = [], pts[i], pts[i + 1]
+            ext = max(rr[i]) * 1.2 + 1.0     # overshoot, trimmed by the miter planes
+            if i > 0 or closed:
+                clip.append((pts[i], -_unit(tans[i - 1] + tans[i])))
+                p0 = p0 - tans[i] * ext
+            if i < n - 1 or closed:
+                clip.append((pts[i + 1], _unit(tans[i] + tans[(i + 1) % n])))
+                p1 = p1 + tans[i] * ext
+            xh = (1, 0, 0) if xhints is None else xhints[i]
+            self.rod(p0, p1, 0, cortex, names[i], inner=inner, xhint=xh, radii=rr[i], solid=solid, mu_abs=mu_abs,
+                     clip=clip or None)
 
     def phantom(self, region, focus, long_axis, field_half, laterality="", mirror=False,
                 jitter_deg=4.0, jitter_mm=5.0) -> Phantom:
@@ -184,6 +309,9 @@ class _B:
         for p in self.prims:
             p.center = tp(p.center)
             p.rotation = rot @ (m @ p.rotation @ m)
+            if mirror and isinstance(p, (ClippedEllipsoid, ClippedCylinder)):
+                p.planes = p.planes.copy()
+                p.planes[:, 0] *= -1.0   # local coordinates are mirrored along local x
         lms: dict[str, np.ndarray] = {}
         for k, v in self.points.items():
             lms[k] = tp(v)
@@ -303,8 +431,13 @@ def _skull(b: _B) -> Phantom:
     s = b.n(1.0, 0.05, 0.88, 1.12)
     hw, hd, hh = 72 * s * b.n(1, .03), 92 * s * b.n(1, .03), 80 * s * b.n(1, .03)
     # head and neck soft tissue
-    b.tissue("e", (0, 8, 0), None, (hw + 12, hd + 14, hh + 52), "body.head")
-    b.tissue("c", (0, -10, -170), None, (55 * s, 58 * s, 40), "body.neck")
+    # head above a horizontal cut, neck cylinder below it: abutting pieces that hold the airway
+    up = np.array([0.0, 0.0, 1.0])
+    hz = hh + 52
+    zn = -0.8 * hz
+    b.tissue("e", (0, 12, 0), None, (hw + 14, hd + 34, hz), "body.head", clip=[((0, 0, zn), -up)])
+    b.tissue("c", (0, -6, (zn - 210) / 2), None, (55 * s, 60 * s, (zn + 210) / 2), "body.neck",
+             clip=[((0, 0, zn), up)])
     # calvarium: outer table, diploe, inner table, brain
     cc = np.array([0.0, -8.0, 28.0])
     t = b.u(5.5, 8.0)
@@ -328,13 +461,12 @@ def _skull(b: _B) -> Phantom:
     b.air("e", (0, fy + 4 * s, 36), None, (15 * s, 7 * s, 9 * s), "sinus.frontal", mu=-0.0205)
     for side in (1, -1):
         oc = np.array([side * 30 * s, fy + 8 * s, 2.0])
-        b.air("e", oc, None, (20 * s, 22 * s, 18 * s), "orbit.rim", mu=0.030, material="cortical")
-        b.air("e", oc, None, (17.5 * s, 20 * s, 15.5 * s), "orbit", mu=MU["fat"] - MU["soft"] - 0.030 - 0.016,
+        b.air("e", oc, None, (17.5 * s, 20 * s, 15.5 * s), "orbit", mu=MU["fat"] - MU["soft"] - 0.016,
               material="fat")
         b.air("e", (side * 20 * s, fy, -36), None, (13 * s, 13 * s, 15 * s), "sinus.maxillary", mu=-0.036)
         b.solid("e", (side * 50 * s, fy - 12, -14), euler_rotation(0, 0, side * 0.5), (8, 22 * s, 7), "zygoma", mu_abs=0.048,
                 material="cortical")
-    b.air("b", (0, fy + 4, -30), None, (6 * s, 14 * s, 18 * s), "nasal_cavity", mu=-0.030)
+    b.air("e", (0, fy + 4, -32), None, (6.5 * s, 15 * s, 19 * s), "nasal_cavity", mu=-0.030)
     # mandible: body (two halves), symphysis, rami
     mz = -88 * s
     chin = np.array([0.0, fy + 22 * s, mz])
@@ -345,7 +477,7 @@ def _skull(b: _B) -> Phantom:
         b.pt(f"mandible_{'left' if side > 0 else 'right'}.front", chin + np.array([side * 12, -4, 0]))
         cond = np.array([side * 50 * s, fy - 62 * s, -30.0])
         b.rod(angle + np.array([0, 0, -8]), cond, 0, 2.5, "mandible.ramus", radii=(5, 14), xhint=(1, 0, 0))
-    b.bone("e", chin + np.array([0, -3, -2]), None, (14, 8, 15), 3.0, "mandible.symphysis")
+    b.bone("e", chin + np.array([0, -7, 3]), None, (14, 8, 13), 3.0, "mandible.symphysis")
     # teeth: upper and lower arches
     for jaw, zt in (("upper", -62 * s), ("lower", -70 * s)):
         for side in (1, -1):
@@ -378,9 +510,10 @@ def _skull(b: _B) -> Phantom:
 
 def _cervical(b: _B) -> Phantom:
     s = b.n(1.0, 0.05, 0.9, 1.1)
-    b.tissue("c", (0, 2, -10), None, (58 * s, 62 * s, 120), "body.neck")
-    b.tissue("e", (0, -5, -120), None, (150 * s, 95 * s, 45), "body.shoulders")
-    b.tissue("e", (0, 15, 120), None, (70 * s, 85 * s, 70), "body.head")
+    up = np.array([0.0, 0.0, 1.0])
+    b.tissue("c", (0, 2, -10), None, (58 * s, 62 * s, 120), "body.neck", clip=[((0, 0, -95), -up), ((0, 0, 60), up)])
+    b.tissue("e", (0, -5, -120), None, (150 * s, 95 * s, 45), "body.shoulders", clip=[((0, 0, -95), up)])
+    b.tissue("e", (0, 15, 120), None, (70 * s, 85 * s, 70), "body.head", clip=[((0, 0, 60), -up)])
     spacing = np.array([18.5, 18.0, 18.0, 18.5, 19.0, 19.5, 20.0]) * s
     curve = _spine_curve(range(7), 58 * s, spacing, -8 * s, 6 * s, sign=1.0)
     dims = [(17, 15, 13), (17.5, 15.5, 13.5), (18.5, 16, 13.5), (19.5, 16, 14), (21, 16.5, 14), (23, 17, 15)]
@@ -412,8 +545,9 @@ def _cervical(b: _B) -> Phantom:
     b.bone("e", (0, 80 * s, 20 * s), None, (14, 8, 15), 3.0, "mandible.symphysis")
     b.solid("e", (0, 25 * s, 10 * s), None, (16, 8, 5), "hyoid", mu_abs=0.038)
     # airway: pharynx -> larynx -> trachea (anterior to the vertebral bodies)
-    b.air("c", (0, 22 * s, 20), None, (10, 8, 35), "pharynx")
-    b.air("c", (0, 30 * s, -55), euler_rotation(np.radians(-8), 0, 0), (8.5, 7.5, 55), "trachea")
+    zj = np.array([0.0, 0.0, -8.0])   # pharynx / larynx junction: the two air columns abut
+    b.air("c", (0, 22 * s, 20), None, (10, 8, 35), "pharynx", clip=[(zj, -up)])
+    b.air("c", (0, 30 * s, -55), euler_rotation(np.radians(-8), 0, 0), (8.5, 7.5, 55), "trachea", clip=[(zj, up)])
     # clavicles at the bottom
     for side in (1, -1):
         b.rod((side * 12, 45, -112), (side * 75 * s, 25, -100), 0, 2.5, "clavicle", radii=(7, 6))
@@ -430,12 +564,13 @@ def _thorax(b: _B) -> Phantom:
     lw = 0.42 * W
     dome = b.u(-115, -85)
     for side, name in ((-1, "right"), (1, "left")):
+        # each lung stays inside the chest wall (a ~12 mm margin for ribs and intercostal muscle)
         ztop, zbot = 150.0, dome + (0 if side < 0 else -15)
-        b.air("e", (side * (0.5 * W + 5), 2, (ztop + zbot) / 2), None, (0.40 * W, 0.78 * D, (ztop - zbot) / 2),
+        b.air("e", (side * 0.47 * W, 2, (ztop + zbot) / 2), None, (0.38 * W, 0.74 * D, (ztop - zbot) / 2),
               f"lung_{name}", material="lung")
     # heart and great vessels
     b.air("e", (22 * s, 25, -55), euler_rotation(0, np.radians(-20), np.radians(-25)), (62 * s, 50 * s, 55 * s), "heart",
-          mu=0.7 * (MU["soft"] - MU["lung"]), material="soft")
+          mu=0.95 * (MU["soft"] - MU["lung"]), material="soft")
     b.air("c", (10, -15, 40), None, (22, 30, 80), "mediastinum", mu=0.7 * (MU["soft"] - MU["lung"]), material="soft")
     b.air("c", (0, -0.2 * D, 150), euler_rotation(np.radians(5), 0, 0), (8, 7, 70), "trachea", base="soft")
     # liver under the right dome: soft, nothing to add; stomach bubble under the left dome
@@ -461,27 +596,38 @@ def _thorax(b: _B) -> Phantom:
         sc = 0.55 + 0.45 * min(1.0, (k + 1) / 5)
         rx, ry = (W - 14) * sc, (D - 12) * (0.75 + 0.25 * sc)
         yc = c[1] + ry - 12
-        phis = np.radians([-80, -28, 35])
+        nseg = 3 if k < 2 else 4
+        us = np.linspace(0.0, 1.0, nseg + 1)
+        phis = np.radians(-80 + 115 * us)
         drop = (35 + 6 * k) * s
         for side in (1, -1):
             pts = []
-            for j, ph in enumerate(phis):
-                z = c[2] + 4 - drop * ((j / 3) ** 1.4) * (1.0 if j < 2 else 1.3)
-                pts.append(np.array([side * rx * np.cos(ph), yc + ry * np.sin(ph), z]))
+            for u, ph in zip(us, phis):
+                z = c[2] + 4 - drop * 0.74 * u ** 1.6
+                p = np.array([side * rx * np.cos(ph), yc + ry * np.sin(ph), z])
+                # keep the rib inside the chest wall (the body's elliptic cross-section, 11 mm in)
+                q = np.hypot(p[0] / (W - 11), p[1] / (D - 11))
+                if q > 1.0:
+                    p[:2] /= q
+                pts.append(p)
             pts[0][0] = side * (14 + 0.2 * k) * s
-            for j in range(2):
-                radial = (pts[j] + pts[j + 1]) / 2 - np.array([0, yc, (pts[j][2] + pts[j + 1][2]) / 2])
-                b.rod(pts[j], pts[j + 1], 0, 0, f"rib{k + 1}", xhint=radial, radii=(3.5, 6.0), solid=True,
-                      mu_abs=mu_rib)
-            b.pt(f"rib{k + 1}_{'left' if side > 0 else 'right'}.lateral", pts[1])
+            xh = [(pts[j] + pts[j + 1]) / 2 - np.array([0, yc, (pts[j][2] + pts[j + 1][2]) / 2])
+                  for j in range(nseg)]
+            b.chain(pts, (3.5, 6.0), f"rib{k + 1}", solid=True, mu_abs=mu_rib, xhints=xh)
+            lat_pt = side * rx * np.cos(np.radians(-28))
+            j = int(np.argmin([abs(p[0] - lat_pt) for p in pts]))
+            b.pt(f"rib{k + 1}_{'left' if side > 0 else 'right'}.lateral", pts[j])
     # clavicles, scapulae, sternum
     zc = zlev[0][2] + 5
     for side in (1, -1):
         b.rod((side * 15, D - 20, zc - 10), (side * (W - 20), -10, zc + 12), 0, 0, "clavicle", radii=(8, 7),
               solid=True, mu_abs=0.048)
-        sc_c = np.array([side * 0.62 * W, -D + 25, zc - 70])
-        b.solid("e", sc_c, euler_rotation(0, 0, side * 0.35), (45 * s, 5, 70 * s), "scapula", mu_abs=0.040)
-    b.solid("b", (0, D - 12, zc - 75), euler_rotation(np.radians(10), 0, 0), (14, 5, 75), "sternum", mu_abs=0.036)
+        # scapula flat on the posterior chest wall, tangent to it
+        ct = 0.62
+        sc_c = np.array([side * ct * W, -(D * np.sqrt(1 - ct ** 2) - 17), zc - 70])
+        tang = np.arctan2(ct * D, np.sqrt(1 - ct ** 2) * W)
+        b.solid("e", sc_c, euler_rotation(0, 0, side * tang), (45 * s, 5, 70 * s), "scapula", mu_abs=0.040)
+    b.solid("b", (0, D - 22, zc - 75), euler_rotation(np.radians(10), 0, 0), (14, 5, 75), "sternum", mu_abs=0.036)
     mid = curve[6][0]
     focus = np.array([0.0, mid[1] + b.u(0, 40), mid[2] + b.u(-40, 40)])
     return b.phantom("thorax", focus, (0, 0, 1), b.u(110, 140))
@@ -526,21 +672,34 @@ def _lumbar(b: _B) -> Phantom:
 
 
 def _bowel_gas(b: _B, W, D, fat, n, z0, z1):
-    """Gas bubbles in the anterior abdomen, kept inside the muscle envelope."""
+    """Gas bubbles in the anterior abdomen, kept inside the muscle envelope and apart from each
+    other (overlapping bubbles would subtract the soft tissue twice)."""
+    placed: list[tuple[np.ndarray, float]] = []
     for _ in range(n):
-        r = b.u(8, 20)
-        rx = r * b.u(1, 1.6)
-        R = max(rx, r)
-        x = b.u(-1, 1) * 0.75 * (W - fat - R - 8)
-        y = b.u(0.05 * D, max(0.06 * D, D - fat - R - 8))
-        yl = (D - fat - 8) * np.sqrt(max(0.0, 1 - (abs(x) / (W - fat)) ** 2)) - R
-        y = min(y, max(0.0, yl))
-        b.air("e", (x, y, b.u(z0, z1)), euler_rotation(0, 0, b.u(0, 3)), (rx, r, r * b.u(0.6, 1.2)), "bowel_gas")
+        for _try in range(12):
+            r = b.u(8, 20)
+            rx = r * b.u(1, 1.6)
+            rz = r * b.u(0.6, 1.2)
+            R = max(rx, r)
+            x = b.u(-1, 1) * 0.75 * (W - fat - R - 8)
+            y = b.u(0.05 * D, max(0.06 * D, D - fat - R - 8))
+            yl = (D - fat - 8) * np.sqrt(max(0.0, 1 - (abs(x) / (W - fat)) ** 2)) - R
+            y = min(y, max(0.0, yl))
+            c = np.array([x, y, b.u(z0, z1)])
+            rot = euler_rotation(0, 0, b.u(0, 3))
+            Rb = max(rx, r, rz)   # bounding sphere
+            if all(np.linalg.norm(c - c2) > Rb + r2 + 1.0 for c2, r2 in placed):
+                placed.append((c, Rb))
+                b.air("e", c, rot, (rx, r, rz), "bowel_gas")
+                break
 
 
 def _proximal_femur(b: _B, side, head_c, s, name="femur", shaft_len=200.0, neck_shaft_deg=130.0,
                     antev_deg=12.0):
-    """A proximal femur whose head centre is ``head_c``; side=+1 left (+x), -1 right."""
+    """A proximal femur whose head centre is ``head_c``; side=+1 left (+x), -1 right.
+
+    Head, neck, trochanteric block and shaft are cut along shared planes so that they abut:
+    one continuous bone with a cortex only on its outer surface (no doubled overlaps)."""
     hr = b.n(23.5, 1.5, 20, 27) * s
     lat = np.array([side * 1.0, 0, 0])  # lateral is away from the midline
     nsa = np.radians(neck_shaft_deg)
@@ -549,15 +708,19 @@ def _proximal_femur(b: _B, side, head_c, s, name="femur", shaft_len=200.0, neck_
     neck_dir = _unit(np.array([side * np.cos(np.pi / 2 - (nsa - np.pi / 2)), -np.sin(av), -np.sin(nsa - np.pi / 2)]))
     neck_len = 48 * s
     base = head_c + neck_dir * neck_len
-    b.bone("e", head_c, None, (hr, hr, hr), 1.6, f"{name}.head")
-    b.rod(head_c + neck_dir * hr * 0.6, base, 0, 2.0, f"{name}.neck", radii=(15 * s, 17 * s), xhint=(0, 1, 0))
-    gt = base + np.array([side * 14, -6, 14]) * s
-    b.bone("e", gt, None, (14 * s, 17 * s, 24 * s), 1.6, f"{name}.greater_trochanter")
-    top = base + np.array([side * 4, -2, -22]) * s
-    b.bone("e", top, euler_rotation(0, side * np.radians(-8), 0), (22 * s, 20 * s, 32 * s), 2.5, f"{name}.intertrochanteric")
-    b.solid("e", top + np.array([-side * 20, -10, -22]) * s, None, (8, 8, 11), f"{name}.lesser_trochanter", mu_abs=0.044)
-    shaft_top = top + np.array([0, 0, -20 * s])
+    hj = head_c + neck_dir * hr * 0.62                       # head-neck junction plane
+    b.bone("e", head_c, None, (hr, hr, hr), 1.6, f"{name}.head", clip=[(hj, neck_dir)])
+    b.rod(hj, base, 0, 2.0, f"{name}.neck", radii=(15 * s, 17 * s), xhint=(0, 1, 0), end_cortex=0.0)
+    top = base + np.array([side * 8, -4, -6]) * s
+    shaft_top = top + np.array([0, 0, -34 * s])
     shaft_dir = _unit(np.array([-side * 0.12, 0.03, -1.0]))
+    # trochanteric block: greater trochanter on top, lateral to the neck base, down to the shaft
+    blk = top + np.array([side * 2, 0, 4]) * s
+    b.bone("e", blk, euler_rotation(0, side * np.radians(-8), 0), (25 * s, 21 * s, 46 * s), 2.0,
+           f"{name}.intertrochanteric", clip=[(base, -neck_dir), (shaft_top, shaft_dir)])
+    gt = blk + np.array([side * 8, -4, 30]) * s
+    b.solid("e", top + np.array([-side * 19, -12, -26]) * s, None, (7, 7, 10), f"{name}.lesser_trochanter",
+            mu_abs=0.044)
     shaft_bot = shaft_top + shaft_dir * shaft_len
     r = b.n(13.5, 1.0, 11.5, 15.5) * s
     _long_bone(b, name, shaft_bot, shaft_top, r, b.n(5.5, 0.5, 4.5, 6.5) * s)
@@ -571,11 +734,22 @@ def _proximal_femur(b: _B, side, head_c, s, name="femur", shaft_len=200.0, neck_
     entry = head_c + neck_dir * (neck_len + 36 * s)
     b.pt(f"{name}.neck.entry", entry)
     b.sc(f"{name}.neck.length", np.linalg.norm(head_c - entry) + hr * 0.55)
-    b.pt(f"{name}.greater_trochanter.tip", gt + np.array([0, 0, 22 * s]))
-    b.pt(f"{name}.nail_entry", gt + np.array([-side * 8, 0, 20 * s]))
+    b.pt(f"{name}.greater_trochanter.tip", gt + np.array([0, 0, 14 * s]))
+    b.pt(f"{name}.nail_entry", gt + np.array([-side * 8, 0, 12 * s]))
     b.dr(f"{name}.lateral", lat)
     b.dr(f"{name}.anterior", (0, 1, 0))
     return shaft_bot, shaft_top, r
+
+
+def _acetabulum(b: _B, side, hc, hr, s, name):
+    """Acetabular roof (sourcil) and medial wall (teardrop) cut off by planes 3 mm outside the
+    femoral head, so the joint space shows and the head's density is never doubled."""
+    up = np.array([0.0, 0.0, 1.0])
+    med = np.array([-side * 1.0, 0.0, 0.0])
+    b.bone("e", hc + np.array([-side * 6, -4, hr * 0.55]), euler_rotation(0, side * 0.3, 0), (30 * s, 27 * s, 24 * s),
+           2.0, f"{name}", clip=[(hc + up * (hr + 3.0), -up, 2.0)])
+    b.bone("e", hc + med * (hr + 9), None, (9 * s, 22 * s, 26 * s), 1.8, f"{name}.medial_wall",
+           clip=[(hc + med * (hr + 3.0), -med, 1.8), (hc + up * (hr + 3.0), up)])
 
 
 def _pelvis(b: _B) -> Phantom:
@@ -590,32 +764,71 @@ def _pelvis(b: _B) -> Phantom:
     for side in (1, -1):
         sn = "left" if side > 0 else "right"
         hc = np.array([side * hx, 10 * s, -15 * s])
-        # acetabulum / body of ilium, iliac wing, ischium, pubic rami
-        b.bone("e", hc + np.array([-side * 16, -4, 16]) * s, euler_rotation(0, side * 0.3, 0), (20 * s, 27 * s, 30 * s),
-               2.0, f"acetabulum_{sn}")
-        b.bone("e", np.array([side * 78, -25, 70]) * s, euler_rotation(np.radians(8), -side * 0.25, side * np.radians(40)),
-               (62 * s, 9, 52 * s), 2.0, f"ilium_{sn}")
-        isch_top = hc + np.array([-side * 22, -14, -18]) * s
+        # iliac wing: a thin fan-shaped plate (an ellipsoid cut by two borders converging on the
+        # acetabulum) whose upper edge is the thick, curved iliac crest (a mitered rod chain)
+        Rw = euler_rotation(np.radians(8), -side * 0.25, side * np.radians(40))
+        cw = np.array([side * 78, -25, 70]) * s
+        ax_, az_ = 64 * s, 54 * s                       # in-plane half sizes (local x, local z)
+        apex = np.array([0.0, 0.0, -80 * s])            # fan apex (local), near the acetabulum
+        fan = np.radians(40)
+        lw = lambda q: cw + Rw @ np.asarray(q, float)   # local -> world
+        clip = []
+        for sx in (1, -1):
+            nl = np.array([sx * np.cos(fan), 0.0, -np.sin(fan)])
+            clip.append((lw(apex), Rw @ nl))
+        ths = np.radians(np.linspace(8, 172, 6))
+        rim = [np.array([ax_ * 0.95 * np.cos(th), 0.0, az_ * 0.95 * np.sin(th) - 4 * s]) for th in ths]
+        rc_ = 5.0 * s
+        for k in range(len(rim) - 1):
+            e = _unit(rim[k + 1] - rim[k])
+            nrm = np.array([e[2], 0.0, -e[0]])           # in-plane, pointing out of the fan
+            nrm = nrm if nrm @ (rim[k] - apex) > 0 else -nrm
+            clip.append((lw(rim[k] - nrm * 0.6 * rc_), Rw @ nrm))
+        b.bone("e", cw, Rw, (ax_, 6.0, az_), 1.6, f"ilium_{sn}", clip=clip)
+        crest = [lw(p) for p in rim]
+        b.chain(crest, (rc_, rc_ * 1.3), "ilium.crest", solid=True, mu_abs=0.050,
+                xhints=[Rw[:, 1]] * (len(crest) - 1))
+        # obturator foramen: an oval gap ringed by the ischium (posterior) and the superior and
+        # inferior pubic rami (anterior), one closed mitered chain of rods
+        isch_top = hc + np.array([-side * 26, -16, -22]) * s
         isch_bot = np.array([side * 58, -12, -72]) * s
-        b.rod(isch_top, isch_bot, 0, 2.0, f"ischium_{sn}", radii=(10 * s, 12 * s))
         sym = np.array([side * 8, 62 * (1.05 if female else 1.0), -48]) * s
-        b.rod(hc + np.array([-side * 25, 16, -6]) * s, sym, 0, 2.0, f"pubis_superior_{sn}", radii=(8 * s, 9 * s))
-        b.rod(sym + np.array([0, -4, -8]), isch_bot + np.array([0, 0, 4]), 0, 2.0, f"pubis_inferior_{sn}", radii=(6 * s, 8 * s))
+        sup = hc + np.array([-side * 28, 18, -8]) * s
+        oc = (isch_top + isch_bot + sym + sup) / 4
+        e1 = _unit(sym - isch_top)
+        nrm = _unit(np.cross(e1, isch_bot - isch_top))
+        e2 = _unit(np.cross(nrm, e1))
+        e2 = e2 if e2[2] > 0 else -e2
+        ru, rv = 0.36 * np.linalg.norm(sym - isch_top), 26 * s
+        phs = np.radians(np.arange(10) * 36.0 + 18.0)
+        ring = [oc + e1 * ru * np.cos(ph) + e2 * rv * np.sin(ph) for ph in phs]
+        names, radii = [], []
+        for k in range(10):
+            m = (ring[k] + ring[(k + 1) % 10]) / 2 - oc
+            if m @ e1 < -0.25 * ru:
+                names.append(f"ischium_{sn}")
+                radii.append((9 * s, 10 * s) if m @ e2 < 0 else (7.5 * s, 8.5 * s))
+            elif m @ e2 > 0:
+                names.append(f"pubis_superior_{sn}")
+                radii.append((6.5 * s, 7.5 * s))
+            else:
+                names.append(f"pubis_inferior_{sn}")
+                radii.append((5.5 * s, 6.5 * s))
+        b.chain(ring, radii, names, cortex=1.8, closed=True, xhints=[nrm] * 10)
+        b.pt(f"obturator_{sn}.center", oc)
         _proximal_femur(b, side, hc, s, name=f"femur_{sn}", shaft_len=150 * s)
+        _acetabulum(b, side, hc, float(b.scalars[f"femur_{sn}.head.radius"][0]), s, f"acetabulum_{sn}")
         b.pt(f"acetabulum_{sn}.center", hc)
         b.pt(f"iliac_crest_{sn}", np.array([side * 95, -20, 115]) * s)
     # sacrum (tilted wedge), sacral alae, coccyx, L5
-    b.bone("e", np.array([0, -55, 38]) * s, euler_rotation(np.radians(35), 0, 0), (50 * s, 17 * s, 55 * s), 2.0, "sacrum")
+    b.bone("e", np.array([0, -55, 38]) * s, euler_rotation(np.radians(35), 0, 0), (52 * s, 17 * s, 58 * s), 2.0, "sacrum",
+           clip=[(np.array([sd * 50, -55, 93]) * s, (sd * 0.945, 0, -0.327), 2.0) for sd in (1, -1)])
     for k in range(3):
         for side in (1, -1):
             b.air("e", np.array([side * 16, -52 + 8 * k, 62 - 20 * k]) * s, None, (5, 8, 5), "sacrum.foramen",
                   mu=-0.011)
     for side in (1, -1):
         # iliac crest rim and the arcuate line (pelvic brim) as dense cortical lines
-        asis, top, psis = (np.array([side * 112, 40, 60]) * s, np.array([side * 110, -10, 118]) * s,
-                           np.array([side * 50, -75, 90]) * s)
-        b.rod(asis, top, 0, 0, "ilium.crest", radii=(5, 5), solid=True, mu_abs=0.050)
-        b.rod(top, psis, 0, 0, "ilium.crest", radii=(5, 5), solid=True, mu_abs=0.050)
         b.rod(np.array([side * 42, -45, 62]) * s, np.array([side * 72, 22, 8]) * s, 0, 0, "ilium.arcuate_line",
               radii=(3.5, 3.5), solid=True, mu_abs=0.055)
         b.pt(f"sacrum.S1_{'left' if side > 0 else 'right'}.entry", np.array([side * 75, -55, 40]) * s)
@@ -633,39 +846,65 @@ def _pelvis(b: _B) -> Phantom:
 
 
 def _distal_femur(b: _B, s, shaft_bot, r, name="femur", lat=-1.0):
-    """Distal femur metaphysis and condyles around the knee at z ~ shaft_bot - 50. Right limb: lateral = -x."""
+    """Distal femur: a flared metaphysis (shaft radius at the top) cut flat above two condyles that
+    are separated by the intercondylar notch; the pieces abut, they do not overlap. Right: lateral=-x."""
     sb = np.asarray(shaft_bot, float)
-    mc = sb + np.array([0, -2, -28 * s])
-    b.bone("e", mc, None, (30 * s, 24 * s, 30 * s), 1.8, f"{name}.metaphysis")
-    jz = mc[2] - 38 * s
+    up = np.array([0.0, 0.0, 1.0])
+    X, Y = 38 * s, 26 * s
+    Z = 43 * s
+    hz = Z * np.sqrt(max(0.05, 1 - (r / X) ** 2))
+    zc_cut = sb[2] - hz
+    mc = np.array([sb[0], sb[1] - 2, zc_cut])
+    b.bone("e", mc, None, (X, Y, Z), 1.8, f"{name}.metaphysis", clip=[(sb, up), (mc, -up)])
+    jz = zc_cut - 26 * s
     for cs, sn in ((-lat, "medial"), (lat, "lateral")):
-        cc = np.array([mc[0] + cs * 20 * s, mc[1] - 7 * s, jz + 22 * s])
-        b.bone("e", cc, None, (17 * s, 29 * s, 23 * s), 1.6, f"{name}.condyle_{sn}")
+        cc = np.array([mc[0] + cs * 19.5 * s, mc[1] - 5 * s, zc_cut])
+        b.bone("e", cc, None, (16.5 * s, 30 * s, 26 * s), 1.6, f"{name}.condyle_{sn}", clip=[(mc, up)])
         b.pt(f"{name}.condyle_{sn}.center", cc)
-    b.pt(f"{name}.distal.center", mc)
+    b.pt(f"{name}.distal.center", mc + np.array([0, 0, 8 * s]))
     b.pt(f"{name}.joint", np.array([mc[0], mc[1] - 4, jz]))
     return jz
 
 
+def _canal_blend(b: _B, name, p, inward, rc):
+    """Cancellous bone fading into the marrow canal from the flared end at ``p``: two nested
+    half-ellipsoids in the canal (flat on the junction plane, domed towards the shaft) so the
+    projected density falls off smoothly instead of stepping from cancellous to marrow."""
+    inward = _unit(inward)
+    rot = _frame(inward)
+    d_mu = (MU["cancellous"] - _MARROW) / 2
+    for k, ln in enumerate((46.0, 22.0)):
+        rr = rc * (0.92 - 0.12 * k)
+        b._make("e", p, rot, (rr, rr, ln), d_mu, "cancellous", f"{name}.metaphysis_blend",
+                clip=[(p, -inward)])
+
+
 def _proximal_tibia(b: _B, s, top, name="tibia", lat=-1.0, shaft_len=300.0):
-    """Tibial plateau at z=top[2], shaft downwards, fibular head laterally. Returns shaft bottom."""
+    """Tibial plateau at z=top[2]: one flared shape cut flat at the plateau that narrows to the
+    shaft; tibial spines on top, tuberosity in front, fibular head posterolaterally."""
     top = np.asarray(top, float)
+    up = np.array([0.0, 0.0, 1.0])
     pc = top + np.array([0, 0, -12 * s])
-    b.bone("e", pc, None, (38 * s, 27 * s, 14 * s), 1.4, f"{name}.plateau")
-    b.solid("e", top + np.array([0, -2, 1]), None, (6, 6, 6), f"{name}.spines", mu_abs=0.040)
-    mc = pc + np.array([0, 2, -28 * s])
-    b.bone("e", mc, None, (26 * s, 22 * s, 30 * s), 1.8, f"{name}.metaphysis")
-    b.solid("e", mc + np.array([0, 20 * s, -8 * s]), None, (9, 7, 14), f"{name}.tuberosity", mu_abs=0.040)
+    X, Y, Z = 38 * s, 27 * s, 60 * s
     r = b.n(12.5, 0.8, 10.5, 14.5) * s
-    s_top = mc + np.array([0, 0, -15 * s])
+    ec = top - np.array([0, 0, 6 * s])
+    hz = Z * np.sqrt(max(0.05, 1 - (r / X) ** 2))
+    s_top = ec - np.array([0, 0, hz])
+    b.bone("e", ec, None, (X, Y, Z), 1.4, f"{name}.plateau", clip=[(top, up, 1.4), (s_top, -up)])
+    b.solid("e", top + np.array([0, -2, 0]), None, (6, 6, 6), f"{name}.spines", mu_abs=0.040, clip=[(top, -up)])
+    tz = -30 * s
+    ty = Y * np.sqrt(max(0.0, 1 - ((tz + 6 * s) / Z) ** 2))
+    b.solid("e", top + np.array([0, ty + 3, tz]), None, (9, 5, 14), f"{name}.tuberosity", mu_abs=0.040)
     s_bot = s_top + np.array([0, 0, -shaft_len])
-    _long_bone(b, name, s_bot, s_top, r, b.n(5, 0.5, 4, 6) * s, radii=(r, r * 1.08))
+    cortex = b.n(5, 0.5, 4, 6) * s
+    _long_bone(b, name, s_bot, s_top, r, cortex, radii=(r, r * 1.08))
+    _canal_blend(b, name, s_top, -up, r - cortex)
     b.pt(f"{name}.plateau.center", pc)
     b.sc(f"{name}.plateau.radius", 38 * s)
     b.pt(f"{name}.nail_entry", top + np.array([0, 14 * s, -4]))
-    # fibula head and shaft, posterolateral
-    fh = pc + np.array([lat * 33 * s, -14 * s, -26 * s])
-    b.bone("e", fh, None, (10 * s, 10 * s, 13 * s), 1.2, "fibula.head")
+    # fibula head, posterolateral, below the lateral plateau
+    fh = pc + np.array([lat * 36 * s, -14 * s, -28 * s])
+    b.bone("e", fh, None, (10 * s, 10 * s, 13 * s), 1.2, "fibula.head", clip=[(fh - up * 8, -up)])
     return s_top, s_bot, fh, r
 
 
@@ -678,14 +917,14 @@ def _femur(b: _B) -> Phantom:
     jz = _distal_femur(b, s, sb, r, name="femur", lat=-1.0)
     _proximal_tibia(b, s, np.array([sb[0], sb[1] - 4, jz - 6]), lat=-1.0, shaft_len=60)
     b.bone("e", np.array([sb[0], sb[1] + 38 * s, jz + 40 * s]), None, (21 * s, 10 * s, 24 * s), 2.0, "patella")
-    b.bone("e", hc + np.array([22 * s, -4, 12]), euler_rotation(0, 0.3, 0), (22 * s, 28 * s, 30 * s), 2.0, "acetabulum")
+    _acetabulum(b, -1, hc, float(b.scalars["femur.head.radius"][0]), s, "acetabulum")
     # thigh envelope: tapered (ellipsoid) with a fat layer
     zc = (hc[2] + jz) / 2
     tz = (hc[2] - jz) / 2 + 80
     fat = b.u(6, 25)
     rt = b.n(80, 8, 62, 105) * s
     rt = max(rt, 85 * s)
-    zt, zb = hc[2] + 70, jz - 120
+    zt, zb = hc[2] + 70, jz - 160
     cx = (hc[0] + sb[0]) / 2 - 5
     b.tissue("c", (cx, 0, (zt + zb) / 2), None, (rt, rt * 0.95, (zt - zb) / 2), "body.thigh", material="fat")
     b.tissue("c", (cx, 0, (zt + zb) / 2), None, (rt - fat, rt * 0.95 - fat, (zt - zb) / 2), "body.muscle", base="fat")
@@ -706,8 +945,8 @@ def _knee(b: _B) -> Phantom:
     b.sc("femur.shaft.radius", r)
     jz = _distal_femur(b, s, sb, r, name="femur", lat=-1.0)
     gap = b.u(4, 7)
-    s_top, s_bot, fh, rt = _proximal_tibia(b, s, np.array([0.0, -3.0, jz - gap]), lat=-1.0, shaft_len=140 * s)
-    b.rod(fh + np.array([0, 0, -10]), fh + np.array([-2, 0, -160 * s]), 0, 2.0, "fibula.shaft", radii=(6.5, 6.5),
+    s_top, s_bot, fh, rt = _proximal_tibia(b, s, np.array([0.0, -3.0, jz - gap]), lat=-1.0, shaft_len=120 * s)
+    b.rod(fh + np.array([0, 0, -8]), fh + np.array([-2, 0, -160 * s]), 0, 2.0, "fibula.shaft", radii=(6.5, 6.5),
           inner="marrow")
     flex = b.u(0, 1)
     pz = jz + (38 - 8 * flex) * s
@@ -718,8 +957,8 @@ def _knee(b: _B) -> Phantom:
         b.solid("e", (-18 * s, -40 * s, jz + 10), None, (4, 3, 5), "fabella", mu_abs=0.045)
     fat = b.u(5, 20)
     R = b.n(58, 5, 48, 72) * s
-    b.tissue("c", (0, 0, jz), None, (R, R * 0.95, 220), "body.knee", material="fat")
-    b.tissue("c", (0, 0, jz), None, (R - fat, R * 0.95 - fat, 220), "body.muscle", base="fat")
+    b.tissue("c", (0, 4, jz - 20), None, (R, R * 1.05, 260), "body.knee", material="fat")
+    b.tissue("c", (0, 4, jz - 20), None, (R - fat, R * 1.05 - fat, 260), "body.muscle", base="fat")
     b.air("e", (0, 30 * s, jz - 5), None, (18, 12, 15), "infrapatellar_fat", material="fat")
     b.dr("knee.lateral", (-1, 0, 0))
     lat = "right" if b.rng.random() < 0.5 else "left"
@@ -727,22 +966,31 @@ def _knee(b: _B) -> Phantom:
     return b.phantom("knee", focus, (0, 0, 1), b.u(75, 95), laterality=lat, mirror=lat == "left")
 
 
-def _distal_tibia_fibula(b: _B, s, tib_bot, fib_bot, lat=-1.0):
-    """Distal tibia (plafond at tib_bot - 30) with medial malleolus, distal fibula with lateral malleolus."""
+def _distal_tibia_fibula(b: _B, s, tib_bot, fib_bot, lat=-1.0, canal_r=None):
+    """Distal tibia (a flared metaphysis cut flat at the plafond) with the medial malleolus below
+    it, distal fibula ending in the lateral malleolus. The pieces abut along planes (no overlap)."""
     tb = np.asarray(tib_bot, float)
-    mc = tb + np.array([0, 0, -18 * s])
-    b.bone("e", mc, None, (24 * s, 21 * s, 24 * s), 1.5, "tibia.distal")
-    plafond = mc[2] - 20 * s
-    mm = np.array([mc[0] - lat * 20 * s, mc[1] + 2, plafond - 10 * s])
-    b.bone("e", mm, None, (7 * s, 11 * s, 14 * s), 1.5, "tibia.medial_malleolus")
+    X, Z, r = 24 * s, 40 * s, 13 * s
+    hz = Z * np.sqrt(1 - (r / X) ** 2)          # height where the flare has the shaft's radius
+    mc = tb - np.array([0, 0, hz])
+    plafond = mc[2] - 12 * s
+    up = np.array([0.0, 0.0, 1.0])
+    b.bone("e", mc, None, (X, 21 * s, Z), 1.5, "tibia.distal",
+           clip=[(tb, up), ((0, 0, plafond), -up, 1.6)])
+    if canal_r is not None:
+        _canal_blend(b, "tibia", tb, up, canal_r)
+    mm = np.array([mc[0] - lat * 19 * s, mc[1] + 2, plafond - 4 * s])
+    b.bone("e", mm, None, (7 * s, 11 * s, 14 * s), 1.5, "tibia.medial_malleolus",
+           clip=[((0, 0, plafond), up)])
     fb = np.asarray(fib_bot, float)
-    lm = np.array([fb[0], fb[1], plafond - 12 * s])
-    b.bone("e", lm, None, (8 * s, 11 * s, 22 * s), 1.5, "fibula.lateral_malleolus")
+    lmc = np.array([fb[0], fb[1], plafond - 12 * s])
+    rz = max(22 * s, fb[2] - lmc[2] + 2.0)
+    b.bone("e", lmc, None, (8 * s, 11 * s, rz), 1.5, "fibula.lateral_malleolus", clip=[(fb, up)])
     b.pt("tibia.plafond", np.array([mc[0], mc[1], plafond]))
     b.pt("tibia.medial_malleolus.tip", mm + np.array([0, 0, -12 * s]))
-    b.pt("fibula.lateral_malleolus.tip", lm + np.array([0, 0, -20 * s]))
+    b.pt("fibula.lateral_malleolus.tip", lmc + np.array([0, 0, -20 * s]))
     b.pt("tibia.medial_malleolus.center", mm)
-    b.pt("fibula.lateral_malleolus.center", lm)
+    b.pt("fibula.lateral_malleolus.center", lmc)
     return plafond
 
 
@@ -751,7 +999,7 @@ def _lower_leg(b: _B) -> Phantom:
     L = b.n(330, 18, 290, 370) * s
     top = np.array([0.0, 0.0, L / 2 + 20])
     s_top, s_bot, fh, r = _proximal_tibia(b, s, top, lat=-1.0, shaft_len=L - 70 * s)
-    fib_top = fh + np.array([0, 0, -10])
+    fib_top = fh + np.array([0, 0, -8])
     fib_bot = np.array([-(26 + 2) * s, -12 * s, s_bot[2] - 32 * s])
     b.rod(fib_bot, fib_top, 0, 2.0, "fibula.shaft", radii=(7 * s, 7 * s), inner="marrow")
     fax = _unit(fib_top - fib_bot)
@@ -759,7 +1007,8 @@ def _lower_leg(b: _B) -> Phantom:
     b.pt("fibula.shaft.center", (fib_top + fib_bot) / 2)
     b.pt("fibula.shaft.distal", fib_bot)
     b.sc("fibula.shaft.radius", 7 * s)
-    plafond = _distal_tibia_fibula(b, s, s_bot, fib_bot, lat=-1.0)
+    plafond = _distal_tibia_fibula(b, s, s_bot, fib_bot, lat=-1.0,
+                                   canal_r=float(b.scalars["tibia.shaft.canal_radius"][0]))
     b.bone("e", np.array([0, 2, plafond - 22 * s]), None, (20 * s, 27 * s, 17 * s), 1.3, "talus")
     jz = top[2] + 6
     for cs in (1, -1):
@@ -770,9 +1019,15 @@ def _lower_leg(b: _B) -> Phantom:
     fat = b.u(5, 18)
     R = b.n(52, 5, 42, 66) * s
     zc = (top[2] + plafond) / 2
-    b.tissue("e", (-5, -8, zc + 40), None, (R, R * 1.05, L / 2 + 120), "body.calf", material="fat")
-    b.tissue("e", (-5, -8, zc + 40), None, (R - fat, R * 1.05 - fat, L / 2 + 120 - fat), "body.muscle", base="fat")
-    b.tissue("c", (0, 0, plafond - 10), None, (38 * s, 40 * s, 40), "body.ankle")
+    # calf (fat layer around muscle) above a horizontal cut, the ankle below it: they abut
+    zcut = plafond + 45 * s
+    up = np.array([0.0, 0.0, 1.0])
+    ec = np.array([-5, -8, zc + 40])
+    b.tissue("e", ec, None, (R, R * 1.05, L / 2 + 120), "body.calf", material="fat", clip=[((0, 0, zcut), -up)])
+    b.tissue("e", ec, None, (R - fat, R * 1.05 - fat, L / 2 + 120 - fat), "body.muscle", base="fat",
+             clip=[((0, 0, zcut), -up)])
+    k = np.sqrt(max(0.05, 1 - ((zcut - ec[2]) / (L / 2 + 120)) ** 2))
+    b.tissue("c", (ec[0], ec[1], zcut - 40), None, (R * k, R * 1.05 * k, 40), "body.ankle")
     view = b.rng.choice(3)
     fz = [s_top[2] - 30, (s_top[2] + s_bot[2]) / 2, s_bot[2] + 20][view]
     lat = "right" if b.rng.random() < 0.5 else "left"
@@ -782,73 +1037,97 @@ def _lower_leg(b: _B) -> Phantom:
 
 def _foot(b: _B) -> Phantom:
     s = b.n(1.0, 0.05, 0.9, 1.1)
-    # right foot: medial = +x, toes towards +y, sole at z ~ -75
+    # right foot: medial = +x, toes towards +y
+    foot_view = b.rng.random() >= 0.6   # else an ankle view; a dorsoplantar view is collimated to the foot
+    leg = 80.0 if foot_view else 140.0
     tib_bot = np.array([0.0, 0.0, 45 * s])
     r = 13 * s
-    b.rod(tib_bot, tib_bot + np.array([0, 0, 140]), r, 4.5, "tibia.shaft", inner="marrow", end_cortex=0.5)
+    b.rod(tib_bot, tib_bot + np.array([0, 0, leg]), r, 4.5, "tibia.shaft", inner="marrow", end_cortex=0.5)
     fib_bot = np.array([-27 * s, -10 * s, 12 * s])
-    b.rod(fib_bot, fib_bot + np.array([-1, 0, 150]), 6.5 * s, 2.0, "fibula.shaft", inner="marrow", end_cortex=0.5)
+    b.rod(fib_bot, fib_bot + np.array([-1, 0, leg + 10]), 6.5 * s, 2.0, "fibula.shaft", inner="marrow", end_cortex=0.5)
     b.dr("fibula.shaft.axis", (0, 0, 1))
     b.pt("fibula.shaft.distal", fib_bot)
     b.sc("fibula.shaft.radius", 6.5 * s)
     b.dr("tibia.shaft.axis", (0, 0, 1))
     b.pt("tibia.shaft.distal", tib_bot)
     b.sc("tibia.shaft.radius", r)
-    plafond = _distal_tibia_fibula(b, s, tib_bot, fib_bot, lat=-1.0)
+    plafond = _distal_tibia_fibula(b, s, tib_bot, fib_bot, lat=-1.0, canal_r=r - 4.5)
     pf = b.u(-0.15, 0.25)   # plantar flexion of the foot (radians)
     Rf = euler_rotation(pf, 0, 0)
-    ank = np.array([0.0, 0.0, plafond - 2])
+    ank = np.array([0.0, 0.0, plafond - 3])
 
     def P(p):  # foot point relative to the ankle, rotated with the plantar flexion
         return ank + Rf @ (np.asarray(p, float) * s)
 
-    talus = P((0, 5, -20))
-    b.bone("e", talus, Rf, (19 * s, 27 * s, 17 * s), 1.3, "talus")
-    b.bone("e", P((6, 33, -30)), Rf @ euler_rotation(0, 0, 0.3), (12 * s, 14 * s, 11 * s), 1.2, "talus.head")
-    calc = P((-4, -25, -50))
-    b.bone("e", calc, Rf @ euler_rotation(np.radians(-20), 0, 0.1), (19 * s, 42 * s, 21 * s), 1.5, "calcaneus")
-    b.bone("e", P((10, 50, -35)), Rf @ euler_rotation(0, 0, 0.2), (16 * s, 8 * s, 14 * s), 1.2, "navicular")
-    b.bone("e", P((-18, 45, -52)), Rf, (14 * s, 15 * s, 12 * s), 1.2, "cuboid")
-    cun = [((18, 66, -38), (9, 12, 14)), ((5, 66, -33), (7, 11, 12)), ((-6, 64, -38), (8, 11, 12))]
+    def D(v):
+        return Rf @ np.asarray(v, float)
+
+    # hindfoot: talus (dome under the plafond, neck and head forwards), calcaneus below it
+    talus = P((2, 10, -19))
+    b.bone("e", talus, Rf @ euler_rotation(np.radians(12), 0, 0.25), (17 * s, 31 * s, 15 * s), 1.3, "talus")
+    calc = P((-6, -22, -52))
+    b.bone("e", calc, Rf @ euler_rotation(np.radians(15), 0, 0.08), (17 * s, 44 * s, 17 * s), 1.5, "calcaneus",
+           clip=[(P((0, 0, -37)), D((0, 0.25, 1)), 1.5)])
+    b.solid("e", P((-5, -58, -62)), Rf, (13 * s, 10 * s, 16 * s), "calcaneus.tuberosity", mu_abs=0.036,
+            clip=[(P((0, -50, 0)), D((0, 1, 0)))])
+    b.bone("e", P((9, 53, -33)), Rf @ euler_rotation(0, 0, 0.2), (15 * s, 7 * s, 13 * s), 1.2, "navicular")
+    b.bone("e", P((-19, 45, -50)), Rf, (12 * s, 13 * s, 11 * s), 1.2, "cuboid")
+    cun = [((18, 71, -40), (8, 10, 13)), ((6, 70, -34), (6, 9, 11)), ((-5, 69, -38), (6, 9, 11))]
     for k, (c, rr) in enumerate(cun):
         b.solid("e", P(c), Rf, np.array(rr) * s, f"cuneiform{k + 1}", mu_abs=0.036)
-    # metatarsals 1..5 (1 = medial / big toe), then phalanges
-    mts = [((20, 78, -42), (24, 140, -62), 8.5), ((7, 80, -38), (6, 148, -58), 6.0), ((-4, 78, -40), (-8, 143, -60), 5.5),
-           ((-15, 74, -44), (-22, 135, -62), 5.5), ((-26, 66, -50), (-36, 123, -64), 6.0)]
+    # metatarsals 1..5 (1 = medial / big toe): shaft + head abutting on a plane, then phalanges
+    mts = [((19, 86, -46), (25, 145, -64), 8.5), ((6, 83, -40), (6, 153, -60), 6.0), ((-5, 83, -42), (-9, 148, -62), 5.5),
+           ((-15, 66, -46), (-23, 139, -64), 5.5), ((-26, 62, -52), (-37, 127, -66), 6.0)]
     for k, (p0, p1, rr) in enumerate(mts):
         a, bb = P(p0), P(p1)
-        b.rod(a, bb, 0, 1.8, f"metatarsal{k + 1}", radii=(rr * s * 0.75, rr * s * 0.75))
-        b.solid("e", bb, Rf, (rr * s, rr * s, rr * s), f"metatarsal{k + 1}.head", mu_abs=0.038)
         ax = _unit(bb - a)
+        rh = rr * s
+        neck = bb - ax * rh * 0.55
+        b.rod(a, neck, 0, 1.6, f"metatarsal{k + 1}", radii=(rh * 0.62, rh * 0.55), end_cortex=1.0)
+        b.bone("e", bb, _frame(ax), (rh * 0.85, rh * 0.8, rh), 1.0, f"metatarsal{k + 1}.head",
+               clip=[(neck, -ax)])
+        b.bone("e", a + ax * 6 * s, _frame(ax), (rh * 0.9, rh * 0.85, 7 * s), 1.0, f"metatarsal{k + 1}.base",
+               clip=[(a, -ax), (a + ax * 6 * s, ax)])
         b.pt(f"metatarsal{k + 1}.base", a)
         b.pt(f"metatarsal{k + 1}.head", bb)
         b.dr(f"metatarsal{k + 1}.axis", ax)
-        b.sc(f"metatarsal{k + 1}.radius", rr * s * 0.75)
-        pl = (32 if k == 0 else 26 - 2 * k) * s
-        d1 = _unit(ax * np.array([1, 1, 0.2]) + np.array([0, 0, 0.05]))
-        q0 = bb + d1 * (rr * s + 2)
-        q1 = q0 + d1 * pl
-        b.rod(q0, q1, 0, 0, f"phalanx{k + 1}.proximal", radii=(rr * s * 0.6, rr * s * 0.55), solid=True, mu_abs=0.042)
-        q2 = q1 + d1 * 2.5
-        q3 = q2 + d1 * (0.65 * pl if k == 0 else 0.55 * pl)
-        b.rod(q2, q3, 0, 0, f"phalanx{k + 1}.distal", radii=(rr * s * 0.5, rr * s * 0.45), solid=True, mu_abs=0.042)
-        if k == 0:
-            b.pt("hallux.proximal.base", q0)
-            b.dr("hallux.axis", d1)
+        b.sc(f"metatarsal{k + 1}.radius", rh * 0.55)
+        pl = (30 if k == 0 else 24 - 2 * k) * s
+        d1 = _unit(ax * np.array([1, 1, 0.15]) + np.array([0, 0, 0.04]))
+        q = bb + d1 * (rh + 2.2)
+        segs = [pl, 0.7 * pl] if k == 0 else [pl, 0.45 * pl, 0.4 * pl]
+        for j, ln in enumerate(segs):
+            f = 1.0 - 0.18 * j
+            b.rod(q, q + d1 * ln, 0, 1.0, f"phalanx{k + 1}.{j}", radii=(rh * 0.55 * f, rh * 0.48 * f), end_cortex=1.0)
+            if j == 0 and k == 0:
+                b.pt("hallux.proximal.base", q)
+                b.dr("hallux.axis", d1)
+            q = q + d1 * (ln + 2.2)
     b.pt("calcaneus.center", calc)
     b.pt("talus.center", talus)
     b.dr("foot.axis", Rf @ np.array([0, 1, 0]))
     b.dr("foot.medial", (1, 0, 0))
     b.dr("fibula.lateral", (-1, 0, 0))
-    # soft tissue: leg, heel and foot
-    b.tissue("c", (0, 0, plafond + 115), None, (44 * s, 42 * s, 120), "body.leg")
-    b.tissue("e", P((0, -5, -30)), Rf, (42 * s, 55 * s, 50 * s), "body.hindfoot")
-    b.tissue("e", P((-2, 95, -50)), Rf @ euler_rotation(np.radians(8), 0, 0), (50 * s, 95 * s, 22 * s), "body.forefoot")
+    # soft tissue: ONE envelope made of abutting pieces (leg cylinder above a horizontal cut,
+    # hindfoot and forefoot half-ellipsoids sharing their cross-section at the split plane)
+    zcut = ank[2] - 12 * s
+    up = np.array([0.0, 0.0, 1.0])
+    hl = (tib_bot[2] + leg + 25 - zcut) / 2
+    b.tissue("c", (-4, -3, zcut + hl), None, (42 * s, 40 * s, hl), "body.leg")
+    sole = P((0, 0, -86))
+    dorsum = [P((0, 30, -12)), P((0, 200, -66))]
+    dn = D(np.cross(np.array([1.0, 0, 0]), (dorsum[1] - dorsum[0]) @ Rf / s))  # outward normal of the dorsum
+    dn = dn if dn[2] > 0 else -dn
+    cut = [((0, 0, zcut), up), (sole, -D((0, 0, 1))), (dorsum[0], dn)]
+    split = D((0, 1, 0))
+    c1, c2 = P((-6, 20, -50)), P((-6, 95, -50))
+    b.tissue("e", c1, Rf, (41 * s, 100 * s, 80 * s), "body.hindfoot", clip=cut + [(c1, split)])
+    b.tissue("e", c2, Rf, (56 * s, 110 * s, 80 * s), "body.forefoot", clip=cut + [(c1, -split)])
     lat = "right" if b.rng.random() < 0.5 else "left"
-    if b.rng.random() < 0.6:
+    if not foot_view:
         focus, axis, fh = np.array([0.0, 5.0, plafond - 20]), np.array([0.0, 0.0, 1.0]), b.u(75, 95)
     else:
-        focus, axis, fh = P((0, 55, -40)), Rf @ np.array([0.0, 1.0, 0.0]), b.u(85, 105)
+        focus, axis, fh = P((0, 60, -40)), Rf @ np.array([0.0, 1.0, 0.0]), b.u(90, 110)
     return b.phantom("ankle and foot", focus, axis, fh, laterality=lat, mirror=lat == "left")
 
 
@@ -898,7 +1177,12 @@ def _shoulder(b: _B) -> Phantom:
     b.pt("clavicle.center", mid)
     b.dr("clavicle.axis", ac - mid)
     # chest wall: lung apex, a few ribs
-    b.tissue("e", (X + 160 * s, 0, -150), None, (160 * s, 105 * s, 240), "body.chest")
+    # chest wall medial to a sagittal cut, shoulder cap (deltoid) and arm lateral to it; the cap
+    # sits above a horizontal cut, the arm below it: abutting pieces, no overlapping lenses
+    xcut = X + 36 * s
+    ex_ = np.array([1.0, 0.0, 0.0])
+    up = np.array([0.0, 0.0, 1.0])
+    b.tissue("e", (X + 160 * s, 0, -110), None, (160 * s, 105 * s, 265), "body.chest", clip=[((xcut, 0, 0), -ex_)])
     b.air("e", (X + 95 * s, 5, -100), None, (55 * s, 72 * s, 95), "lung", material="lung")
     for k in range(4):
         zr = (10 - 38 * k) * s
@@ -909,9 +1193,20 @@ def _shoulder(b: _B) -> Phantom:
         for j in range(2):
             b.rod(pts[j], pts[j + 1], 0, 0, f"rib{k + 2}", radii=(3.5, 6), solid=True, mu_abs=0.046,
                   xhint=(1, 0, 0))
-    # arm and shoulder soft tissue
-    b.tissue("e", hc + np.array([-5, 0, -20]), None, (52 * s, 55 * s, 70 * s), "body.deltoid")
-    b.tissue("c", (st + sb) / 2 + np.array([-3, 0, 0]), _frame(sdir), (45 * s, 48 * s, 140 * s), "body.arm")
+    # arm and shoulder soft tissue: the deltoid cap and the arm are two ellipsoids on one axis
+    # (along the humerus), cut by one plane across that axis; both narrow downwards and their
+    # cross-sections there are the same ellipse, so the limb outline runs on without a step
+    ra, rb = 45 * s, 48 * s
+    dc = hc + np.array([-5.0, 0.0, 0.0]) + sdir * 4 * s
+    Ra = _frame(sdir)
+    cz_d, tc = 72 * s, 34 * s                       # deltoid half-length, cut below its centre
+    kd = np.sqrt(1 - (tc / cz_d) ** 2)
+    pcut = dc + sdir * tc
+    b.tissue("e", dc, Ra, (ra / kd, rb / kd, cz_d), "body.deltoid", clip=[((xcut, 0, 0), ex_), (pcut, sdir)])
+    cz_a, ta = 460 * s, 40 * s                      # a long arm ellipsoid, its centre above the cut
+    ka = np.sqrt(1 - (ta / cz_a) ** 2)
+    b.tissue("e", pcut - sdir * ta, Ra, (ra / ka, rb / ka, cz_a), "body.arm",
+             clip=[(pcut, -sdir), ((xcut, 0, 0), ex_), (sb + sdir * 40 * s, sdir)])
     lat = "right" if b.rng.random() < 0.5 else "left"
     if b.rng.random() < 0.6:
         focus = hc + np.array([25, 0, -15])
@@ -927,13 +1222,18 @@ def _arm(b: _B) -> Phantom:
     # distal humerus
     hs = np.array([0.0, -4.0, ez + 45 * s])
     r = 11 * s
+    up_ = np.array([0.0, 0.0, 1.0])
     b.rod(hs, hs + np.array([3, 0, 160]), r, 4.0, "humerus.shaft", inner="marrow", end_cortex=0.5)
     b.pt("humerus.shaft.distal", hs)
     b.dr("humerus.shaft.axis", (3, 0, 160))
     b.sc("humerus.shaft.radius", r)
-    b.bone("e", np.array([0, -6, ez + 25 * s]), None, (30 * s, 12 * s, 22 * s), 1.5, "humerus.supracondylar")
-    b.bone("e", np.array([-14 * s, 4, ez + 6 * s]), None, (12 * s, 11 * s, 11 * s), 1.3, "humerus.capitellum")
-    b.bone("e", np.array([9 * s, 0, ez + 6 * s]), None, (13 * s, 12 * s, 12 * s), 1.3, "humerus.trochlea")
+    cut = np.array([0, 0, ez + 6 * s])
+    b.bone("e", np.array([0, -6, ez + 6 * s]), None, (30 * s, 13 * s, 42 * s), 1.5, "humerus.supracondylar",
+           clip=[(hs, up_), (cut, -up_)])
+    b.bone("e", np.array([-14 * s, 4, ez + 6 * s]), None, (12 * s, 11 * s, 11 * s), 1.3, "humerus.capitellum",
+           clip=[(cut, up_)])
+    b.bone("e", np.array([9 * s, 0, ez + 6 * s]), None, (13 * s, 12 * s, 12 * s), 1.3, "humerus.trochlea",
+           clip=[(cut, up_)])
     b.solid("e", np.array([30 * s, -6, ez + 14 * s]), None, (7, 7, 9), "humerus.medial_epicondyle", mu_abs=0.040)
     b.solid("e", np.array([-30 * s, -6, ez + 14 * s]), None, (5, 6, 8), "humerus.lateral_epicondyle", mu_abs=0.040)
     b.pt("humerus.lateral_condyle", np.array([-30 * s, -4, ez + 12 * s]))
@@ -941,7 +1241,8 @@ def _arm(b: _B) -> Phantom:
     b.air("e", np.array([0, -14, ez + 30 * s]), None, (12, 5, 12), "olecranon_fossa", mu=-0.02)
     # ulna: olecranon posterior, coronoid, shaft medial, styloid at the wrist
     wz = -120.0 * s                     # wrist (radiocarpal) level
-    b.bone("e", np.array([8 * s, -16 * s, ez + 2 * s]), None, (11 * s, 11 * s, 17 * s), 1.5, "ulna.olecranon")
+    b.bone("e", np.array([8 * s, -18 * s, ez + 2 * s]), None, (11 * s, 11 * s, 17 * s), 1.5, "ulna.olecranon",
+           clip=[((0, -13 * s, 0), (0, 1, 0))])
     b.pt("ulna.olecranon.tip", np.array([8 * s, -24 * s, ez + 14 * s]))
     u_top = np.array([9 * s, -6 * s, ez - 12 * s])
     u_bot = np.array([18 * s, -2 * s, wz + 12 * s])
@@ -997,11 +1298,16 @@ def _arm(b: _B) -> Phantom:
                 b.dr(f"phalanx{k + 1}.axis", fd)
             q = q1 + fd * 2.5
     # soft tissue: arm, elbow, forearm (tapered), hand
-    b.tissue("c", (0, 0, ez + 120), None, (42 * s, 42 * s, 110), "body.arm")
-    b.tissue("e", (0, -3, ez), None, (45 * s, 42 * s, 60 * s), "body.elbow")
-    b.tissue("e", (0, 0, (ez + wz) / 2 + 10), None, (40 * s, 32 * s, (ez - wz) / 2 + 20), "body.forearm")
-    b.tissue("e", (-2, 3, wz - 55 * s), None, (48 * s, 16 * s, 75 * s), "body.hand")
-    b.tissue("e", (0, 3, wz - 150 * s), None, (45 * s, 11 * s, 55 * s), "body.fingers")
+    up = np.array([0.0, 0.0, 1.0])
+    zf = wz - 95 * s                     # metacarpophalangeal level: hand / fingers cut
+    b.tissue("c", (0, -2, ez + 130), None, (42 * s, 40 * s, 130), "body.arm")
+    fz, fr = ez - 40 * s, ez - wz + 30 * s
+    kk = np.sqrt(1 - (40 * s / fr) ** 2)
+    b.tissue("e", (0, -2, fz), None, (42 * s / kk, 40 * s / kk, fr), "body.forearm",
+             clip=[((0, 0, ez), up), ((0, 0, wz - 8 * s), -up)])
+    b.tissue("e", (-2, 3, wz - 45 * s), None, (46 * s, 16 * s, 75 * s), "body.hand",
+             clip=[((0, 0, wz - 8 * s), up), ((0, 0, zf), -up)])
+    b.tissue("e", (0, 3, zf), None, (42 * s, 12 * s, 95 * s), "body.fingers", clip=[((0, 0, zf), up)])
     b.tissue("c", (-28 * s, 10, wz - 70 * s), _frame((-0.4, 0.3, -1)), (12 * s, 11 * s, 40 * s), "body.thumb")
     view = int(b.rng.choice(3))
     b.sc("view.code", view)  # 0 elbow, 1 forearm, 2 hand/wrist
