@@ -126,12 +126,22 @@ def catalog_report(
 
 @app.command()
 def demo(
-    home: Optional[Path] = typer.Option(None, help="DAX home folder (default: $DAX_HOME or ./dax-home)."),
+    home: Optional[Path] = HOME_OPTION,
     studies: int = typer.Option(200, help="Studies in the demo corpus (about 2,000 images)."),
 ) -> None:
-    """The whole job on one machine with embedded defaults: for now, a demo corpus and its montage."""
+    """The whole job on one machine with embedded defaults: corpus, montage, ingestion, catalog report."""
+    import os
+    import secrets
+
     root = configure(home)
+    if not os.environ.get("DAX_DEID_SECRET"):
+        # a throw-away key for the demo's synthetic data, held in memory only (never stored or printed)
+        os.environ["DAX_DEID_SECRET"] = secrets.token_hex(32)
+        console.print("[dim]DAX_DEID_SECRET is not set: the demo uses a throw-away key for this run only[/]")
+    from flows.ingest import ingest as ingest_flow
     from flows.synth import synth as synth_flow
+    from tasks.catalog import query
+    from tasks.catalog_report import write_report
     from tasks.montage import make_montage
 
     corpus = root / "corpus"
@@ -140,7 +150,15 @@ def demo(
     console.print(f"{result['corpus_images']} images under {corpus / 'dicom'}")
     console.rule("2. montage")
     png = make_montage(corpus, root / "montage.png")
-    console.print(f"montage: {png}\nlabels:  {corpus / 'labels.parquet'}\nplanted PHI list: {corpus / 'phi.parquet'}")
+    console.rule("3. ingestion: de-identify, normalize, shard, catalog")
+    summary = ingest_flow(source=str(corpus / "dicom"), home=str(root))
+    console.print(query(root, "SELECT status, count(*) AS files, sum(samples) AS images FROM sources GROUP BY 1 ORDER BY 1"))
+    report = write_report(root, root / "catalog-report.html")
+    console.rule("where to look")
+    console.print(f"montage:          {png}\nlabels:           {corpus / 'labels.parquet'}\n"
+                  f"planted PHI list: {corpus / 'phi.parquet'}\nshards:           {root / 'shards'} "
+                  f"({summary['shards']} shards, {summary['images']} images)\ncatalog snapshot: {summary['snapshot']}\n"
+                  f"catalog report:   {report}\nquery it:         dax catalog sql \"SELECT * FROM runs\" --home {root}")
 
 
 if __name__ == "__main__":

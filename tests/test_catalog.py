@@ -157,10 +157,17 @@ def test_instance_keys_and_reasons(home: Path):
         catalog.record_batch([{"sha256": sha("re"), "status": "duplicate", "instance_key": "DAX-0123456789abcdef",
                                "reason": "same SOP instance as an already ingested file (re-export)", "run_id": "r1"}],
                              [], [])
-        assert catalog.known_instance_keys(["DAX-0123456789abcdef", "DAX-ffffffffffffffff"]) == {"DAX-0123456789abcdef"}
+        catalog.record_batch([{"sha256": sha("good"), "status": "ingested", "instance_key": "DAX-00000000000000aa",
+                               "run_id": "r1"},
+                              {"sha256": sha("bad"), "status": "quarantined", "instance_key": "DAX-00000000000000bb",
+                               "reason": "no pixel data", "run_id": "r1"}], [], [])
+        # only an ingested copy makes a later copy of the same instance a duplicate
+        assert catalog.known_instance_keys(["DAX-0123456789abcdef", "DAX-ffffffffffffffff", "DAX-00000000000000aa",
+                                            "DAX-00000000000000bb"]) == {"DAX-00000000000000aa"}
         assert catalog.reasons("r1") == [
             ("duplicate", "same SOP instance as an already ingested file (re-export)", 1),
-            ("quarantined", SCRIPT_REASON, 1), ("skipped", "modality CT not ingested", 1)]
+            ("quarantined", SCRIPT_REASON, 1), ("quarantined", "no pixel data", 1),
+            ("skipped", "modality CT not ingested", 1)]
         with pytest.raises(ValueError, match="pseudonym"):
             catalog.record_batch([{"sha256": sha("x"), "status": "duplicate", "run_id": "r1",
                                    "instance_key": "1.3.12.2.1107.5.4.5.1234"}], [], [])

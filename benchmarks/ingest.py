@@ -1,0 +1,158 @@
+"""Ingestion speed and memory, each figure beside its baseline, on one synthetic corpus, in one run.
+
+    .venv/bin/python benchmarks/ingest.py            # updates BENCHMARKS.md
+    .venv/bin/python benchmarks/ingest.py --quick    # a smaller corpus, prints only
+
+Per core (one process), on the same files:
+  (a) the bound: pydicom read + pixel decode + the raw pixels written to a tar;
+  (b) deid's stock loop, one file at a time, as a typical user runs it (get_identifiers +
+      replace_identifiers with deid's default recipe, saving each file);
+  (c) DAX's ingestion steps end to end (survey + ingest batches: triage, burned-in text check and
+      cleaning, de-identification with the project recipe, normalization, shard writing).
+Then (c) with 2 worker processes against 1, and the peak memory of (c) on the corpus and on 10x it.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import resource
+import sys
+import tarfile
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("DAX_DEID_SECRET", "benchmark-secret-0123456789abcdef")
+
+import pydicom  # noqa: E402
+
+from tasks.ingest import IngestConfig, ingest_batch, survey_batch  # noqa: E402
+from tasks.synth.study import PRESETS, generate_study  # noqa: E402
+from tasks.triage import list_source  # noqa: E402
+
+
+def _generate(out: str, first: int, last: int) -> None:
+    for index in range(first, last):
+        generate_study(Path(out), 0, index, PRESETS["demo"])
+
+
+def make_corpus(out: Path, studies: int) -> list[Path]:
+    with ProcessPoolExecutor(2) as pool:
+        list(pool.map(_generate, [str(out)] * studies, range(studies), range(1, studies + 1)))
+    return [out / p for p in list_source(out)]
+
+
+def bound(files: list[Path], scratch: Path) -> float:
+    began = time.perf_counter()
+    with tarfile.open(scratch / "bound.tar", "w") as tar:
+        for i, path in enumerate(files):
+            data = pydicom.dcmread(path).pixel_array.tobytes()
+            info = tarfile.TarInfo(f"{i:07d}.raw")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return time.perf_counter() - began
+
+
+def deid_stock(files: list[Path], scratch: Path) -> float:
+    from deid.dicom import get_identifiers, replace_identifiers
+
+    out = scratch / "deid"
+    out.mkdir()
+    began = time.perf_counter()
+    for path in files:
+        ids = get_identifiers([str(path)])
+        replace_identifiers(dicom_files=[str(path)], ids=ids, save=True, output_folder=str(out), overwrite=True)
+    return time.perf_counter() - began
+
+
+def dax_steps(source: str, relpaths: list[str], shard_dir: str, batch: int = 32) -> tuple[float, float]:
+    """Survey + ingest batches in this process; returns (seconds, peak RSS MB of this process)."""
+    config = IngestConfig()
+    began = time.perf_counter()
+    for i in range(0, len(relpaths), batch):
+        surveyed = survey_batch(Path(source), relpaths[i: i + batch])
+        ingest_batch(Path(source), Path(shard_dir), surveyed, "benchmark", config)
+    return time.perf_counter() - began, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def dax_in_fresh_process(source: Path, relpaths: list[str], scratch: Path, name: str) -> tuple[float, float]:
+    shard_dir = scratch / name
+    shard_dir.mkdir()
+    with ProcessPoolExecutor(1) as pool:
+        return pool.submit(dax_steps, str(source), relpaths, str(shard_dir)).result()
+
+
+def dax_two_workers(source: Path, relpaths: list[str], scratch: Path) -> float:
+    shard_dir = scratch / "two"
+    shard_dir.mkdir()
+    halves = [relpaths[0::2], relpaths[1::2]]
+    began = time.perf_counter()
+    with ProcessPoolExecutor(2) as pool:
+        list(pool.map(dax_steps, [str(source)] * 2, halves, [str(shard_dir)] * 2))
+    return time.perf_counter() - began
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--studies", type=int, default=None)
+    args = parser.parse_args()
+    studies = args.studies or (10 if args.quick else 40)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        files = make_corpus(tmp / "corpus", studies)
+        relpaths = [p.relative_to(tmp / "corpus").as_posix() for p in files]
+        megabytes = sum(p.stat().st_size for p in files) / 1e6
+        n = len(files)
+        print(f"corpus: {studies} demo studies, {n} files, {megabytes:.0f} MB", flush=True)
+
+        results = {}
+        for name, run in (("a", lambda: bound(files, tmp)), ("b", lambda: deid_stock(files, tmp)),
+                          ("c", lambda: dax_in_fresh_process(tmp / "corpus", relpaths, tmp, "one")[0])):
+            seconds = run()
+            results[name] = seconds
+            print(f"({name}) {n / seconds:.1f} files/s, {megabytes / seconds:.1f} MB/s", flush=True)
+        two = dax_two_workers(tmp / "corpus", relpaths, tmp)
+        print(f"(c) 2 workers: {n / two:.1f} files/s", flush=True)
+
+        _, peak_small = dax_in_fresh_process(tmp / "corpus", relpaths, tmp, "mem1")
+        big = tmp / "corpus10"
+        big_files = make_corpus(big, studies * 10) if not args.quick else []
+        peak_big = dax_in_fresh_process(big, [p.relative_to(big).as_posix() for p in big_files], tmp, "mem10")[1] \
+            if big_files else float("nan")
+        print(f"peak RSS: {peak_small:.0f} MB on {n} files, {peak_big:.0f} MB on {len(big_files)} files", flush=True)
+
+    a, b, c = (n / results[k] for k in "abc")
+    rows = [
+        "| what (per core unless said) | files/s | MB/s | against |",
+        "| --- | --- | --- | --- |",
+        f"| (a) bound: pydicom read + decode + raw pixels to a tar | {a:.1f} | {a * megabytes / n:.1f} | |",
+        f"| (b) deid stock `replace_identifiers` loop, one file at a time | {b:.1f} | {b * megabytes / n:.1f} | |",
+        f"| (c) DAX ingestion steps end to end | {c:.1f} | {c * megabytes / n:.1f} | "
+        f"{c / b:.2f}x (b) (target 3x), {c / a:.0%} of (a) (target 50 %) |",
+        f"| (c) with 2 worker processes | {n / two:.1f} | {megabytes / two:.1f} | {results['c'] / two:.2f}x one worker "
+        f"(target 1.7x) |",
+        f"| (c) peak memory, {n} files vs {len(big_files)} files | {peak_small:.0f} MB | {peak_big:.0f} MB | "
+        f"target: flat |",
+    ]
+    table = "\n".join(rows)
+    print(table)
+    if not args.quick:
+        update_benchmarks_md(table, f"{studies} demo studies, {n} files, {megabytes:.0f} MB")
+
+
+def update_benchmarks_md(table: str, corpus: str) -> None:
+    path = ROOT / "BENCHMARKS.md"
+    text = path.read_text()
+    begin, end = "<!-- ingest:begin -->", "<!-- ingest:end -->"
+    block = f"{begin}\nMeasured on {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}; corpus: {corpus}.\n\n{table}\n{end}"
+    path.write_text(text[: text.index(begin)] + block + text[text.index(end) + len(end):])
+
+
+if __name__ == "__main__":
+    main()
