@@ -21,6 +21,7 @@ test: setup
 
 bench: setup
 	$(VENV)/bin/python benchmarks/synth.py
+	$(VENV)/bin/python benchmarks/ingest.py
 
 clean:
 	rm -rf dax-home .pytest_cache

@@ -27,6 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DAX_DEID_SECRET", "benchmark-secret-0123456789abcdef")
+from flows.home import configure  # noqa: E402
+
+configure(Path(tempfile.gettempdir()) / "dax-benchmark-home")  # quiet defaults: no telemetry, deid logs errors only
 
 import pydicom  # noqa: E402
 

@@ -89,7 +89,8 @@ def locate(
     source: Path = typer.Argument(..., help="The source folder to search."),
 ) -> None:
     """Map a catalog hash back to its path on the source side (for operators; prints the path)."""
-    from tasks.triage import list_source, sha256_file
+    from tasks.fileio import sha256_file
+    from tasks.triage import list_source
 
     wanted = sha256.lower()
     for relpath in list_source(source):

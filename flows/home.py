@@ -16,6 +16,7 @@ QUIET_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "HF_HUB_OFFLINE": "1",
+    "MESSAGELEVEL": "ERROR",  # deid's own logger prints everything to stdout by default
 }
 
 

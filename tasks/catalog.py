@@ -37,6 +37,8 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from tasks.fileio import fsync_directory
+
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
@@ -507,7 +509,7 @@ class Catalog:
             _fsync(tmp)
             os.chmod(tmp, 0o444)
             os.replace(tmp, snapshot)
-            _fsync_dir(self.home)
+            fsync_directory(self.home)
         except BaseException:
             if attached:
                 con.execute(f"DETACH {alias}")
@@ -525,19 +527,6 @@ def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
     finally:
         os.close(fd)
 

@@ -24,7 +24,8 @@ from tasks.burned_in import assess, black_level, clean
 from tasks.deidentify import DEFAULT_RECIPE, DeidKey, deidentify, load_key
 from tasks.normalize import NormalizeConfig, PixelDataError, decode_frames, normalize
 from tasks.shards import ShardSink
-from tasks.triage import DEFAULT_MODALITIES, Rejected, check_header, read_dicom, sha256_file
+from tasks.fileio import sha256_file
+from tasks.triage import DEFAULT_MODALITIES, Rejected, check_header, read_dicom
 
 
 @dataclass(frozen=True)

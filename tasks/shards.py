@@ -50,6 +50,8 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
+from tasks.fileio import fsync_directory
+
 __all__ = [
     "KEY_PATTERN", "ShardInfo", "ShardSink", "decode_image", "encode_image", "encode_metadata", "image_handler",
     "iter_shard", "remove_stale_temporaries",
@@ -220,7 +222,7 @@ class ShardSink:
         except BaseException:
             handle.discard()   # never leave a half-finished temporary behind a failed rename
             raise
-        _fsync_directory(final.parent)
+        fsync_directory(final.parent)
         self.finished.append(ShardInfo(final.name, digest, samples, handle.bytes))
 
     # public API -----------------------------------------------------------------------------------
@@ -270,19 +272,6 @@ class ShardSink:
             self.close()
         else:
             self.abort()
-
-
-def _fsync_directory(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def remove_stale_temporaries(directory: Path) -> int:

@@ -5,7 +5,6 @@ path: hospital exports put patient names and record numbers into folder and file
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -51,14 +50,6 @@ def list_source(source: Path) -> Iterator[str]:
             path = Path(directory, name)
             if path.is_file() and not path.is_symlink():
                 yield path.relative_to(source).as_posix()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -561,7 +561,6 @@ def _thorax(b: _B) -> Phantom:
     s = b.n(1.0, 0.05, 0.88, 1.12)
     W, D = b.n(150, 10, 125, 175) * s, b.n(105, 8, 90, 125) * s
     b.tissue("c", (0, 0, 0), None, (W, D, 230), "body.chest")
-    lw = 0.42 * W
     dome = b.u(-115, -85)
     for side, name in ((-1, "right"), (1, "left")):
         # each lung stays inside the chest wall (a ~12 mm margin for ribs and intercostal muscle)
@@ -919,8 +918,6 @@ def _femur(b: _B) -> Phantom:
     b.bone("e", np.array([sb[0], sb[1] + 38 * s, jz + 40 * s]), None, (21 * s, 10 * s, 24 * s), 2.0, "patella")
     _acetabulum(b, -1, hc, float(b.scalars["femur.head.radius"][0]), s, "acetabulum")
     # thigh envelope: tapered (ellipsoid) with a fat layer
-    zc = (hc[2] + jz) / 2
-    tz = (hc[2] - jz) / 2 + 80
     fat = b.u(6, 25)
     rt = b.n(80, 8, 62, 105) * s
     rt = max(rt, 85 * s)
@@ -1181,7 +1178,6 @@ def _shoulder(b: _B) -> Phantom:
     # sits above a horizontal cut, the arm below it: abutting pieces, no overlapping lenses
     xcut = X + 36 * s
     ex_ = np.array([1.0, 0.0, 0.0])
-    up = np.array([0.0, 0.0, 1.0])
     b.tissue("e", (X + 160 * s, 0, -110), None, (160 * s, 105 * s, 265), "body.chest", clip=[((xcut, 0, 0), -ex_)])
     b.air("e", (X + 95 * s, 5, -100), None, (55 * s, 72 * s, 95), "lung", material="lung")
     for k in range(4):

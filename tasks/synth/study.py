@@ -8,7 +8,6 @@ so study ``index`` is the same whichever batch, worker or run produces it.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import io
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from tasks.fileio import sha256_file
 from tasks.synth.anatomy import build_phantom
 from tasks.synth.devices import DeviceModel, devices_for
 from tasks.synth.dicom_writer import FileRecord, SeriesPlan, write_study
@@ -98,7 +98,7 @@ def generate_study(root: Path, seed: int, index: int, config: SynthConfig) -> tu
     labels: list[dict] = []
     for record in files:
         plan, with_metal = by_series[record.series_number]
-        digest = _sha256(root / record.path)
+        digest = sha256_file(root / record.path)
         for frame, exposure_index in enumerate(record.exposure_indices):
             labels.append(_label_row(record, digest, frame, plan, exposure_index, with_metal,
                                      index, patient_index, phantom.laterality))
@@ -227,14 +227,6 @@ def mask_to_png(mask: np.ndarray) -> bytes:
 
 def png_to_mask(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data))).astype(bool)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def with_overrides(config: SynthConfig, **overrides) -> SynthConfig:
