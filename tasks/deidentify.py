@@ -35,11 +35,11 @@ from pathlib import Path
 
 import pydicom
 from deid.config import DeidRecipe
-from deid.dicom.fields import _get_fields_inner
-from deid.dicom.parser import DicomParser
 from pydicom.dataset import FileDataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
+
+from tasks.deid_plan import PlanMismatch, RecipePlanner
 
 DEFAULT_RECIPE = Path(str(files("deployments") / "deid" / "dax-basic-profile.recipe"))
 SECRET_BLOCK = "dax-deid-secret"
@@ -174,12 +174,13 @@ class DeidKey:
 
 
 def load_key(secret: str | None = None) -> DeidKey:
-    """The key from ``secret``, else the Prefect Secret block ``dax-deid-secret``, else the environment
-    variable ``DAX_DEID_SECRET``. Raises DeidError if none is set. The secret is never logged."""
-    if secret is None:
-        secret = _secret_from_prefect_block()
+    """The key from ``secret``, else the environment variable ``DAX_DEID_SECRET`` (set for this process:
+    it wins, and costs no API call in every worker), else the Prefect Secret block ``dax-deid-secret``.
+    Raises DeidError if none is set. The secret is never logged."""
     if secret is None:
         secret = os.environ.get(SECRET_ENV_VAR) or None
+    if secret is None:
+        secret = _secret_from_prefect_block()
     if not secret:
         raise DeidError(
             f"no de-identification secret: pass one, create the Prefect Secret block {SECRET_BLOCK!r}, "
@@ -225,27 +226,40 @@ class DeidResult:
     actions: dict[str, int]
 
 
-def deidentify(ds: pydicom.Dataset, key: DeidKey, recipe: Path = DEFAULT_RECIPE) -> DeidResult:
+ENGINES = ("plan", "deid")
+
+
+def deidentify(ds: pydicom.Dataset, key: DeidKey, recipe: Path = DEFAULT_RECIPE,
+               engine: str = "plan") -> DeidResult:
     """De-identify a copy of ``ds`` in memory; ``ds`` and its source file are left untouched.
 
-    The recipe is applied with deid (``DicomParser(...).parse(remove_private=True)``), then private
-    elements, overlays, curves and icons still present are stripped, the file meta is aligned, and
-    the safety net checks every element against the allow-lists above.
+    The recipe's header actions are applied as deid's ``DicomParser(...).parse(remove_private=True)``
+    applies them: with ``engine="deid"`` by deid itself on every dataset (the reference); with
+    ``engine="plan"`` (the default) by a replay of what deid did to the first dataset of the same
+    structure (``tasks.deid_plan``; deid runs, and records, on each new structure). Both give the same
+    dataset. Then private elements, overlays, curves and icons still present are stripped, the file
+    meta is aligned, and the safety net checks every element against the allow-lists above.
     """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
     patient_id = _patient_identity(ds)
     shift = key.date_shift_days(patient_id)
-    functions = _RecipeFunctions(key, shift, key.pseudonym("patient", patient_id))
+    pseudonym = key.pseudonym("patient", patient_id)
+    planner = _planner(Path(recipe))
+    functions = _RecipeFunctions(key, shift, pseudonym)
     work = _working_copy(ds)
 
     before = set(_element_paths(work))
-    parser = DicomParser(work, recipe=_load_recipe(Path(recipe)))
-    for name, function in functions.hooks().items():
-        parser.define(name, function)
-    try:
-        parser.parse(remove_private=True)
-    finally:
-        _get_fields_inner.cache_clear()  # deid caches every parsed dataset forever (memory leak)
-    out = parser.dicom
+    if engine == "plan":
+        try:
+            planner.apply(work, functions.hooks(), lambda: _RecipeFunctions(key, shift, pseudonym).hooks())
+        except PlanMismatch:  # a value deid would treat otherwise: start over with deid
+            functions = _RecipeFunctions(key, shift, pseudonym)
+            work = _working_copy(ds)
+            planner.run_deid(work, functions.hooks())
+    else:
+        planner.run_deid(work, functions.hooks())
+    out = work
 
     actions = Counter(dict.fromkeys(ACTION_KINDS, 0))
     actions.update(functions.counts)
@@ -364,6 +378,12 @@ def _working_copy(ds: pydicom.Dataset) -> FileDataset:
         work = FileDataset("", work, file_meta=meta, preamble=b"\0" * 128)
     work.filename = None
     return work
+
+
+@lru_cache(maxsize=8)
+def _planner(path: Path) -> RecipePlanner:
+    """The compiled recipe (plans by dataset structure) of the recipe file at ``path``."""
+    return RecipePlanner(_load_recipe(path))
 
 
 @lru_cache(maxsize=8)

@@ -372,7 +372,7 @@ def test_load_key_sources(monkeypatch):
         DeidKey(b"short")
 
 
-def test_a_prefect_secret_block_wins_over_the_environment(monkeypatch):
+def test_the_environment_wins_and_the_prefect_secret_block_serves_without_it(monkeypatch):
     from prefect.blocks.system import Secret
 
     class Stored:
@@ -382,6 +382,8 @@ def test_a_prefect_secret_block_wins_over_the_environment(monkeypatch):
 
     monkeypatch.setattr(Secret, "load", classmethod(lambda cls, name: Stored if name == "dax-deid-secret" else 0))
     monkeypatch.setenv(SECRET_ENV_VAR, "environment-secret-0123456789")
+    assert load_key() == DeidKey(b"environment-secret-0123456789")
+    monkeypatch.delenv(SECRET_ENV_VAR)
     assert load_key() == DeidKey(b"block-secret-0123456789abcdef")
 
 
