@@ -38,7 +38,7 @@ from deid.dicom.parser import DicomParser
 from deid.dicom.tags import add_tag, get_private, get_tag
 from deid.utils import parse_value
 from pydicom.dataelem import DataElement
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 
