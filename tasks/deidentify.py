@@ -230,8 +230,12 @@ ENGINES = ("plan", "deid")
 
 
 def deidentify(ds: pydicom.Dataset, key: DeidKey, recipe: Path = DEFAULT_RECIPE,
-               engine: str = "plan") -> DeidResult:
+               engine: str = "plan", *, reread: Callable[[], pydicom.Dataset] | None = None) -> DeidResult:
     """De-identify a copy of ``ds`` in memory; ``ds`` and its source file are left untouched.
+
+    With ``reread`` (a way to read the same data set again, e.g. from its file), ``ds`` itself is
+    de-identified in place instead, saving the copy: the caller hands ``ds`` over. ``reread`` then
+    serves the rare start-over with deid, which needs a pristine data set.
 
     The recipe's header actions are applied as deid's ``DicomParser(...).parse(remove_private=True)``
     applies them: with ``engine="deid"`` by deid itself on every dataset (the reference); with
@@ -245,9 +249,11 @@ def deidentify(ds: pydicom.Dataset, key: DeidKey, recipe: Path = DEFAULT_RECIPE,
     patient_id = _patient_identity(ds)
     shift = key.date_shift_days(patient_id)
     pseudonym = key.pseudonym("patient", patient_id)
+    study_key = key.pseudonym("study", str(ds.get("StudyInstanceUID", "")))
+    series_key = key.pseudonym("series", str(ds.get("SeriesInstanceUID", "")))
     planner = _planner(Path(recipe))
     functions = _RecipeFunctions(key, shift, pseudonym)
-    work = _working_copy(ds)
+    work = _working_copy(ds, copy_=reread is None)
 
     before = set(_element_paths(work))
     if engine == "plan":
@@ -255,7 +261,7 @@ def deidentify(ds: pydicom.Dataset, key: DeidKey, recipe: Path = DEFAULT_RECIPE,
             planner.apply(work, functions.hooks(), lambda: _RecipeFunctions(key, shift, pseudonym).hooks())
         except PlanMismatch:  # a value deid would treat otherwise: start over with deid
             functions = _RecipeFunctions(key, shift, pseudonym)
-            work = _working_copy(ds)
+            work = _working_copy(ds) if reread is None else _working_copy(reread(), copy_=False)
             planner.run_deid(work, functions.hooks())
     else:
         planner.run_deid(work, functions.hooks())
@@ -270,8 +276,8 @@ def deidentify(ds: pydicom.Dataset, key: DeidKey, recipe: Path = DEFAULT_RECIPE,
     return DeidResult(
         dataset=out,
         patient_key=functions.patient_pseudonym,
-        study_key=key.pseudonym("study", str(ds.get("StudyInstanceUID", ""))),
-        series_key=key.pseudonym("series", str(ds.get("SeriesInstanceUID", ""))),
+        study_key=study_key,
+        series_key=series_key,
         date_shift_days=shift,
         actions=dict(actions),
     )
@@ -369,10 +375,11 @@ def _patient_identity(ds: pydicom.Dataset) -> str:
     return patient_id or "study:" + str(ds.get("StudyInstanceUID", "") or "")
 
 
-def _working_copy(ds: pydicom.Dataset) -> FileDataset:
-    """A deep copy deid can parse: deid hashes only FileDataset (a plain Dataset raises TypeError),
-    and the source path is dropped so no deid log line can carry a PHI-bearing file name."""
-    work = copy.deepcopy(ds)  # bytes are immutable: pixel data is shared, not copied
+def _working_copy(ds: pydicom.Dataset, copy_: bool = True) -> FileDataset:
+    """A deep copy (or ``ds`` itself) deid can parse: deid hashes only FileDataset (a plain Dataset
+    raises TypeError), and the source path is dropped so no deid log line can carry a PHI-bearing
+    file name."""
+    work = copy.deepcopy(ds) if copy_ else ds  # bytes are immutable: pixel data is shared, not copied
     if not isinstance(work, FileDataset):
         meta = work.file_meta if hasattr(work, "file_meta") else None
         work = FileDataset("", work, file_meta=meta, preamble=b"\0" * 128)

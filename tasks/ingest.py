@@ -136,7 +136,8 @@ def prepare_file(path: Path, sha256: str, key: DeidKey, config: IngestConfig):
         frames = clean(frames, verdict, black_level(ds))
     facts["pixel_rule"] = verdict.rule
 
-    result = deidentify(ds, key, recipe=Path(config.recipe))
+    image_key = instance_key(key, str(ds.SOPInstanceUID)).removeprefix("DAX-")
+    result = deidentify(ds, key, recipe=Path(config.recipe), reread=lambda: read_dicom(path))  # ds handed over
     clean_ds = result.dataset
     normalized = normalize(clean_ds, frames, config.normalize)
     for element in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
@@ -144,7 +145,6 @@ def prepare_file(path: Path, sha256: str, key: DeidKey, config: IngestConfig):
             delattr(clean_ds, element)
     dicom_json = clean_ds.to_json_dict(bulk_data_threshold=1 << 30, bulk_data_element_handler=lambda _: "")
 
-    image_key = instance_key(key, str(ds.SOPInstanceUID)).removeprefix("DAX-")
     shared = {
         "source_sha256": sha256,
         "patient_key": result.patient_key,

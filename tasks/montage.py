@@ -71,10 +71,11 @@ def real_radiographs() -> list[tuple[str, Path]]:
 
 
 def pick_examples(labels_path: Path) -> list[dict]:
-    """One image per body region: the widest view that shows some metal without being covered by it."""
+    """One image per body region: an AP view, the widest, preferring one that shows some metal
+    without being covered by it."""
     table = pq.read_table(labels_path, columns=["path", "frame", "region", "modality", "manufacturer", "model",
                                                 "series_kind", "metal_mask_png", "screws", "metal_pixels",
-                                                "rows", "cols", "sid_mm", "sod_mm"])
+                                                "rows", "cols", "sid_mm", "sod_mm", "primary_deg", "secondary_deg"])
     picks = []
     for region in BODY_REGIONS:
         rows = table.filter(pc.equal(table["region"], region)).to_pylist()
@@ -83,7 +84,8 @@ def pick_examples(labels_path: Path) -> list[dict]:
 
         def preference(row):
             metal = row["metal_pixels"] / (row["rows"] * row["cols"])
-            return (not 0.0 < metal < 0.04, row["sid_mm"] / row["sod_mm"], row["path"], row["frame"])
+            off_ap = min(abs(row["primary_deg"]) % 180, 180 - abs(row["primary_deg"]) % 180) + abs(row["secondary_deg"])
+            return (off_ap > 10, not 0.0 < metal < 0.04, row["sid_mm"] / row["sod_mm"], row["path"], row["frame"])
 
         picks.append(min(rows, key=preference))
     return picks

@@ -99,6 +99,30 @@ def test_fast_engine_equals_deid_on_every_synthetic_device_model(synthetic_files
     assert stats.unplannable == stats.mismatches == 0
 
 
+def test_in_place_with_reread_equals_the_copying_path(synthetic_files, planner):
+    for path in synthetic_files[:12]:
+        reference = deidentify(pydicom.dcmread(path), KEY)
+        handed_over = pydicom.dcmread(path)
+        in_place = deidentify(handed_over, KEY, reread=lambda: pydicom.dcmread(path))
+        assert in_place.dataset is handed_over  # no copy made
+        assert_same_result(in_place, reference, str(path))
+
+
+def test_in_place_starts_over_from_a_reread_on_plan_mismatch(synthetic_files, planner, monkeypatch):
+    path = synthetic_files[0]
+    reference = deidentify(pydicom.dcmread(path), KEY, engine="deid")
+    deidentify(pydicom.dcmread(path), KEY)  # the structure now has a plan
+
+    def mismatch(*args, **kwargs):
+        raise PlanMismatch("forced")
+
+    monkeypatch.setattr(deid_plan, "replay", mismatch)
+    rereads = []
+    result = deidentify(pydicom.dcmread(path), KEY, reread=lambda: rereads.append(1) or pydicom.dcmread(path))
+    assert rereads == [1]
+    assert_same_result(result, reference, str(path))
+
+
 def test_fast_engine_equals_deid_on_real_files(planner):
     compared = 0
     for rounds in range(2):

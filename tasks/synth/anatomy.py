@@ -12,77 +12,11 @@ screws, plates, nails and wires go, e.g. ``L3.pedicle_left.entry`` / ``.directio
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 
-from tasks.synth.primitives import MU, Box, Cylinder, Ellipsoid, Primitive, euler_rotation
+from tasks.synth.primitives import (MU, Box, ClippedCylinder, ClippedEllipsoid, Cylinder, Ellipsoid, Primitive,
+                                    euler_rotation)
 from tasks.synth.scene import BODY_REGIONS, Phantom
-
-# ----------------------------------------------------------------------------------------------
-# clipped primitives: a convex solid intersected with half-spaces. Pieces of one bone (or of one
-# soft-tissue envelope) are cut along shared planes so that they abut instead of overlapping:
-# overlapping shapes would add their attenuation and show unrealistic dense lenses.
-# ----------------------------------------------------------------------------------------------
-def _clip_interval(t0, t1, hit, planes, s, d):
-    """Intersect the ray intervals [t0, t1] with the local half-spaces ``n . q <= c``."""
-    for n0, n1, n2, c in planes:
-        nd = d[..., 0] * n0 + d[..., 1] * n1 + d[..., 2] * n2
-        ns = s[0] * n0 + s[1] * n1 + s[2] * n2
-        par = np.abs(nd) < _EPS_CLIP
-        t = (c - ns) / np.where(par, 1.0, nd)
-        t1 = np.where(~par & (nd > 0), np.minimum(t1, t), t1)
-        t0 = np.where(~par & (nd < 0), np.maximum(t0, t), t0)
-        if ns > c:
-            hit = hit & ~par
-    return np.where(hit, np.maximum(t1 - t0, 0.0), 0.0)
-
-
-_EPS_CLIP = 1e-12
-
-
-@dataclass
-class ClippedEllipsoid(Ellipsoid):
-    """An ellipsoid cut by half-spaces ``planes`` (k, 4): local ``n . q <= c``."""
-
-    planes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
-
-    def _local_chord(self, s, d):
-        ss = s / self.radii
-        dd = d / self.radii
-        a = np.einsum("...i,...i->...", dd, dd)
-        b = dd @ ss
-        c = ss @ ss - 1.0
-        disc = b * b - a * c
-        root = np.sqrt(np.maximum(disc, 0.0))
-        a = np.maximum(a, _EPS_CLIP)
-        return _clip_interval((-b - root) / a, (-b + root) / a, disc > 0, self.planes, s, d)
-
-
-@dataclass
-class ClippedCylinder(Cylinder):
-    """A capped elliptic cylinder cut by half-spaces ``planes`` (k, 4): local ``n . q <= c``."""
-
-    planes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
-
-    def _local_chord(self, s, d):
-        ra, rb = self.radii
-        h = self.half_length
-        sx, sy = s[0] / ra, s[1] / rb
-        dx, dy = d[..., 0] / ra, d[..., 1] / rb
-        a = dx * dx + dy * dy
-        b = dx * sx + dy * sy
-        c = sx * sx + sy * sy - 1.0
-        disc = b * b - a * c
-        root = np.sqrt(np.maximum(disc, 0.0))
-        a_safe = np.maximum(a, _EPS_CLIP)
-        radial = a > _EPS_CLIP
-        t0 = np.where(radial, (-b - root) / a_safe, -np.inf)
-        t1 = np.where(radial, (-b + root) / a_safe, np.inf)
-        hit = (radial & (disc > 0)) | (~radial & (c <= 0))
-        caps = np.array([[0, 0, 1, h], [0, 0, -1, h]], dtype=np.float64)
-        return _clip_interval(t0, t1, hit, np.concatenate([caps, self.planes]), s, d)
-
 
 # materials that count as "bone" for point-in-bone checks
 BONE_MATERIALS = ("cortical", "cancellous", "marrow", "enamel")

@@ -83,8 +83,13 @@ class Primitive:
     def _local_half_extents(self) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _local_chord(self, s: np.ndarray, d: np.ndarray) -> np.ndarray:  # pragma: no cover
+    def _local_interval(self, s: np.ndarray, d: np.ndarray):  # pragma: no cover - abstract
+        """(t0, t1, hit): where each ray enters and leaves the solid, in local coordinates."""
         raise NotImplementedError
+
+    def _local_chord(self, s: np.ndarray, d: np.ndarray) -> np.ndarray:
+        t0, t1, hit = self._local_interval(s, d)
+        return np.where(hit, np.maximum(t1 - t0, 0.0), 0.0)
 
     @property
     def is_metal(self) -> bool:
@@ -122,15 +127,16 @@ class Ellipsoid(Primitive):
     def _local_half_extents(self) -> np.ndarray:
         return self.radii
 
-    def _local_chord(self, s, d):
+    def _local_interval(self, s, d):
         s = s / self.radii
         d = d / self.radii
-        a = np.einsum("...i,...i->...", d, d)
+        a = np.maximum(np.einsum("...i,...i->...", d, d), _EPS)
         b = d @ s
         c = s @ s - 1.0
         disc = b * b - a * c
-        # chord in t-units is 2 sqrt(disc) / a; t is in mm because the world directions are unit
-        return np.where(disc > 0, 2.0 * np.sqrt(np.maximum(disc, 0.0)) / np.maximum(a, _EPS), 0.0)
+        root = np.sqrt(np.maximum(disc, 0.0))
+        # t is in mm because the world directions are unit vectors
+        return (-b - root) / a, (-b + root) / a, disc > 0
 
 
 @dataclass
@@ -143,7 +149,7 @@ class Cylinder(Primitive):
     def _local_half_extents(self) -> np.ndarray:
         return np.array([self.radii[0], self.radii[1], self.half_length], dtype=np.float64)
 
-    def _local_chord(self, s, d):
+    def _local_interval(self, s, d):
         ra, rb = self.radii
         sx, sy, sz = s[0] / ra, s[1] / rb, s[2]
         dx, dy, dz = d[..., 0] / ra, d[..., 1] / rb, d[..., 2]
@@ -156,7 +162,7 @@ class Cylinder(Primitive):
         t0 = np.where(a > _EPS, (-b - root) / a_safe, -np.inf)
         t1 = np.where(a > _EPS, (-b + root) / a_safe, np.inf)
         inside_radial = (a > _EPS) & (disc > 0) | ((a <= _EPS) & (c <= 0))
-        return _clip_slab(t0, t1, inside_radial, sz, dz, self.half_length)
+        return _slab(t0, t1, inside_radial, sz, dz, self.half_length)
 
 
 @dataclass
@@ -170,14 +176,14 @@ class Box(Primitive):
     def _local_half_extents(self) -> np.ndarray:
         return self.half_extents
 
-    def _local_chord(self, s, d):
+    def _local_interval(self, s, d):
         shape = d.shape[:-1]
         t0 = np.full(shape, -np.inf)
         t1 = np.full(shape, np.inf)
         hit = np.ones(shape, dtype=bool)
         for axis in range(3):
             t0, t1, hit = _slab(t0, t1, hit, s[axis], d[..., axis], self.half_extents[axis])
-        return np.where(hit, np.maximum(t1 - t0, 0.0), 0.0)
+        return t0, t1, hit
 
 
 def _slab(t0, t1, hit, s_axis, d_axis, half):
@@ -192,9 +198,42 @@ def _slab(t0, t1, hit, s_axis, d_axis, half):
     return np.maximum(t0, lo), np.minimum(t1, hi), hit
 
 
-def _clip_slab(t0, t1, hit, s_axis, d_axis, half):
-    t0, t1, hit = _slab(t0, t1, hit, s_axis, d_axis, half)
-    return np.where(hit, np.maximum(t1 - t0, 0.0), 0.0)
+def clip_interval(t0, t1, hit, planes, s, d):
+    """Intersect ray intervals [t0, t1] with the local half-spaces ``n . q <= c`` (rows of ``planes``)."""
+    for n0, n1, n2, c in planes:
+        nd = d[..., 0] * n0 + d[..., 1] * n1 + d[..., 2] * n2
+        ns = s[0] * n0 + s[1] * n1 + s[2] * n2
+        parallel = np.abs(nd) < _EPS
+        t = (c - ns) / np.where(parallel, 1.0, nd)
+        t1 = np.where(~parallel & (nd > 0), np.minimum(t1, t), t1)
+        t0 = np.where(~parallel & (nd < 0), np.maximum(t0, t), t0)
+        if ns > c:
+            hit = hit & ~parallel
+    return t0, t1, hit
+
+
+# Clipped solids: a convex primitive intersected with half-spaces. Pieces of one bone (or of one
+# soft-tissue envelope) cut along shared planes abut instead of overlapping: overlapping shapes
+# would add their attenuation and show unrealistic dense lenses.
+
+@dataclass
+class ClippedEllipsoid(Ellipsoid):
+    """An ellipsoid cut by half-spaces ``planes`` (k, 4): local ``n . q <= c``."""
+
+    planes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
+
+    def _local_interval(self, s, d):
+        return clip_interval(*super()._local_interval(s, d), self.planes, s, d)
+
+
+@dataclass
+class ClippedCylinder(Cylinder):
+    """A capped elliptic cylinder cut by half-spaces ``planes`` (k, 4): local ``n . q <= c``."""
+
+    planes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
+
+    def _local_interval(self, s, d):
+        return clip_interval(*super()._local_interval(s, d), self.planes, s, d)
 
 
 def line_integral(primitives, source, directions) -> np.ndarray:
