@@ -73,8 +73,11 @@ def deid_stock(files: list[Path], scratch: Path) -> float:
 
 
 def dax_steps(source: str, relpaths: list[str], shard_dir: str, batch: int = 32) -> tuple[float, float]:
-    """Survey + ingest batches in this process; returns (seconds, peak RSS MB of this process)."""
-    config = IngestConfig()
+    """Survey + ingest batches in this process; returns (seconds, peak RSS MB of this process).
+
+    Each measured configuration starts with an empty de-identification plan store of its own (next to
+    its shards), shared by its worker processes, as one `dax ingest` run on a new home would."""
+    config = IngestConfig(plan_cache=str(Path(shard_dir) / "plans"))
     began = time.perf_counter()
     for i in range(0, len(relpaths), batch):
         surveyed = survey_batch(Path(source), relpaths[i: i + batch])

@@ -51,7 +51,7 @@ def ingest(
     key = load_key()  # fails early and clearly when no secret is configured
     config = IngestConfig(modalities=tuple(modalities), normalize=NormalizeConfig(max_size=max_size, frame_step=frame_step),
                           image_format=image_format, shard_target_bytes=shard_target_mb * 1_000_000,
-                          recipe=str(DEFAULT_RECIPE))
+                          recipe=str(DEFAULT_RECIPE), plan_cache=str(root / "cache" / "deid-plans"))
     run_id = str(flow_run.id or uuid.uuid4())
     logger = get_run_logger()
 

@@ -19,17 +19,31 @@ do (a value of None, which deid skips) raises ``PlanMismatch``, and the caller s
 
 Recipes whose meaning depends on values (``values:``/``fields:`` lists, JITTER, REMOVE with a filter
 value) are not compiled: ``RecipePlanner.plannable`` is False and every dataset goes to deid.
+
+Plans can also be shared between processes and runs through a ``PlanStore``: one small JSON file per
+structure, ``<directory>/<recipe sha256[:16]>/<signature hash>.json``, written atomically and read on
+an in-memory miss. A stored plan holds structure only (tags, item indexes, VRs, field paths), the
+recipe's actions and values, hook names, and per write one bit (whether deid wrote a value): never a
+value taken from a dataset. Keyed by the recipe file's sha256 (and checked against the format and the
+deid and pydicom versions), so an edited recipe or another deid never reuses old plans; an unreadable
+or foreign file is ignored and rewritten. The store directory must be as trusted as the recipe itself.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
+import os
 import re
+import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import lru_cache
+from importlib.metadata import version as _version
+from pathlib import Path
 
 from deid.config import DeidRecipe
 from deid.dicom.actions import deid_funcs as DEID_FUNCS
@@ -86,6 +100,7 @@ class PlanStats:
     misses: int = 0           # new structures: deid ran (and recorded)
     unplannable: int = 0      # datasets of a structure whose plan failed its check: deid ran
     mismatches: int = 0       # replays abandoned for deid (PlanMismatch)
+    loaded: int = 0           # plans (or unplannable marks) read from the PlanStore on an in-memory miss
 
     @property
     def hit_rate(self) -> float:
@@ -325,10 +340,11 @@ def _same(a: Dataset, b: Dataset) -> bool:
 class RecipePlanner:
     """Plans of one parsed deid recipe, by structure signature (least recently used dropped first)."""
 
-    def __init__(self, recipe: DeidRecipe, max_plans: int = MAX_PLANS) -> None:
+    def __init__(self, recipe: DeidRecipe, max_plans: int = MAX_PLANS, store: PlanStore | None = None) -> None:
         self.recipe = recipe
         self.plannable = plannable(recipe)
         self.max_plans = max_plans
+        self.store = store
         self.stats = PlanStats()
         self._plans: OrderedDict[tuple, Plan | None] = OrderedDict()
         self._lock = threading.Lock()
@@ -368,6 +384,13 @@ class RecipePlanner:
             plan = self._plans.get(signature)
             if known:
                 self._plans.move_to_end(signature)
+        if not known and self.store is not None:
+            known, plan = self.store.load(signature)
+            if known:
+                self._remember(signature, plan, loaded=True)
+                # what a miss would have done: drop deid's dataset cache (here possibly inherited, in a
+                # forked worker, from a parent that ran deid; a worker that never misses never clears it)
+                _get_fields_inner.cache_clear()
         if known and plan is not _UNPLANNABLE:
             try:
                 replay(plan, dicom, hooks)
@@ -384,12 +407,20 @@ class RecipePlanner:
             self.run_deid(dicom, hooks)
             return "unplannable"
         plan = self._record(dicom, hooks, spare_hooks)
+        self._remember(signature, plan)
+        if self.store is not None:
+            self.store.save(signature, plan)
+        return "miss"
+
+    def _remember(self, signature: tuple, plan: Plan | None, loaded: bool = False) -> None:
         with self._lock:
-            self.stats.misses += 1
+            if loaded:
+                self.stats.loaded += 1
+            else:
+                self.stats.misses += 1
             self._plans[signature] = plan
             while len(self._plans) > self.max_plans:
                 self._plans.popitem(last=False)
-        return "miss"
 
     def _record(self, dicom: Dataset, hooks: dict, spare_hooks: Callable[[], dict]) -> Plan | None:
         """Run deid on ``dicom`` recording its plan, then check the plan on a pristine copy."""
@@ -412,3 +443,180 @@ class RecipePlanner:
             log.warning("deid plan does not reproduce deid for a structure; deid will handle it")
             return _UNPLANNABLE
         return parser.plan
+
+
+# --- the on-disk store -----------------------------------------------------------------------------
+
+STORE_FORMAT = 1
+_VERSIONS = {"deid": _version("deid"), "pydicom": _version("pydicom")}  # whose behaviour a plan records
+_WRITE_FIELDS = tuple(f.name for f in fields(_Write))
+_STEP_CODES = {_REMOVE: "remove", _BLANK: "blank"}
+_STEP_KINDS = {code: kind for kind, code in _STEP_CODES.items()}
+
+
+def signature_hash(signature: tuple) -> str:
+    """A stable name for a structure signature (its repr holds tags, VRs and type names only)."""
+    return hashlib.sha256(repr(signature).encode()).hexdigest()[:32]
+
+
+class PlanStore:
+    """Plans of one recipe on disk, shared by every process and run using ``directory``:
+    ``directory/<recipe sha256[:16]>/<signature hash>.json``. A file is written whole (a temporary file
+    then ``os.replace``), so readers see an old file, a new file or none. Every failure to read or
+    write is logged and ignored: the planner then records the plan with deid as if nothing was stored."""
+
+    def __init__(self, directory: str | os.PathLike, recipe_sha256: str) -> None:
+        self.recipe_sha256 = recipe_sha256
+        self.directory = Path(directory) / recipe_sha256[:16]
+        self._header = {"format": STORE_FORMAT, **_VERSIONS, "recipe_sha256": recipe_sha256}
+
+    def path(self, signature: tuple) -> Path:
+        return self.directory / f"{signature_hash(signature)}.json"
+
+    def load(self, signature: tuple) -> tuple[bool, Plan | None]:
+        """(True, plan or _UNPLANNABLE) when a valid file is stored for ``signature``, else (False, None)."""
+        path = self.path(signature)
+        try:
+            document = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return False, None
+        except Exception:  # noqa: BLE001 - unreadable: treat as absent, it is rewritten after deid
+            log.warning("ignoring an unreadable deid plan file %s", path.name)
+            return False, None
+        try:
+            if not isinstance(document, dict) or any(document.get(k) != v for k, v in self._header.items()) \
+                    or document.get("signature") != signature_hash(signature):
+                raise ValueError("foreign or stale plan file")
+            if document.get("unplannable") is True and document.get("steps") is None:
+                return True, _UNPLANNABLE
+            return True, Plan(steps=[_decode_step(step) for step in _list(document["steps"])])
+        except Exception:  # noqa: BLE001
+            log.warning("ignoring an invalid deid plan file %s", path.name)
+            return False, None
+
+    def save(self, signature: tuple, plan: Plan | None) -> None:
+        document = dict(self._header, signature=signature_hash(signature))
+        if plan is _UNPLANNABLE:
+            document.update(unplannable=True, steps=None)
+        else:
+            document.update(unplannable=False, steps=[_encode_step(step) for step in plan.steps])
+        data = json.dumps(document, separators=(",", ":")).encode()
+        target = self.path(signature)
+        temporary = None
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd, temporary = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".json")
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+            os.replace(temporary, target)
+            temporary = None
+        except OSError:
+            log.warning("could not store a deid plan in %s", self.directory, exc_info=True)
+        finally:
+            if temporary is not None:
+                try:
+                    os.unlink(temporary)
+                except OSError:
+                    pass
+
+
+# What a stored plan may hold is spelled out field by field: structure (tags, item indexes, VRs, field
+# paths made of keywords and tags), the recipe's text and booleans. The in-memory Plan holds nothing
+# else (hook results seen while recording are checked and dropped in _record), and the encoding below
+# refuses any other type, so a value from a dataset cannot slip into a file.
+
+def _encode_key(key):
+    if isinstance(key, BaseTag):
+        return {"tag": int(key)}
+    if isinstance(key, bool) or not isinstance(key, (int, str)):
+        raise TypeError(f"unexpected plan key {type(key).__name__}")
+    return int(key) if isinstance(key, int) else str(key)
+
+
+def _decode_key(key):
+    if isinstance(key, dict) and set(key) == {"tag"} and _is_int(key["tag"]):
+        return Tag(key["tag"])
+    if _is_int(key) or isinstance(key, str):
+        return key
+    raise ValueError("invalid plan key")
+
+
+def _encode_keys(keys):
+    return None if keys is None else [_encode_key(k) for k in keys]
+
+
+def _decode_keys(keys):
+    return None if keys is None else tuple(_decode_key(k) for k in _list(keys))
+
+
+def _encode_step(step) -> dict:
+    if step[0] == _WRITE:
+        write = step[1]
+        return {"kind": "write", "spec": str(write.spec), "field_name": str(write.field_name),
+                "field_uid": None if write.field_uid is None else str(write.field_uid),
+                "filemeta": bool(write.filemeta), "element_keys": _encode_keys(write.element_keys),
+                "new_tag": None if write.new_tag is None else int(write.new_tag),
+                "new_vr": None if write.new_vr is None else str(write.new_vr),
+                "target_keys": _encode_keys(write.target_keys),
+                "value_given": bool(write.value_given), "tag_known": bool(write.tag_known)}
+    kind, filemeta, parent_keys, desired = step
+    return {"kind": _STEP_CODES[kind], "filemeta": bool(filemeta), "parent_keys": _encode_keys(parent_keys),
+            "desired": _encode_key(desired)}
+
+
+def _decode_step(step):
+    if not isinstance(step, dict):
+        raise ValueError("invalid plan step")
+    if step.get("kind") == "write":
+        if set(step) != {"kind", *_WRITE_FIELDS}:
+            raise ValueError("invalid write step")
+        write = _Write(
+            spec=_str(step["spec"]), field_name=_str(step["field_name"]),
+            field_uid=_optional(step["field_uid"], _str), filemeta=_bool(step["filemeta"]),
+            element_keys=_decode_keys(step["element_keys"]),
+            new_tag=_optional(step["new_tag"], _int), new_vr=_optional(step["new_vr"], _str),
+            target_keys=_decode_keys(step["target_keys"]),
+            value_given=_bool(step["value_given"]), tag_known=_bool(step["tag_known"]))
+        if write.target_keys is None or not write.target_keys:
+            raise ValueError("invalid write step")
+        return (_WRITE, write)
+    if set(step) != {"kind", "filemeta", "parent_keys", "desired"} or step["kind"] not in _STEP_KINDS:
+        raise ValueError("invalid plan step")
+    return (_STEP_KINDS[step["kind"]], _bool(step["filemeta"]), _decode_keys(_list(step["parent_keys"])),
+            _decode_key(step["desired"]))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int(value) -> int:
+    if not _is_int(value):
+        raise ValueError("expected an integer")
+    return value
+
+
+def _str(value) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected a string")
+    return value
+
+
+def _bool(value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("expected a boolean")
+    return value
+
+
+def _list(value) -> list:
+    if not isinstance(value, list):
+        raise ValueError("expected a list")
+    return value
+
+
+def _optional(value, check):
+    return None if value is None else check(value)
+
+
+def recipe_sha256(path: str | os.PathLike) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -39,7 +39,7 @@ from pydicom.dataset import FileDataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 
-from tasks.deid_plan import PlanMismatch, RecipePlanner
+from tasks.deid_plan import PlanMismatch, PlanStore, RecipePlanner
 
 DEFAULT_RECIPE = Path(str(files("deployments") / "deid" / "dax-basic-profile.recipe"))
 SECRET_BLOCK = "dax-deid-secret"
@@ -230,12 +230,16 @@ ENGINES = ("plan", "deid")
 
 
 def deidentify(ds: pydicom.Dataset, key: DeidKey, recipe: Path = DEFAULT_RECIPE,
-               engine: str = "plan", *, reread: Callable[[], pydicom.Dataset] | None = None) -> DeidResult:
+               engine: str = "plan", *, reread: Callable[[], pydicom.Dataset] | None = None,
+               plan_cache: str | os.PathLike | None = None) -> DeidResult:
     """De-identify a copy of ``ds`` in memory; ``ds`` and its source file are left untouched.
 
     With ``reread`` (a way to read the same data set again, e.g. from its file), ``ds`` itself is
     de-identified in place instead, saving the copy: the caller hands ``ds`` over. ``reread`` then
     serves the rare start-over with deid, which needs a pristine data set.
+
+    With ``plan_cache`` (a directory), plans are also read from and written to disk there, shared by
+    every process and run (``tasks.deid_plan.PlanStore``; keyed by the recipe file's sha256).
 
     The recipe's header actions are applied as deid's ``DicomParser(...).parse(remove_private=True)``
     applies them: with ``engine="deid"`` by deid itself on every dataset (the reference); with
@@ -251,7 +255,7 @@ def deidentify(ds: pydicom.Dataset, key: DeidKey, recipe: Path = DEFAULT_RECIPE,
     pseudonym = key.pseudonym("patient", patient_id)
     study_key = key.pseudonym("study", str(ds.get("StudyInstanceUID", "")))
     series_key = key.pseudonym("series", str(ds.get("SeriesInstanceUID", "")))
-    planner = _planner(Path(recipe))
+    planner = _planner(Path(recipe)) if plan_cache is None else _planner(Path(recipe), Path(plan_cache))
     functions = _RecipeFunctions(key, shift, pseudonym)
     work = _working_copy(ds, copy_=reread is None)
 
@@ -388,9 +392,23 @@ def _working_copy(ds: pydicom.Dataset, copy_: bool = True) -> FileDataset:
 
 
 @lru_cache(maxsize=8)
-def _planner(path: Path) -> RecipePlanner:
-    """The compiled recipe (plans by dataset structure) of the recipe file at ``path``."""
-    return RecipePlanner(_load_recipe(path))
+def _planner(path: Path, plan_cache: Path | None = None) -> RecipePlanner:
+    """The compiled recipe (plans by dataset structure) of the recipe file at ``path``; with
+    ``plan_cache``, backed by a PlanStore there keyed by the sha256 of the recipe file's bytes."""
+    if plan_cache is None:
+        return RecipePlanner(_load_recipe(path))
+    before = _file_sha256(path)
+    recipe = _load_recipe.__wrapped__(path)  # parsed now, not a cached parse of an older file
+    if _file_sha256(path) != before:  # edited while loading: no store rather than a wrong key
+        return RecipePlanner(recipe)
+    return RecipePlanner(recipe, store=PlanStore(plan_cache, before))
+
+
+def _file_sha256(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as error:
+        raise DeidError(f"deid recipe not found: {path}") from error
 
 
 @lru_cache(maxsize=8)

@@ -35,6 +35,9 @@ class IngestConfig:
     image_format: str = "npy"                  # uint16 .npy (fast), or "png" (16-bit, ~20 % smaller)
     shard_target_bytes: int = 1_000_000_000
     recipe: str = str(DEFAULT_RECIPE)
+    # folder of deid plans shared by worker processes and runs (tasks.deid_plan.PlanStore; the flow
+    # uses HOME/cache/deid-plans); None: each worker records its own plans with deid
+    plan_cache: str | None = None
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,8 @@ def prepare_file(path: Path, sha256: str, key: DeidKey, config: IngestConfig):
     facts["pixel_rule"] = verdict.rule
 
     image_key = instance_key(key, str(ds.SOPInstanceUID)).removeprefix("DAX-")
-    result = deidentify(ds, key, recipe=Path(config.recipe), reread=lambda: read_dicom(path))  # ds handed over
+    result = deidentify(ds, key, recipe=Path(config.recipe), reread=lambda: read_dicom(path),  # ds handed over
+                        plan_cache=Path(config.plan_cache) if config.plan_cache else None)
     clean_ds = result.dataset
     normalized = normalize(clean_ds, frames, config.normalize)
     for element in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):

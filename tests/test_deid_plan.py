@@ -240,3 +240,119 @@ def test_a_plan_that_fails_its_check_is_never_replayed(synthetic_files, planner,
 def test_engine_is_checked(synthetic_files):
     with pytest.raises(ValueError):
         deidentify(pydicom.dcmread(synthetic_files[0]), KEY, engine="fast")
+
+
+# --- plans shared on disk (PlanStore) -------------------------------------------------------------------
+
+def stored_planner(cache: Path, recipe: Path = DEFAULT_RECIPE) -> RecipePlanner:
+    """A fresh planner, as a new worker process gets it, backed by the store in ``cache``."""
+    _planner.cache_clear()
+    return _planner(recipe, cache)
+
+
+def plan_files(cache: Path) -> list[Path]:
+    return sorted(p for p in cache.rglob("*") if p.is_file())
+
+
+def test_a_plan_stored_by_one_planner_serves_a_fresh_planner(synthetic_files, tmp_path, monkeypatch):
+    cache = tmp_path / "plans"
+    first = stored_planner(cache)
+    paths = synthetic_files[:6]
+    for path in paths:
+        deidentify(pydicom.dcmread(path), KEY, plan_cache=cache)
+    assert first.stats.misses == len(first) == len(plan_files(cache)) > 0
+    assert all(p.parent.name == deid_plan.recipe_sha256(DEFAULT_RECIPE)[:16] for p in plan_files(cache))
+
+    second = stored_planner(cache)  # a new process: empty memory, same disk
+    assert second is not first and len(second) == 0
+    parses = ParseCounter(monkeypatch)
+    fast = [deidentify(pydicom.dcmread(path), KEY, plan_cache=cache) for path in paths]
+    assert parses.calls == 0
+    assert second.stats.misses == 0 and second.stats.loaded == len(plan_files(cache))
+    assert second.stats.hits == len(paths) and second.stats.mismatches == 0
+    for path, result in zip(paths, fast):
+        assert_same_result(result, deidentify(pydicom.dcmread(path), KEY, engine="deid"), str(path))
+    _planner.cache_clear()
+
+
+def test_stored_plans_hold_no_value_from_any_dataset(tmp_path):
+    corpus, cache = tmp_path / "corpus", tmp_path / "plans"
+    planted = set()
+    for index in range(6):
+        _, phi = generate_study(corpus, 23, index, PRESETS["test"])
+        planted |= {str(row["value"]) for row in phi if len(str(row["value"]).strip()) >= 4}  # not "F"
+    uids, texts = set(), set()
+    for path in sorted(corpus.rglob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        for elem in [*ds.file_meta.iterall(), *ds.iterall()]:
+            if elem.VR == "UI" and elem.value:
+                uids |= {str(v) for v in (elem.value if isinstance(elem.value, list) else [elem.value])}
+            elif elem.VR in ("PN", "LO", "SH", "DA") and elem.value and len(str(elem.value)) >= 6:
+                texts.add(str(elem.value))
+    originals = {u for u in uids if not u.startswith("1.2.840.10008.")}  # the standard's own class UIDs
+    assert planted and originals
+
+    planner = stored_planner(cache)
+    for path in sorted(corpus.rglob("*.dcm")):
+        deidentify(pydicom.dcmread(path), KEY, plan_cache=cache)
+    assert planner.stats.misses > 0 and plan_files(cache)
+    stored = b"".join(p.read_bytes() for p in plan_files(cache))
+    for secret in sorted(planted | originals | texts):
+        for encoded in {secret.encode(), secret.encode("utf-16-le"), secret.upper().encode()}:
+            assert encoded not in stored, f"{secret!r} found in a plan file"
+    _planner.cache_clear()
+
+
+def test_an_edited_recipe_does_not_reuse_stored_plans(synthetic_files, tmp_path, monkeypatch):
+    cache, recipe = tmp_path / "plans", tmp_path / "copy.recipe"
+    recipe.write_bytes(DEFAULT_RECIPE.read_bytes())
+    ds = pydicom.dcmread(synthetic_files[0])
+    stored_planner(cache, recipe)
+    deidentify(ds, KEY, recipe=recipe, plan_cache=cache)
+    before = plan_files(cache)
+    assert len(before) == 1
+
+    recipe.write_bytes(recipe.read_bytes() + b"\n# a harmless comment\n")
+    edited = stored_planner(cache, recipe)
+    parses = ParseCounter(monkeypatch)
+    result = deidentify(ds, KEY, recipe=recipe, plan_cache=cache)
+    assert parses.calls == 1 and edited.stats.loaded == 0 and edited.stats.misses == 1
+    after = plan_files(cache)
+    assert len(after) == 2 and {p.parent.name for p in after} == \
+        {deid_plan.recipe_sha256(DEFAULT_RECIPE)[:16], deid_plan.recipe_sha256(recipe)[:16]}
+    assert_same_result(result, deidentify(ds, KEY, engine="deid"), "edited recipe")
+    _planner.cache_clear()
+
+
+@pytest.mark.parametrize("damage", [b"", b"\x80\x03garbage", b'{"format": 1, "steps": []}', "truncate", "foreign"])
+def test_a_corrupt_plan_file_is_ignored_and_rewritten(synthetic_files, tmp_path, monkeypatch, damage):
+    cache = tmp_path / "plans"
+    ds = pydicom.dcmread(synthetic_files[0])
+    stored_planner(cache)
+    deidentify(ds, KEY, plan_cache=cache)
+    (path,) = plan_files(cache)
+    good = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(good[: len(good) // 2])
+    elif damage == "foreign":  # a well-formed file of another structure
+        path.write_bytes(good.replace(b'"signature":"', b'"signature":"0'))
+    else:
+        path.write_bytes(damage)
+
+    planner = stored_planner(cache)
+    parses = ParseCounter(monkeypatch)
+    result = deidentify(ds, KEY, plan_cache=cache)
+    assert parses.calls == 1 and planner.stats.loaded == 0 and planner.stats.misses == 1
+    assert path.read_bytes() == good  # rewritten whole
+    assert_same_result(result, deidentify(ds, KEY, engine="deid"), f"after {damage!r}")
+    assert [p.name for p in cache.rglob(".tmp-*")] == []
+    _planner.cache_clear()
+
+
+def test_an_unplannable_structure_is_marked_on_disk(tmp_path, monkeypatch):
+    cache = tmp_path / "plans"
+    store = deid_plan.PlanStore(cache, "ab" * 32)
+    signature = ("Dataset", (None, None), (), None)
+    store.save(signature, None)
+    assert deid_plan.PlanStore(cache, "ab" * 32).load(signature) == (True, None)
+    assert deid_plan.PlanStore(cache, "cd" * 32).load(signature) == (False, None)
