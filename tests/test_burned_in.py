@@ -23,8 +23,8 @@ from tasks.synth import phi as synth_phi
 from tasks.synth.devices import _MIN_FONT_PX, DEVICE_MODELS, DeviceModel, text_mask
 from tasks.synth.dicom_writer import SeriesPlan, write_study
 from tasks.synth.phi import make_patient, make_study
-from tasks.synth.scene import Exposure
 from tasks.synth.study import PRESETS
+from tests.exposures import synthetic_exposure
 
 SEED = 20250301
 SCALES = sorted({preset.detector_scale for preset in PRESETS.values()})  # 0.25, 0.5, 1.0
@@ -48,17 +48,6 @@ def _slug(device: DeviceModel) -> str:
 
 # --- writing one image per (device, scale) through the real generator ----------------------------------
 
-def _exposure(rows: int, cols: int, seed: int, circular: bool) -> Exposure:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:rows, :cols]
-    field = np.ones((rows, cols), bool)
-    if circular:
-        field = (yy - rows / 2) ** 2 + (xx - cols / 2) ** 2 < (min(rows, cols) / 2) ** 2
-    bone = 2.5 * np.exp(-((xx - cols / 2 - 3 * seed) ** 2) / (cols / 6) ** 2)
-    image = 1000.0 * np.exp(-0.3 - bone) * rng.uniform(0.9, 1.1, (rows, cols))
-    return Exposure(image.astype(np.float32), np.zeros((rows, cols), bool), [], field, 1000.0)
-
-
 def _write_image(root: Path, device: DeviceModel, scale: float, seed: int = SEED):
     """One file of ``device`` at ``scale``: 2 frames for multi-frame fluoroscopy devices."""
     rows, cols = _size(device, scale)
@@ -74,7 +63,8 @@ def _write_image(root: Path, device: DeviceModel, scale: float, seed: int = SEED
         syntax = device.transfer_syntaxes[0]
     plan = SeriesPlan(
         series_number=1, modality=modality, kind="cine" if fluoro else "radiograph", device=device,
-        exposures=[_exposure(rows, cols, k, device.detector.kind == "image_intensifier") for k in range(n)],
+        exposures=[synthetic_exposure(rows, cols, k, device.detector.kind == "image_intensifier", 3 * k)
+                   for k in range(n)],
         poses=[SimpleNamespace(isocenter=np.zeros(3), primary_deg=10.0 * k, secondary_deg=0.0, sid_mm=1000.0,
                                sod_mm=650.0, detector_roll_deg=0.0) for k in range(n)],
         multiframe=n > 1, region="lumbar spine", laterality="",

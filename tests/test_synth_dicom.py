@@ -15,7 +15,7 @@ from pydicom.tag import Tag
 from tasks.synth.devices import DEVICE_MODELS, devices_for, encode_pixels, window_for
 from tasks.synth.dicom_writer import SOP_CLASSES, SeriesPlan, write_study
 from tasks.synth.phi import make_patient, make_study
-from tasks.synth.scene import Exposure
+from tests.exposures import synthetic_exposure
 
 SEED = 20240611
 TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
@@ -33,17 +33,6 @@ PHI_KEYWORDS = {
 }
 NON_PHI_UIDS = {"SOPClassUID", "MediaStorageSOPClassUID", "TransferSyntaxUID", "ReferencedSOPClassUID",
                 "ImplementationClassUID"}
-
-
-def _exposure(rows: int, cols: int, seed: int, circular: bool) -> Exposure:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:rows, :cols]
-    field = np.ones((rows, cols), bool)
-    if circular:
-        field = (yy - rows / 2) ** 2 + (xx - cols / 2) ** 2 < (min(rows, cols) / 2) ** 2
-    bone = 2.5 * np.exp(-((xx - cols / 2 - seed) ** 2) / (cols / 6) ** 2)
-    image = 1000.0 * np.exp(-0.3 - bone) * rng.uniform(0.9, 1.1, (rows, cols))
-    return Exposure(image.astype(np.float32), np.zeros((rows, cols), bool), [], field, 1000.0)
 
 
 def _pose(primary: float) -> SimpleNamespace:
@@ -64,7 +53,7 @@ def _plans(acquired: dt.datetime) -> list[SeriesPlan]:
             n = 3 if fluoroscopic else 2
             plans.append(SeriesPlan(
                 series_number=len(plans) + 1, modality=modality, kind=kind, device=device,
-                exposures=[_exposure(rows, cols, k, circular) for k in range(n)],
+                exposures=[synthetic_exposure(rows, cols, k, circular, k) for k in range(n)],
                 poses=[_pose(10.0 * k) for k in range(n)],
                 multiframe=device.multiframe and fluoroscopic, region="lumbar spine",
                 laterality="L" if len(plans) % 3 == 0 else "", acquired_at=acquired + dt.timedelta(minutes=len(plans)),
