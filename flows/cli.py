@@ -1,6 +1,7 @@
 """`dax`: the command-line door to the pipeline's flows."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -9,11 +10,28 @@ from rich.console import Console
 
 from flows.home import configure
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="DAX: C-arm X-ray DICOM to foundation models.")
+# never print local variables with a traceback: they can hold paths with patient names, or the secret
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
+                  help="DAX: C-arm X-ray DICOM to foundation models.")
 catalog_app = typer.Typer(no_args_is_help=True, help="Query the dataset catalog (read-only, from its published snapshot).")
 app.add_typer(catalog_app, name="catalog")
 console = Console()
 HOME_OPTION = typer.Option(None, "--home", help="DAX home folder (default: $DAX_HOME or ./dax-home).")
+
+
+@contextmanager
+def user_errors():
+    """Errors a user can fix (no secret, no snapshot yet, a busy catalog, a refused query, a source that
+    is not a folder, a corpus made with other settings) as one clear line and exit code 2."""
+    from tasks.catalog import CatalogError
+    from tasks.deidentify import DeidError
+    from tasks.synthesize import CorpusMismatch
+
+    try:
+        yield
+    except (DeidError, CatalogError, NotADirectoryError, CorpusMismatch) as error:
+        console.print(f"[red]error:[/] {error}", highlight=False)
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -36,10 +54,11 @@ def synth(
 
     if preset not in PRESETS:
         raise typer.BadParameter(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    result = synth_flow.with_options(task_runner=ProcessPoolTaskRunner(max_workers=workers))(
-        out=str(out), studies=studies, seed=seed, start=start, preset=preset, batch_size=batch_size,
-        detector_scale=detector_scale,
-    )
+    with user_errors():
+        result = synth_flow.with_options(task_runner=ProcessPoolTaskRunner(max_workers=workers))(
+            out=str(out), studies=studies, seed=seed, start=start, preset=preset, batch_size=batch_size,
+            detector_scale=detector_scale,
+        )
     console.print(f"[bold]{result['images']}[/] images in {result['files']} files "
                   f"({result['resumed_batches']} batches resumed); corpus now holds {result['corpus_images']} images, "
                   f"{result['phi_values']} planted PHI values listed in {out / 'phi.parquet'}")
@@ -75,9 +94,10 @@ def ingest(
 
     from flows.ingest import ingest as ingest_flow
 
-    result = ingest_flow.with_options(task_runner=ProcessPoolTaskRunner(max_workers=workers))(
-        source=str(source), home=str(root), modalities=tuple(modality), max_size=max_size, frame_step=frame_step,
-        batch_size=batch_size, shard_target_mb=shard_mb, image_format=image_format)
+    with user_errors():
+        result = ingest_flow.with_options(task_runner=ProcessPoolTaskRunner(max_workers=workers))(
+            source=str(source), home=str(root), modalities=tuple(modality), max_size=max_size,
+            frame_step=frame_step, batch_size=batch_size, shard_target_mb=shard_mb, image_format=image_format)
     console.print(f"{result['files']} files: [bold]{result['ingested']}[/] ingested ({result['images']} images in "
                   f"{result['shards']} shards), {result['duplicates']} duplicates, {result['skipped']} skipped, "
                   f"{result['quarantined']} quarantined. Catalog snapshot: {result['snapshot']}")
@@ -110,7 +130,8 @@ def catalog_sql(
     """Run a read-only query on the catalog snapshot."""
     from tasks.catalog import query as run_query
 
-    typer.echo(run_query(configure(home), query, output))
+    with user_errors():
+        typer.echo(run_query(configure(home), query, output))
 
 
 @catalog_app.command("report")
@@ -122,7 +143,8 @@ def catalog_report(
     from tasks.catalog_report import write_report
 
     root = configure(home)
-    console.print(f"report written to {write_report(root, out or root / 'catalog-report.html')}")
+    with user_errors():
+        console.print(f"report written to {write_report(root, out or root / 'catalog-report.html')}")
 
 
 @app.command()

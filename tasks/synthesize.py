@@ -53,6 +53,10 @@ PHI_SCHEMA = pa.schema([
 ])
 
 
+class CorpusMismatch(ValueError):
+    """The corpus folder was made with another seed, preset or configuration."""
+
+
 @dataclass(frozen=True)
 class BatchResult:
     first: int
@@ -78,7 +82,7 @@ def prepare_corpus(out: Path, seed: int, preset: str, config: SynthConfig) -> No
     if path.exists():
         existing = json.loads(path.read_text())
         if {k: existing.get(k) for k in manifest} != manifest:
-            raise ValueError(
+            raise CorpusMismatch(
                 f"{out} already holds a corpus made with seed {existing.get('seed')} and preset "
                 f"{existing.get('preset')!r}; use another folder or the same settings to extend it")
         return
