@@ -364,3 +364,15 @@ def test_locate_maps_a_hash_back_to_its_source_path(ingested):
     label = ingested["labels"][0]
     found = run_dax(ingested["tmp"], "locate", label["sha256"], str(ingested["source"])).stdout.strip()
     assert found.endswith(label["path"])
+
+
+def test_user_errors_are_one_clear_line(tmp_path):
+    source = tmp_path / "export"
+    source.mkdir()
+    env = {k: v for k, v in _env(tmp_path).items() if k != "DAX_DEID_SECRET"}
+    no_secret = subprocess.run([DAX, "ingest", str(source), "--home", str(tmp_path / "home")], env=env,
+                               capture_output=True, text=True, timeout=300)
+    assert no_secret.returncode == 2 and "error: no de-identification secret" in no_secret.stdout
+    assert "Traceback" not in no_secret.stdout
+    no_snapshot = run_dax(tmp_path, "catalog", "sql", "SELECT 1", "--home", str(tmp_path / "empty"), check=False)
+    assert no_snapshot.returncode == 2 and "run `dax ingest` first" in no_snapshot.stdout
