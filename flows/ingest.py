@@ -24,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from flows.home import configure
 from tasks.catalog import Catalog
 from tasks.deidentify import DEFAULT_RECIPE, load_key
+from tasks.fileio import sha256_file
 from tasks.ingest import IngestConfig, SurveyedFile, ingest_batch_task, survey_batch_task
 from tasks.normalize import NormalizeConfig
 from tasks.shards import remove_stale_temporaries
@@ -56,7 +57,7 @@ def ingest(
     logger = get_run_logger()
 
     with Catalog.open(root) as catalog:
-        catalog.start_run(run_id, str(flow_run.id or ""), code_version(), _sha256(Path(config.recipe)), key.fingerprint,
+        catalog.start_run(run_id, str(flow_run.id or ""), code_version(), sha256_file(Path(config.recipe)), key.fingerprint,
                           {"modalities": list(modalities), "max_size": max_size, "frame_step": frame_step,
                            "batch_size": batch_size, "shard_target_mb": shard_target_mb, "image_format": image_format,
                            "source_fingerprint": hashlib.sha256(str(Path(source).resolve()).encode()).hexdigest()[:16]})
@@ -74,7 +75,7 @@ def ingest(
                 catalog.record_batch([row | {"run_id": run_id} for row in duplicates], [], [])
                 counts.update(duplicates=len(duplicates) + already)
                 progress.update(bar, advance=len(duplicates) + already)
-                batches = [todo[i: i + batch_size] for i in range(0, len(todo), batch_size)]
+                batches = _chunks(todo, batch_size)
                 futures = ingest_batch_task.map(unmapped(Path(source)), unmapped(shard_dir), batches,
                                                 unmapped(run_id), unmapped(config))
                 for future in as_completed(futures):
@@ -99,7 +100,7 @@ def ingest(
 def survey(source: Path, relpaths: list[str], batch_size: int, progress: Progress) -> list[SurveyedFile]:
     """Hash every file (in parallel batches); results in listing order."""
     bar = progress.add_task("survey", total=len(relpaths))
-    batches = [relpaths[i: i + batch_size] for i in range(0, len(relpaths), batch_size)]
+    batches = _chunks(relpaths, batch_size)
     futures = survey_batch_task.map(unmapped(source), batches)
     for future in as_completed(futures):
         progress.update(bar, advance=len(future.result()))
@@ -155,8 +156,8 @@ def code_version() -> str:
     return f"dax {version('dax')}" + (f" ({commit})" if commit else "")
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i: i + size] for i in range(0, len(items), size)]
 
 
 def _progress() -> Progress:

@@ -40,6 +40,7 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 
 from tasks.deid_plan import PlanMismatch, PlanStore, RecipePlanner
+from tasks.fileio import sha256_file
 
 DEFAULT_RECIPE = Path(str(files("deployments") / "deid" / "dax-basic-profile.recipe"))
 SECRET_BLOCK = "dax-deid-secret"
@@ -406,7 +407,7 @@ def _planner(path: Path, plan_cache: Path | None = None) -> RecipePlanner:
 
 def _file_sha256(path: Path) -> str:
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return sha256_file(path)
     except OSError as error:
         raise DeidError(f"deid recipe not found: {path}") from error
 
