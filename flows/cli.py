@@ -25,11 +25,14 @@ def user_errors():
     is not a folder, a corpus made with other settings) as one clear line and exit code 2."""
     from tasks.catalog import CatalogError
     from tasks.deidentify import DeidError
+    from tasks.labels import LabelError
+    from tasks.pretrain import ConfigError
     from tasks.synthesize import CorpusMismatch
 
     try:
         yield
-    except (DeidError, CatalogError, NotADirectoryError, CorpusMismatch) as error:
+    except (DeidError, CatalogError, NotADirectoryError, CorpusMismatch, ConfigError, LabelError,
+            FileNotFoundError) as error:
         console.print(f"[red]error:[/] {error}", highlight=False)
         raise typer.Exit(2) from None
 
@@ -87,17 +90,20 @@ def ingest(
     shard_mb: int = typer.Option(1000, help="Target shard size in MB."),
     image_format: str = typer.Option("npy", help="npy (uint16, fast) or png (16-bit, ~20 % smaller, ~10x slower to write)."),
     workers: int = typer.Option(2, help="Worker processes."),
+    runner: str = typer.Option("process", help="process (a local pool) or dask (DAX_DASK_ADDRESS, else a local cluster)."),
+    retrain_after_images: int = typer.Option(1000, help="Emit dax.catalog.ready-for-retraining once this many images "
+                                                        "are new since the last pretraining (0: never)."),
 ) -> None:
     """De-identify, normalize and shard a DICOM export into HOME, cataloged in DuckDB."""
     root = configure(home)
-    from prefect.task_runners import ProcessPoolTaskRunner
-
     from flows.ingest import ingest as ingest_flow
+    from flows.runners import ingest_task_runner
 
     with user_errors():
-        result = ingest_flow.with_options(task_runner=ProcessPoolTaskRunner(max_workers=workers))(
+        result = ingest_flow.with_options(task_runner=ingest_task_runner(runner, workers))(
             source=str(source), home=str(root), modalities=tuple(modality), max_size=max_size,
-            frame_step=frame_step, batch_size=batch_size, shard_target_mb=shard_mb, image_format=image_format)
+            frame_step=frame_step, batch_size=batch_size, shard_target_mb=shard_mb, image_format=image_format,
+            retrain_after_images=retrain_after_images)
     console.print(f"{result['files']} files: [bold]{result['ingested']}[/] ingested ({result['images']} images in "
                   f"{result['shards']} shards), {result['duplicates']} duplicates, {result['skipped']} skipped, "
                   f"{result['quarantined']} quarantined. Catalog snapshot: {result['snapshot']}")
@@ -145,6 +151,70 @@ def catalog_report(
     root = configure(home)
     with user_errors():
         console.print(f"report written to {write_report(root, out or root / 'catalog-report.html')}")
+
+
+def _log_progress() -> None:
+    """Training progress (steps, loss, kNN) from the `dax.*` loggers, on stderr."""
+    import logging
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s  %(message)s", "%H:%M:%S"))
+    logger = logging.getLogger("dax")
+    logger.setLevel(logging.INFO)
+    if not logger.handlers:
+        logger.addHandler(handler)
+
+
+def _parse_settings(settings: list[str]) -> dict:
+    import yaml
+
+    overrides = {}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--set takes KEY=VALUE, not {item!r}")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+@app.command()
+def pretrain(
+    config: str = typer.Option("demo-cpu", help="A named config (demo-cpu, dax-vits16, dax-resnet50) or a YAML file."),
+    where: Optional[str] = typer.Option(None, help="SQL condition on the catalog's images, e.g. \"modality = 'XA'\"."),
+    home: Optional[Path] = HOME_OPTION,
+    labels: Optional[Path] = typer.Option(None, help="labels.parquet of a synthetic corpus: enables the kNN monitor."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    nproc_per_node: int = typer.Option(1, "--nproc-per-node", help="Processes (GPUs) for DDP through torchrun."),
+    resume: Optional[str] = typer.Option(None, help="Job to continue from its last checkpoint ('last' for the latest)."),
+    epochs: Optional[int] = typer.Option(None, help="Override the config's epochs."),
+    settings: list[str] = typer.Option([], "--set", help="Override any config setting: KEY=VALUE (augment.local_crops=4)."),
+) -> None:
+    """DINO pretraining on catalog images; the teacher is registered as dax-backbone-<arch>@candidate."""
+    root = configure(home)
+    _log_progress()
+    from flows.pretrain import pretrain as pretrain_flow
+
+    overrides = {**_parse_settings(settings), "epochs": epochs}
+    with user_errors():
+        summary = pretrain_flow(config=config, where=where, home=str(root), labels=str(labels) if labels else None,
+                                device=device, nproc_per_node=nproc_per_node, resume=resume, overrides=overrides)
+    _print_pretraining(summary)
+
+
+def _print_pretraining(summary: dict) -> None:
+    from rich.table import Table
+
+    console.print(f"pretraining [bold]{summary['status']}[/]: {summary['step']} of {summary['total_steps']} steps "
+                  f"in {summary['seconds']:.0f} s (job {summary['job']}, MLflow run {summary['run_id']})")
+    if summary.get("knn"):
+        table = Table("epoch", "kNN accuracy, held-out patients", title="body region, k=20 cosine kNN on the teacher")
+        for row in summary["knn"]:
+            table.add_row("0 (random init)" if row["epoch"] == 0 else str(row["epoch"]), f"{row['knn_accuracy']:.3f}")
+        prepared = summary["prepared"]
+        table.add_row("chance", f"{prepared['chance_uniform']:.3f} uniform, {prepared['chance_majority']:.3f} majority")
+        console.print(table)
+    if summary.get("registered"):
+        console.print(f"registered {summary['registered']['uri']} (version {summary['registered']['version']})")
 
 
 @app.command()

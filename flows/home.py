@@ -17,6 +17,8 @@ QUIET_DEFAULTS = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "HF_HUB_OFFLINE": "1",
     "MESSAGELEVEL": "ERROR",  # deid's own logger prints everything to stdout by default
+    # Prefect's ephemeral API gets 20 s to start by default: too short on a busy 2-core machine
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
 }
 
 

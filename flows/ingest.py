@@ -7,33 +7,33 @@
 from __future__ import annotations
 
 import hashlib
-import subprocess
 import time
 import uuid
 from collections import Counter
-from importlib.metadata import version
 from pathlib import Path
 
 from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
-from prefect.task_runners import ProcessPoolTaskRunner
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from flows.home import configure
+from flows.runners import ingest_task_runner
 from tasks.catalog import Catalog
 from tasks.deidentify import DEFAULT_RECIPE, load_key
+from tasks.events import emit_ingest_events
 from tasks.fileio import sha256_file
 from tasks.ingest import IngestConfig, SurveyedFile, ingest_batch_task, survey_batch_task
 from tasks.normalize import NormalizeConfig
 from tasks.shards import remove_stale_temporaries
+from tasks.tracking import code_version
 from tasks.triage import DEFAULT_MODALITIES, list_source
 
 SHARDS_DIR = "shards"
 
 
-@flow(name="ingest", task_runner=ProcessPoolTaskRunner(max_workers=2))
+@flow(name="ingest", task_runner=ingest_task_runner())
 def ingest(
     source: str,
     home: str | None = None,
@@ -43,6 +43,7 @@ def ingest(
     batch_size: int = 32,
     shard_target_mb: int = 1000,
     image_format: str = "npy",
+    retrain_after_images: int = 1000,
 ) -> dict:
     """Ingest every file under ``source`` into ``home`` (default: $DAX_HOME or ./dax-home)."""
     began = time.perf_counter()
@@ -92,9 +93,11 @@ def ingest(
 
     logger.info("ingested %(ingested)d files (%(images)d images, %(shards)d shards); %(duplicates)d duplicates, "
                 "%(skipped)d skipped, %(quarantined)d quarantined", summary)
+    events = emit_ingest_events(root, summary, retrain_after_images)
     create_markdown_artifact(key="ingest-summary", markdown=_summary_markdown(summary, reasons),
                              description="What this ingestion run did (counts and reasons only: no PHI)")
-    return summary | {"run_id": run_id, "snapshot": str(snapshot), "seconds": round(time.perf_counter() - began, 2)}
+    return summary | {"run_id": run_id, "snapshot": str(snapshot), "seconds": round(time.perf_counter() - began, 2),
+                      "ready_for_retraining": events["ready_for_retraining"]}
 
 
 def survey(source: Path, relpaths: list[str], batch_size: int, progress: Progress) -> list[SurveyedFile]:
@@ -145,15 +148,6 @@ def remove_orphans(shard_dir: Path, cataloged: set[str]) -> int:
             shard.unlink()
             removed += 1
     return removed
-
-
-def code_version() -> str:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return f"dax {version('dax')}" + (f" ({commit})" if commit else "")
 
 
 def _chunks(items: list, size: int) -> list[list]:

@@ -9,3 +9,104 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+# --- a small ingested corpus, shared by the pretraining and heads tests ---------------------------
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+import pytest  # noqa: E402
+
+CORPUS_SECRET = "dax-test-secret-not-for-production"
+DAX = str(Path(sys.executable).with_name("dax"))
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory):
+    """24 test-preset studies (about 100 images) through the real `dax synth` and `dax ingest`.
+
+    Returns ``home`` (catalog, shards, the MLflow store once used) and ``labels`` (labels.parquet).
+    """
+    tmp = tmp_path_factory.mktemp("small-corpus")
+    env = dict(os.environ, DAX_DEID_SECRET=CORPUS_SECRET, PREFECT_HOME=str(tmp / "prefect"), COLUMNS="200")
+    for args in (["synth", str(tmp / "corpus"), "--studies", "24", "--seed", "3", "--preset", "test"],
+                 ["ingest", str(tmp / "corpus" / "dicom"), "--home", str(tmp / "home"), "--max-size", "128"]):
+        done = subprocess.run([DAX, *args], env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"dax {args[0]} failed:\n{done.stdout}\n{done.stderr}"
+    return SimpleNamespace(home=tmp / "home", labels=tmp / "corpus" / "labels.parquet", tmp=tmp, env=env)
+
+
+# --- heads fixtures ---
+# The small corpus's catalog and shards copied into a home of their own (so the heads' MLflow store and
+# registry are not the pretraining tests'), a quick DINO pretraining there, and one run of the heads flow;
+# shared by tests/test_head_training.py and tests/test_predict.py.
+import contextlib  # noqa: E402
+import shutil  # noqa: E402
+
+
+@contextlib.contextmanager
+def heads_tracking(home):
+    """MLflow pointed at ``home``'s store, and a de-identification secret, for the duration
+    (tasks.tracking keeps an MLFLOW_TRACKING_URI that is already set, maybe by another test's home)."""
+    import mlflow
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "DAX_DEID_SECRET")}
+    uris = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    uri = f"sqlite:///{Path(home).resolve() / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    os.environ["DAX_DEID_SECRET"] = CORPUS_SECRET
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        mlflow.set_tracking_uri(uris[0])
+        mlflow.set_registry_uri(uris[1])
+
+
+@pytest.fixture(scope="session")
+def heads_corpus(small_corpus, tmp_path_factory) -> SimpleNamespace:
+    """``small_corpus``'s images in a home of their own, with models:/dax-backbone-vit_tiny_patch16@candidate
+    from a 1-epoch, 3-step DINO pretraining (the flow, as a user runs it)."""
+    home = tmp_path_factory.mktemp("heads") / "home"
+    home.mkdir()
+    for name in ("catalog.duckdb", "catalog-snapshot.duckdb"):
+        shutil.copy2(small_corpus.home / name, home / name)
+    shutil.copytree(small_corpus.home / "shards", home / "shards")
+    from flows.pretrain import pretrain
+    with heads_tracking(home):
+        result = pretrain(config="demo-cpu", home=str(home), labels=str(small_corpus.labels), device="cpu",
+                          overrides={"epochs": 1, "steps_per_epoch": 3, "batch_size": 8, "augment.global_size": 64,
+                                     "augment.local_size": 32, "augment.local_crops": 2, "knn_size": 64,
+                                     "workers": 0})
+    return SimpleNamespace(home=home, labels=small_corpus.labels, corpus=small_corpus.labels.parent,
+                           backbone=result["registered"]["uri"], backbone_version=result["registered"]["version"])
+
+
+HEADS_TEST_OVERRIDES = {"linear_epochs": 30, "mlp_epochs": 30, "few_shot_epochs": 20, "seg_epochs": 10,
+                        "screw_epochs": 10, "e2e_epochs": 1, "eval_every": 5}
+
+
+@pytest.fixture(scope="session")
+def heads_flow(heads_corpus) -> dict:
+    """The heads flow on that home: 2 seeds, every task, 64 px, tiny budgets."""
+    import torch
+
+    from flows.heads import heads
+    with heads_tracking(heads_corpus.home):
+        return heads(torch_threads=1, backbone=heads_corpus.backbone, home=str(heads_corpus.home), labels=str(heads_corpus.labels),
+                     seeds=2, size=64, overrides=HEADS_TEST_OVERRIDES)
+
+
+@pytest.fixture
+def heads_env(heads_corpus):
+    """A test that talks to the heads home's MLflow store (and de-identifies: the corpus's secret)."""
+    with heads_tracking(heads_corpus.home):
+        yield heads_corpus

@@ -1,0 +1,311 @@
+"""DAX's X-ray multi-crop augmentation for DINO, and the matching evaluation transform (pure torch).
+
+Mirrors DINO's ``DataAugmentationDINO`` (facebookresearch/dino, main_dino.py) as DAX adapted it
+(JoshuaScheuplein/DAX, ``DataAugmentationV2`` and ``preprocess_image_v2``, "version B"):
+
+- Intensity step, once per image: with probability ``neglog_p`` DAX's I0 + negative log
+  (``neglog``), otherwise a plain min-max scaling (``minmax``); both use the statistics of the ROI
+  (the image without 1/8 of its size at every border) and give floats in [0, 1].
+- Crops: 2 global (224 px, scale 0.14-1) and N local (96 px, scale 0.05-0.14), square only
+  (RandomResizedCrop with ratio (1, 1), bicubic, antialiased).
+- Rotation by U(-180, 180) degrees with p=0.8 on global crop 2 and every local crop, never on global
+  crop 1; as in DAX the whole image is rotated about its centre with zero fill before the crop is
+  taken. Here only the crop's neighbourhood is resampled (same geometry, a fraction of the cost).
+- Horizontal and vertical flips (p=0.5 each); brightness and contrast jitter 0.4 with p=0.8 (no
+  saturation, hue or grayscale: the images are gray).
+- ``blur="sharpness"`` (default, DAX): sharpness factor U(0.8, 1.2) on every crop;
+  ``blur="gaussian"`` (DINO): Gaussian blur sigma U(0.1, 2) with p=1.0 / 0.1 / 0.5 on global 1 /
+  global 2 / locals; ``blur="none"``.
+- Solarization (threshold 0.5 on floats) with p=0.2 on global crop 2 only.
+- No ImageNet mean/std normalization: every output is float32 in [0, 1], shape (C, S, S) with C =
+  ``in_chans`` (3 = the gray channel copied, DAX's habit).
+
+All randomness comes from torch's global generator, so ``torch.manual_seed`` (and DataLoader worker
+seeding) makes the crops reproducible.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as tnf
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+__all__ = [
+    "MultiCropConfig", "XrayEvalTransform", "XrayMultiCrop",
+    "letterbox_geometry", "minmax", "neglog", "to_image_tensor",
+]
+
+NEGLOG_EPS = 1e-6
+GAUSSIAN_KERNEL = 13           # covers +-3 sigma for DINO's largest sigma (2.0)
+GAUSSIAN_BLUR_P = (1.0, 0.1, 0.5)   # DINO: global 1, global 2, local crops
+
+
+@dataclass(frozen=True)
+class MultiCropConfig:
+    global_size: int = 224
+    local_size: int = 96
+    local_crops: int = 6
+    global_scale: tuple[float, float] = (0.14, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.14)
+    neglog_p: float = 0.5          # probability of DAX's I0 + neg-log step (version B), else min-max
+    rotation_p: float = 0.8        # global crop 2 and local crops only
+    rotation_degrees: float = 180.0
+    flip_p: float = 0.5            # horizontal and vertical, each
+    jitter: float = 0.4            # brightness and contrast
+    jitter_p: float = 0.8
+    blur: str = "sharpness"        # "sharpness" (DAX), "gaussian" (DINO) or "none"
+    sharpness: float = 0.2         # sharpness factor drawn from U(1 - sharpness, 1 + sharpness)
+    solarize_p: float = 0.2        # global crop 2 only
+    in_chans: int = 1              # 1, or 3 (gray copied)
+    decode_size: int | None = None  # if set, first shrink the image so its long side is at most this
+
+    def __post_init__(self) -> None:
+        if self.blur not in ("sharpness", "gaussian", "none"):
+            raise ValueError(f"blur must be 'sharpness', 'gaussian' or 'none', not {self.blur!r}")
+        if self.in_chans not in (1, 3):
+            raise ValueError(f"in_chans must be 1 or 3, not {self.in_chans}")
+        if self.local_crops < 0:
+            raise ValueError("local_crops must be >= 0")
+
+
+# ----------------------------------------------------------------------------- intensity step
+
+def to_image_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A (H, W) or (1, H, W) numpy array or tensor of any real dtype as a float32 (H, W) tensor."""
+    if isinstance(image, np.ndarray):
+        array = np.asarray(image, dtype=np.float32)
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+    elif isinstance(image, torch.Tensor):
+        tensor = image.to(torch.float32)
+    else:
+        raise TypeError(f"expected a numpy array or a torch tensor, not {type(image).__name__}")
+    if tensor.ndim == 3 and tensor.shape[0] == 1:
+        tensor = tensor[0]
+    if tensor.ndim != 2 or tensor.shape[0] < 1 or tensor.shape[1] < 1:
+        raise ValueError(f"expected a gray image (H, W) or (1, H, W), got shape {tuple(image.shape)}")
+    return tensor
+
+
+def _roi(img: torch.Tensor) -> torch.Tensor:
+    """The image without 1/8 of its height and width at every border (DAX's ROI)."""
+    h, w = img.shape[-2:]
+    bh, bw = h // 8, w // 8
+    return img[..., bh:h - bh, bw:w - bw]
+
+
+def _scale_to_unit(img: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    span = float(hi - lo)
+    if not math.isfinite(span) or span <= 0.0:
+        return torch.zeros_like(img)
+    return ((img - lo) / span).clamp_(0.0, 1.0)
+
+
+def minmax(img: torch.Tensor) -> torch.Tensor:
+    """(H, W) -> (H, W) in [0, 1]: linear scaling from the ROI's min and max, clipped.
+
+    The non-neglog branch of DAX's version B; keeps the input's polarity. A flat ROI gives zeros.
+    """
+    roi = _roi(img)
+    return _scale_to_unit(img, roi.min(), roi.max())
+
+
+def neglog(img: torch.Tensor, eps: float = NEGLOG_EPS) -> torch.Tensor:
+    """(H, W) -> (H, W) in [0, 1]: DAX's I0 normalization and negative log.
+
+    I0 is estimated from the ROI as c = median(ROI) + 3 * std(ROI) (lower median as torch.median,
+    population std as numpy's default); x = -log(max(min(img, c) / c, eps)); then min-max scaling
+    with the ROI's min and max of x, clipped to [0, 1]. A flat result gives zeros.
+    """
+    roi = _roi(img)
+    c = roi.median() + 3.0 * roi.std(correction=0)
+    c = torch.clamp(c, min=torch.finfo(torch.float32).tiny)
+    x = -torch.log(torch.clamp(torch.minimum(img, c) / c, min=eps))
+    roi_x = _roi(x)
+    return _scale_to_unit(x, roi_x.min(), roi_x.max())
+
+
+def _shrink(img: torch.Tensor, max_side: int | None) -> torch.Tensor:
+    """(H, W) shrunk (antialiased bilinear) so the long side is at most ``max_side``; never enlarged."""
+    h, w = img.shape[-2:]
+    if max_side is None or max(h, w) <= max_side:
+        return img
+    factor = max_side / max(h, w)
+    size = [max(1, round(h * factor)), max(1, round(w * factor))]
+    return F.resize(img[None], size, interpolation=InterpolationMode.BILINEAR, antialias=True)[0]
+
+
+# ----------------------------------------------------------------------------- geometry
+
+def _rotated_resized_crop(img: torch.Tensor, top: int, left: int, side: int, size: int,
+                          angle: float) -> torch.Tensor:
+    """``F.resized_crop(F.rotate(img, angle, BILINEAR, fill=0), top, left, side, side, size)``, cheaply.
+
+    ``img`` is (1, H, W). The rotation is about the image centre (counter-clockwise for positive
+    angles, as ``F.rotate``); the crop box is on the rotated canvas. Only the box's pre-image (its
+    bounding box plus a margin for the resampling kernels, zero-padded outside the image) is cut,
+    resized by size/side (bicubic, antialiased), then rotated by bilinear sampling at output
+    resolution.
+    """
+    _, h, w = img.shape
+    a = math.radians(angle)
+    cos, sin = math.cos(a), math.sin(a)
+    # crop centre on the rotated canvas, relative to the canvas centre (x right, y down)
+    dx, dy = left + side / 2 - w / 2, top + side / 2 - h / 2
+    # inverse rotation: where a canvas point comes from in the original image
+    sx, sy = w / 2 + cos * dx - sin * dy, h / 2 + sin * dx + cos * dy
+
+    margin = 2 * math.ceil(side / size) + 2
+    half = side / 2 * (abs(cos) + abs(sin)) + margin
+    x0, y0 = math.floor(sx - half), math.floor(sy - half)
+    x1, y1 = math.ceil(sx + half), math.ceil(sy + half)
+    patch = img.new_zeros((1, y1 - y0, x1 - x0))
+    iy0, iy1, ix0, ix1 = max(y0, 0), min(y1, h), max(x0, 0), min(x1, w)
+    if iy0 < iy1 and ix0 < ix1:
+        patch[:, iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] = img[:, iy0:iy1, ix0:ix1]
+
+    f = size / side
+    ph, pw = patch.shape[-2:]
+    nh, nw = max(1, round(ph * f)), max(1, round(pw * f))
+    patch = F.resize(patch, [nh, nw], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    fy, fx = nh / ph, nw / pw
+
+    # output pixel centres relative to the output centre, in output pixels
+    k = torch.arange(size, dtype=torch.float32) + 0.5 - size / 2
+    v, u = torch.meshgrid(k, k, indexing="ij")
+    px = (sx - x0) * fx + (cos * u - sin * v) * (fx / f)
+    py = (sy - y0) * fy + (sin * u + cos * v) * (fy / f)
+    grid = torch.stack((2 * px / nw - 1, 2 * py / nh - 1), dim=-1)[None]
+    out = tnf.grid_sample(patch[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out[0]
+
+
+class _RandomSharpness:
+    """DAX's sharpness jitter: factor U(1 - amount, 1 + amount), applied with probability ``p``."""
+
+    def __init__(self, amount: float, p: float = 1.0) -> None:
+        self.amount, self.p = amount, p
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        if self.p < 1.0 and torch.rand(1).item() >= self.p:
+            return img
+        factor = torch.empty(1).uniform_(1.0 - self.amount, 1.0 + self.amount).item()
+        return F.adjust_sharpness(img, factor)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(amount={self.amount}, p={self.p})"
+
+
+def _expand(img: torch.Tensor, in_chans: int) -> torch.Tensor:
+    img = img.clamp(0.0, 1.0).to(torch.float32)
+    return img.repeat(in_chans, 1, 1) if in_chans != 1 else img.contiguous()
+
+
+# ----------------------------------------------------------------------------- training views
+
+class XrayMultiCrop:
+    """Callable: a gray image -> ``[global1, global2, local1, ..., localN]`` float32 tensors in [0, 1].
+
+    Input: numpy or torch, (H, W) or (1, H, W), uint16 or float, any size; MONOCHROME2 polarity.
+    Output: ``2 + config.local_crops`` tensors (C, S, S), globals first (S = ``global_size``, then
+    ``local_size``), C = ``in_chans``.
+    """
+
+    def __init__(self, config: MultiCropConfig = MultiCropConfig()) -> None:
+        self.config = cfg = config
+        self.global_crop = v2.RandomResizedCrop(cfg.global_size, scale=cfg.global_scale, ratio=(1.0, 1.0),
+                                                interpolation=InterpolationMode.BICUBIC, antialias=True)
+        self.local_crop = v2.RandomResizedCrop(cfg.local_size, scale=cfg.local_scale, ratio=(1.0, 1.0),
+                                               interpolation=InterpolationMode.BICUBIC, antialias=True)
+        self.rotation = v2.RandomRotation(cfg.rotation_degrees)
+        flip_and_jitter = [
+            v2.RandomHorizontalFlip(p=cfg.flip_p),
+            v2.RandomVerticalFlip(p=cfg.flip_p),
+            v2.RandomApply([v2.ColorJitter(brightness=cfg.jitter, contrast=cfg.jitter)], p=cfg.jitter_p),
+        ]
+        blur = [self._blur(p) for p in GAUSSIAN_BLUR_P]
+        self.global_transfo1 = v2.Compose([*flip_and_jitter, *blur[0]])
+        self.global_transfo2 = v2.Compose([*flip_and_jitter, *blur[1],
+                                           v2.RandomSolarize(threshold=0.5, p=cfg.solarize_p)])
+        self.local_transfo = v2.Compose([*flip_and_jitter, *blur[2]])
+
+    def _blur(self, gaussian_p: float) -> list:
+        if self.config.blur == "sharpness":
+            return [_RandomSharpness(self.config.sharpness, p=1.0)]
+        if self.config.blur == "gaussian":
+            return [v2.RandomApply([v2.GaussianBlur(GAUSSIAN_KERNEL, sigma=(0.1, 2.0))], p=gaussian_p)]
+        return []
+
+    def prepare(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """The image once per call: shrunk to ``decode_size``, then neglog (p = ``neglog_p``) or
+        min-max; (1, H, W) float32 in [0, 1]."""
+        img = _shrink(to_image_tensor(image), self.config.decode_size)
+        use_neglog = torch.rand(1).item() < self.config.neglog_p
+        return (neglog(img) if use_neglog else minmax(img))[None]
+
+    def _crop(self, img: torch.Tensor, crop: v2.RandomResizedCrop, rotate: bool) -> torch.Tensor:
+        box = crop.make_params([img])
+        if rotate and torch.rand(1).item() < self.config.rotation_p:
+            angle = self.rotation.make_params([img])["angle"]
+            out = _rotated_resized_crop(img, box["top"], box["left"], box["height"], crop.size[0], angle)
+        else:
+            out = F.resized_crop(img, **box, size=list(crop.size), interpolation=crop.interpolation,
+                                 antialias=True)
+        return out.clamp(0.0, 1.0)      # bicubic overshoot, before the photometric steps
+
+    def __call__(self, image: np.ndarray | torch.Tensor) -> list[torch.Tensor]:
+        img = self.prepare(image)
+        c = self.config.in_chans
+        crops = [_expand(self.global_transfo1(self._crop(img, self.global_crop, rotate=False)), c),
+                 _expand(self.global_transfo2(self._crop(img, self.global_crop, rotate=True)), c)]
+        for _ in range(self.config.local_crops):
+            crops.append(_expand(self.local_transfo(self._crop(img, self.local_crop, rotate=True)), c))
+        return crops
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config})"
+
+
+# ----------------------------------------------------------------------------- evaluation view
+
+def letterbox_geometry(height: int, width: int, size: int) -> tuple[int, int, int, int]:
+    """Where a (height, width) image lands in ``XrayEvalTransform``'s square: (new_h, new_w, top, left).
+
+    The image is resized so its long side is ``size`` (aspect kept), then centred; a pixel
+    coordinate p (x or y, pixel edges) maps to p * new / old + offset.
+    """
+    factor = size / max(height, width)
+    new_h, new_w = max(1, round(height * factor)), max(1, round(width * factor))
+    return new_h, new_w, (size - new_h) // 2, (size - new_w) // 2
+
+
+class XrayEvalTransform:
+    """Callable: a gray image -> one float32 tensor (C, size, size) in [0, 1], deterministic.
+
+    Intensity: min-max over the ROI (the deterministic branch of training) by default, DAX's neglog
+    with ``neglog=True``. Geometry: the whole image, resized (antialiased bilinear) so its long side is
+    ``size``, centred and zero-padded to a square (no distortion; the same zero fill rotated training
+    crops show); ``letterbox_geometry`` gives the mapping for masks and keypoints.
+    """
+
+    def __init__(self, size: int = 224, neglog: bool = False, in_chans: int = 1) -> None:
+        if in_chans not in (1, 3):
+            raise ValueError(f"in_chans must be 1 or 3, not {in_chans}")
+        self.size, self.neglog, self.in_chans = size, neglog, in_chans
+
+    def __call__(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
+        img = to_image_tensor(image)
+        h, w = img.shape
+        new_h, new_w, top, left = letterbox_geometry(h, w, self.size)
+        img = F.resize(img[None], [new_h, new_w], interpolation=InterpolationMode.BILINEAR, antialias=True)[0]
+        img = neglog(img) if self.neglog else minmax(img)
+        out = img.new_zeros((1, self.size, self.size))
+        out[0, top:top + new_h, left:left + new_w] = img
+        return _expand(out, self.in_chans)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, neglog={self.neglog}, in_chans={self.in_chans})"

@@ -1,0 +1,159 @@
+"""Backbones for gray X-ray images: one door, ``create_backbone``, with a small registry behind it.
+
+Every backbone is a timm model made by ``timm.create_model(..., pretrained=False, num_classes=0)``
+(no download ever: random init unless a local checkpoint file is given) and wrapped in ``Backbone``,
+which gives DINO and the heads the three views of the features they need:
+
+- ``forward(x)``: pooled features (B, D): the ViT CLS token after the final norm, the ResNet global
+  average pool. This is what DINO's projection head, the kNN monitor and the linear heads use.
+- ``last_blocks_cls(x, n=4)``: the CLS tokens of the last ``n`` ViT blocks, normed and concatenated
+  (B, n*D): DINO's linear-probe features for ViTs.
+- ``feature_maps(x)``: multi-level maps (B, C_i, H_i, W_i): ResNet stages 1-4 (strides 4-32), or the
+  patch tokens of the last 4 ViT blocks reshaped to (B, D, H/16, W/16). For the dense heads.
+
+Gray input: ``in_chans=1`` builds the stem for one channel; ``in_chans=3`` keeps a 3-channel stem and
+the gray channel is copied to 3 channels (DAX's habit, and what an ImageNet checkpoint expects).
+Inputs of any size work: ViTs are made with ``dynamic_img_size=True`` (position embeddings
+interpolated), ResNets are fully convolutional.
+
+``load_checkpoint`` accepts DINO's checkpoints (``teacher``/``student`` entries, ``module.`` and
+``backbone.`` prefixes, a ``head.`` that is dropped), plain state dicts and timm files; a 3-channel
+stem is folded to one channel with timm's ``adapt_input_conv`` and position embeddings are resampled.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+__all__ = ["ARCHITECTURES", "Backbone", "BackboneSpec", "create_backbone", "load_checkpoint"]
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    timm_name: str
+    kind: str            # "vit" or "resnet"
+
+
+ARCHITECTURES: dict[str, BackboneSpec] = {
+    "vit_tiny_patch16": BackboneSpec("vit_tiny_patch16_224", "vit"),
+    "vit_small_patch16": BackboneSpec("vit_small_patch16_224", "vit"),
+    "vit_base_patch16": BackboneSpec("vit_base_patch16_224", "vit"),
+    "resnet18": BackboneSpec("resnet18", "resnet"),
+    "resnet50": BackboneSpec("resnet50", "resnet"),
+}
+
+
+class Backbone(nn.Module):
+    """A timm feature extractor for gray images; see the module docstring for its three outputs."""
+
+    def __init__(self, arch: str, model: nn.Module, in_chans: int):
+        super().__init__()
+        self.arch = arch
+        self.kind = ARCHITECTURES[arch].kind
+        self.in_chans = in_chans
+        self.model = model
+        self.embed_dim = int(model.num_features)
+        self.patch_size = int(model.patch_embed.patch_size[0]) if self.kind == "vit" else None
+
+    @property
+    def feature_channels(self) -> list[int]:
+        """Channels of ``feature_maps``' levels, finest first."""
+        if self.kind == "vit":
+            return [self.embed_dim] * 4
+        return [info["num_chs"] for info in self.model.feature_info[1:]]
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 1 and self.in_chans == 3:
+            x = x.expand(-1, 3, -1, -1)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self._input(x))
+
+    def last_blocks_cls(self, x: torch.Tensor, n: int = 4) -> torch.Tensor:
+        if self.kind != "vit":
+            return self.forward(x)
+        blocks = self.model.forward_intermediates(self._input(x), indices=n, return_prefix_tokens=True,
+                                                  norm=True, intermediates_only=True)
+        return torch.cat([prefix[:, 0] for _, prefix in blocks], dim=1)
+
+    def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self._input(x)
+        if self.kind == "vit":
+            return list(self.model.forward_intermediates(x, indices=4, norm=True, intermediates_only=True))
+        return list(self.model.forward_intermediates(x, indices=[1, 2, 3, 4], intermediates_only=True))
+
+    @torch.no_grad()
+    def last_self_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention of the last ViT block, (B, heads, tokens, tokens), softmaxed (DINO's figure)."""
+        if self.kind != "vit":
+            raise ValueError(f"{self.arch} has no self-attention")
+        attn = self.model.blocks[-1].attn
+        seen: dict[str, torch.Tensor] = {}
+        handle = attn.register_forward_pre_hook(lambda _module, args: seen.__setitem__("x", args[0]))
+        try:
+            self.model.forward_features(self._input(x))
+        finally:
+            handle.remove()
+        tokens = seen["x"]
+        b, n, c = tokens.shape
+        qkv = attn.qkv(tokens).reshape(b, n, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4)
+        q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+        return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+
+
+def _state_dict_from(obj, prefer: str = "teacher") -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict):
+        for key in (prefer, "teacher", "student", "state_dict", "model"):
+            if key in obj and isinstance(obj[key], dict):
+                return _state_dict_from(obj[key], prefer)
+    return obj
+
+
+def load_checkpoint(backbone: Backbone, path: Path | str, prefer: str = "teacher") -> dict[str, list[str]]:
+    """Load backbone weights from a local file (DINO, timm or plain state dict); returns what was skipped."""
+    raw = torch.load(Path(path), map_location="cpu", weights_only=True)
+    state = _state_dict_from(raw, prefer)
+    cleaned: dict[str, torch.Tensor] = {}
+    for name, value in state.items():
+        for prefix in ("module.", "backbone.", "model."):
+            name = name.removeprefix(prefix)
+        if name.startswith(("head.", "fc.")) or not torch.is_tensor(value):
+            continue
+        cleaned[name] = value
+    target = backbone.model.state_dict()
+    stem = "patch_embed.proj.weight" if backbone.kind == "vit" else "conv1.weight"
+    if stem in cleaned and cleaned[stem].shape[1] != backbone.in_chans:
+        cleaned[stem] = timm.models.adapt_input_conv(backbone.in_chans, cleaned[stem])
+    if backbone.kind == "vit" and "pos_embed" in cleaned and cleaned["pos_embed"].shape != target["pos_embed"].shape:
+        from timm.layers import resample_abs_pos_embed
+        grid = backbone.model.patch_embed.grid_size
+        cleaned["pos_embed"] = resample_abs_pos_embed(cleaned["pos_embed"], list(grid), num_prefix_tokens=1)
+    usable = {k: v for k, v in cleaned.items() if k in target and target[k].shape == v.shape}
+    if not usable:
+        raise ValueError(f"{Path(path).name}: no tensor matches a {backbone.arch} backbone")
+    backbone.model.load_state_dict(usable, strict=False)
+    return {"missing": sorted(set(target) - set(usable)), "unexpected": sorted(set(cleaned) - set(usable))}
+
+
+def create_backbone(arch: str, in_chans: int = 1, img_size: int = 224, drop_path_rate: float = 0.0,
+                    checkpoint: Path | str | None = None) -> Backbone:
+    """The one door to a backbone: ``arch`` from ``ARCHITECTURES``, random init or a local checkpoint."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
+    if in_chans not in (1, 3):
+        raise ValueError(f"in_chans must be 1 or 3, not {in_chans}")
+    spec = ARCHITECTURES[arch]
+    kwargs: dict = {"pretrained": False, "num_classes": 0, "in_chans": in_chans}
+    if spec.kind == "vit":
+        kwargs.update(img_size=img_size, dynamic_img_size=True, drop_path_rate=drop_path_rate)
+    else:
+        kwargs.update(drop_path_rate=drop_path_rate)
+    backbone = Backbone(arch, timm.create_model(spec.timm_name, **kwargs), in_chans)
+    if checkpoint is not None:
+        load_checkpoint(backbone, checkpoint)
+    return backbone

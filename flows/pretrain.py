@@ -1,0 +1,82 @@
+"""Flow `pretrain`: DINO on the shard store, one MLflow run, the teacher registered as a candidate.
+
+    select images (catalog query; labelled test patients held out)  ->  open the MLflow run
+    ->  train (this process, or torchrun DDP)  ->  register dax-backbone-<arch>@candidate + attention maps
+
+A job lives in ``HOME/pretrain/<job>/`` (config, selection, checkpoints, history); ``resume`` names a
+job whose run was interrupted: it continues from its last checkpoint, in the same MLflow run.
+"""
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import mlflow
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from flows.home import configure
+from tasks.pretrain import load_config
+from tasks.pretrain_steps import open_run_task, prepare_job_task, register_backbone_task, run_training_task
+from tasks.tracking import configure_tracking
+
+JOBS_DIR = "pretrain"
+
+
+def latest_job(root: Path) -> Path:
+    jobs = sorted((root / JOBS_DIR).glob("*/job.json"), key=lambda p: p.stat().st_mtime)
+    if not jobs:
+        raise FileNotFoundError("no pretraining job to resume under this home")
+    return jobs[-1].parent
+
+
+@flow(name="pretrain")
+def pretrain(
+    config: str = "demo-cpu",
+    where: str | None = None,
+    home: str | None = None,
+    labels: str | None = None,
+    device: str = "auto",
+    nproc_per_node: int = 1,
+    resume: str | None = None,
+    overrides: dict | None = None,
+    stop_after: int | None = None,
+) -> dict:
+    """Pretrain a DINO backbone on the catalog images matching ``where`` (SQL on ``images``)."""
+    began = time.perf_counter()
+    root = configure(home)
+    configure_tracking(root)
+    logger = get_run_logger()
+    if resume:
+        job_dir = latest_job(root) if resume == "last" else root / JOBS_DIR / resume
+        if not (job_dir / "job.json").is_file():
+            raise FileNotFoundError(f"no pretraining job {resume!r} under this home")
+        prepared = json.loads((job_dir / "prepare.json").read_text())
+        run_id = json.loads((job_dir / "job.json").read_text())["run_id"]
+        logger.info("resuming job %s (MLflow run %s)", job_dir.name, run_id)
+    else:
+        cfg = load_config(config, overrides)
+        job_dir = root / JOBS_DIR / f"{cfg.name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}"
+        prepared = prepare_job_task(root, job_dir, cfg, where, Path(labels) if labels else None, device)
+        logger.info("selected %d images in %d shards (%d for training)", prepared["selected"], prepared["shards"],
+                    prepared["trained_on"])
+        run_id = open_run_task(root, job_dir)
+    with mlflow.start_run(run_id=run_id, log_system_metrics=True):
+        result = run_training_task(job_dir, nproc_per_node, resume=bool(resume), stop_after=stop_after)
+    registered = register_backbone_task(job_dir) if result["status"] == "finished" else None
+    summary = {"job": job_dir.name, "run_id": run_id, **result, "prepared": prepared, "registered": registered,
+               "seconds": round(time.perf_counter() - began, 1)}
+    knn = result.get("knn") or []
+    lines = [f"# Pretraining {job_dir.name}", "", f"status **{result['status']}**, {result['step']} of "
+             f"{result['total_steps']} steps, {summary['seconds']} s, MLflow run `{run_id}`", ""]
+    if knn:
+        lines += ["| epoch | kNN accuracy (held-out patients) |", "|---|---|"]
+        lines += [f"| {k['epoch']} | {k['knn_accuracy']:.3f} |" for k in knn]
+        lines += ["", f"chance: {prepared.get('chance_uniform', 0):.3f} (uniform), "
+                      f"{prepared.get('chance_majority', 0):.3f} (majority class)"]
+    if registered:
+        lines += ["", f"registered `{registered['uri']}` (version {registered['version']})"]
+    create_markdown_artifact("\n".join(lines), key="pretrain-summary", description="DINO pretraining")
+    return summary

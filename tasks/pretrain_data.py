@@ -1,0 +1,189 @@
+"""Training data for pretraining: a catalog query picks the images, WebDataset streams their shards.
+
+``select_images`` runs ``SELECT key, shard FROM images WHERE <where>`` on the published catalog
+snapshot (read-only, so pretraining never blocks ingestion) and returns a ``Selection``: the keys, the
+shards that hold them (with their sha256 from the catalog) and a manifest digest, the sha256 of the
+query and the sorted (shard, sha256) and key lists: the dataset's identity for MLflow lineage.
+
+``train_loader`` is the stream DDP needs (WebDataset issues #225, #250, #444): every rank draws shards
+with replacement (``ResampledShards``), keeps the selected keys, shuffles in a buffer, decodes 16-bit
+images, applies the multi-crop augmentation and batches; the DataLoader yields exactly
+``steps_per_epoch`` batches per epoch on every rank, so no rank waits for another at the end.
+Everything random is seeded from (seed, epoch, rank, worker, sample index): the stream of an epoch is
+the same every time it is built (with the same number of workers), so resuming at step s of an
+epoch is rebuilding the epoch's loader and skipping s batches (read, not decoded nor augmented).
+
+``read_samples`` reads given keys (for the kNN monitor and the heads) from their shards in order.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from webdataset.filters import _shuffle
+
+from tasks.catalog import CatalogError, check_read_only, open_snapshot
+from tasks.shards import IMAGE_FORMATS, decode_image, iter_shard
+
+__all__ = ["Selection", "SelectionError", "read_samples", "select_images", "train_loader"]
+
+
+class SelectionError(CatalogError):
+    """The catalog query is invalid or selects nothing."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    where: str
+    keys: tuple[str, ...]
+    shards: tuple[tuple[str, str], ...]   # (name, sha256), sorted
+    shard_dir: str
+
+    @property
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        h.update(json.dumps({"where": self.where, "shards": self.shards}, sort_keys=True).encode())
+        for key in self.keys:
+            h.update(key.encode() + b"\n")
+        return h.hexdigest()
+
+    @property
+    def shard_paths(self) -> list[str]:
+        return [str(Path(self.shard_dir) / name) for name, _ in self.shards]
+
+    def manifest(self) -> dict:
+        return {"where": self.where, "images": len(self.keys), "digest": self.digest,
+                "shards": [{"name": n, "sha256": s} for n, s in self.shards]}
+
+    def without(self, keys: Iterable[str]) -> "Selection":
+        drop = set(keys)
+        return Selection(self.where, tuple(k for k in self.keys if k not in drop), self.shards, self.shard_dir)
+
+
+def select_images(home: Path, where: str | None = None) -> Selection:
+    """The images matching ``where`` (a SQL condition on the catalog's ``images`` table)."""
+    where = (where or "").strip() or "TRUE"
+    sql = ("SELECT i.key, i.shard, s.sha256 FROM images i JOIN shards s ON s.name = i.shard "
+           f"WHERE ({where}) ORDER BY i.key")
+    con = open_snapshot(home)
+    try:
+        try:
+            check_read_only(con, sql)
+        except CatalogError as error:
+            raise SelectionError(f"refused catalog query: {error}") from None
+        try:
+            rows = con.sql(sql).fetchall()
+        except Exception as error:  # duckdb.Error subclasses: bad column, bad syntax
+            raise SelectionError(f"the catalog query failed: {str(error).splitlines()[0]}") from None
+    finally:
+        con.close()
+    if not rows:
+        raise SelectionError(f"no image in the catalog matches: {where}")
+    shards = tuple(sorted({(shard, sha) for _, shard, sha in rows}))
+    return Selection(where, tuple(key for key, _, _ in rows), shards, str(Path(home) / "shards"))
+
+
+def _worker_index() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def _seed(*parts: int) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big") & (2 ** 63 - 1)
+
+
+def collate_crops(samples: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """A batch of multi-crop lists -> one tensor per crop position."""
+    return [torch.stack(crops) for crops in zip(*samples)]
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """One rank's epoch: ``steps`` batches, dealt round-robin to the DataLoader workers.
+
+    Every sample's augmentation is seeded from (stream seed, sample index) inside ``fork_rng``, so a
+    skipped batch costs only its tar reading (no decode, no augmentation) and the training process's
+    RNG is untouched even with ``workers=0``.
+    """
+
+    def __init__(self, selection: Selection, transform: Callable, batch_size: int, seed: int, epoch: int,
+                 rank: int, steps: int, skip: int, shuffle_buffer: int):
+        super().__init__()
+        self.urls = selection.shard_paths
+        self.keys = frozenset(selection.keys)
+        self.transform, self.batch_size = transform, batch_size
+        self.seed, self.epoch, self.rank, self.shuffle_buffer = seed, epoch, rank, shuffle_buffer
+        self.steps, self.skip = steps, skip
+
+    def __iter__(self) -> Iterator[list[torch.Tensor]]:
+        worker, workers = _worker_index()
+        stream_seed = _seed(self.seed, self.epoch, self.rank, worker)
+        keys = self.keys
+        samples = iter(wds.DataPipeline(
+            wds.ResampledShards(self.urls, seed=stream_seed, worker_seed=lambda: 0, deterministic=True),
+            wds.tarfile_to_samples(),
+            wds.select(lambda sample: sample["__key__"] in keys),
+            lambda src: _shuffle(src, bufsize=self.shuffle_buffer, initial=self.shuffle_buffer // 4,
+                                 rng=random.Random(stream_seed)),
+        ))
+        my_batches = len(range(worker, self.steps, workers))
+        my_skip = len(range(worker, self.skip, workers))
+        index = 0
+        for b in range(my_batches):
+            batch = [next(samples) for _ in range(self.batch_size)]
+            index += self.batch_size
+            if b < my_skip:
+                continue
+            views = []
+            for i, sample in enumerate(batch):
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(_seed(stream_seed, index + i))
+                    views.append(self.transform(_decode(sample)))
+            yield worker + b * workers, collate_crops(views)     # (batch index in the epoch, batch)
+
+
+def _decode(sample: dict) -> np.ndarray:
+    for ext in IMAGE_FORMATS:
+        if ext in sample:
+            return decode_image(ext, sample[ext])
+    raise ValueError(f"sample {sample.get('__key__')!r} has no image")
+
+
+def train_loader(selection: Selection, transform: Callable, batch_size: int, steps_per_epoch: int, epoch: int,
+                 seed: int = 0, rank: int = 0, workers: int = 2, skip: int = 0,
+                 shuffle_buffer: int = 256) -> Iterator[list[torch.Tensor]]:
+    """Exactly ``steps_per_epoch - skip`` batches of epoch ``epoch`` for this rank, the same every time.
+
+    Batch b of an epoch is always made by worker ``b % workers``; after a skip the DataLoader's
+    round-robin starts with worker 0 whatever batch is due, so batches are put back in order here.
+    """
+    dataset = _Stream(selection, transform, batch_size, seed, epoch, rank, steps_per_epoch, skip, shuffle_buffer)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
+        persistent_workers=False, prefetch_factor=4 if workers else None,
+        # its own generator: making the iterator draws a base seed, which must not come from (and
+        # advance) the training process's global RNG, or a resumed run would diverge
+        generator=torch.Generator().manual_seed(_seed(seed, epoch, rank)))
+    pending, due = {}, skip
+    for index, batch in loader:
+        pending[index] = batch
+        while due in pending:
+            yield pending.pop(due)
+            due += 1
+    if pending:
+        raise RuntimeError(f"the loader lost batches before {sorted(pending)}")
+
+
+def read_samples(shard_dir: Path, shard_keys: dict[str, list[str]]) -> Iterator[tuple[str, np.ndarray, dict]]:
+    """(key, uint16 image, metadata) for the given keys, shard by shard in sorted order."""
+    for shard in sorted(shard_keys):
+        wanted = set(shard_keys[shard])
+        for key, pixels, meta in iter_shard(Path(shard_dir) / shard):
+            if key in wanted:
+                yield key, pixels, meta

@@ -1,0 +1,233 @@
+"""The steps around the pretraining loop, as plain functions and as Prefect tasks.
+
+    prepare_job: catalog query -> selection; labels -> the kNN monitor's held-out images; job folder
+    open_run: the MLflow run (params, config, query, dataset input with the manifest digest, commit)
+    run_training: the loop in this process, or ``torchrun --nproc_per_node N -m tasks.pretrain JOB``
+    register_backbone: the final teacher backbone -> ``dax-backbone-<arch>@candidate``; attention maps
+
+Held-out images: when labels are given, the patients of the ``test`` split (tasks.labels) are removed
+from the pretraining selection; the kNN monitor classifies them against a bank of ``train``-split
+images, and the heads are evaluated on the same patients later.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from prefect import task
+from prefect.cache_policies import NONE
+
+from dax_models.augment import XrayEvalTransform
+from tasks.events import catalog_images
+from tasks.labels import BODY_REGIONS, load_labels
+from tasks.pretrain import PretrainConfig, read_job, teacher_backbone, train, write_job
+from tasks.pretrain_data import Selection, read_samples, select_images
+from tasks.tracking import PIP_REQUIREMENTS, code_version, ensure_experiment, git_commit
+
+log = logging.getLogger("dax.pretrain")
+
+__all__ = ["EXPERIMENT", "attention_figure", "eval_images", "open_run", "prepare_job", "register_backbone",
+           "run_training"]
+
+EXPERIMENT = "dax-pretrain"
+
+
+def _spread(keys: list[str], limit: int) -> list[str]:
+    """At most ``limit`` keys, spread evenly over the sorted list (deterministic)."""
+    keys = sorted(keys)
+    if len(keys) <= limit:
+        return keys
+    return [keys[i] for i in np.linspace(0, len(keys) - 1, limit).round().astype(int)]
+
+
+def eval_images(shard_dir: Path, rows: list[dict], size: int) -> tuple[torch.Tensor, list[str]]:
+    """Evaluation views (N, 1, size, size, float16) of the given catalog rows, in the rows' order."""
+    by_shard: dict[str, list[str]] = defaultdict(list)
+    for row in rows:
+        by_shard[row["shard"]].append(row["key"])
+    transform = XrayEvalTransform(size=size)
+    views = {key: transform(pixels).to(torch.float16) for key, pixels, _ in read_samples(shard_dir, by_shard)}
+    keys = [row["key"] for row in rows if row["key"] in views]
+    return torch.stack([views[k] for k in keys]), keys
+
+
+def prepare_job(home: Path, job_dir: Path, config: PretrainConfig, where: str | None, labels: Path | None,
+                device: str = "auto") -> dict:
+    """Select the images, build the kNN monitor's data, write the job folder; returns a summary."""
+    selection = select_images(home, where)
+    summary = {"selected": len(selection.keys), "shards": len(selection.shards), "catalog_images": catalog_images(home)}
+    if labels is not None:
+        table = load_labels(home, labels, ("region",)).to_pylist()
+        chosen = set(selection.keys)
+        rows = [r for r in table if r["key"] in chosen]
+        held_out = [r for r in rows if r["split"] == "test"]
+        selection = selection.without(r["key"] for r in held_out)
+        bank_keys = set(_spread([r["key"] for r in rows if r["split"] == "train"], config.knn_max_bank))
+        query_keys = set(_spread([r["key"] for r in held_out], config.knn_max_queries))
+        classes = list(BODY_REGIONS)
+        knn = {"classes": classes}
+        for name, wanted in (("bank", bank_keys), ("queries", query_keys)):
+            chosen_rows = [r for r in rows if r["key"] in wanted]
+            images, keys = eval_images(Path(selection.shard_dir), chosen_rows, config.knn_size)
+            region = {r["key"]: r["region"] for r in chosen_rows}
+            knn[name] = images
+            knn[f"{name}_labels" if name == "bank" else "query_labels"] = torch.tensor(
+                [classes.index(region[k]) for k in keys])
+        job_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(knn, job_dir / "knn.pt")
+        counts = np.bincount(knn["query_labels"].numpy(), minlength=len(classes))
+        summary.update(held_out=len(held_out), knn_bank=len(knn["bank"]), knn_queries=len(knn["queries"]),
+                       chance_uniform=1.0 / len(classes), chance_majority=float(counts.max() / max(counts.sum(), 1)))
+    if not selection.keys:
+        raise ValueError("nothing left to pretrain on after holding out the test patients")
+    write_job(job_dir, config, selection, device=device)
+    summary.update(trained_on=len(selection.keys), digest=selection.digest)
+    (job_dir / "prepare.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def open_run(home: Path, job_dir: Path, run_name: str | None = None) -> str:
+    """Create the MLflow run for a job folder; log params, config, query, lineage and commit."""
+    import mlflow
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+
+    job, config, selection = read_job(job_dir)
+    prepared = json.loads((job_dir / "prepare.json").read_text())
+    experiment = ensure_experiment(EXPERIMENT, home)
+    with mlflow.start_run(experiment_id=experiment, run_name=run_name or f"{config.name}-{config.arch}") as run:
+        flat = {k: v for k, v in config.to_dict().items() if k != "augment"}
+        flat.update({f"augment.{k}": v for k, v in config.to_dict()["augment"].items()})
+        mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
+        mlflow.log_params({"device": job["device"], "images": len(selection.keys), "shards": len(selection.shards)})
+        mlflow.set_tags({"dax.catalog_query": selection.where, "dax.manifest_digest": selection.digest,
+                         "mlflow.source.git.commit": git_commit() or "unknown", "dax.code_version": code_version(),
+                         "dax.job": job_dir.name})
+        mlflow.log_dict(config.to_dict(), "config.json")
+        mlflow.log_dict(selection.manifest(), "dataset/manifest.json")
+        mlflow.log_dict(prepared, "dataset/prepare.json")
+        dataset = MetaDataset(LocalArtifactDatasetSource(Path(selection.shard_dir).resolve().as_uri()),
+                              name=f"dax-shards:{selection.where}"[:200], digest=selection.digest[:36])
+        mlflow.log_input(dataset, context="pretraining")
+        for key in ("chance_uniform", "chance_majority"):
+            if key in prepared:
+                mlflow.log_metric(f"knn_{key}", prepared[key])
+        run_id = run.info.run_id
+    job["run_id"] = run_id
+    (job_dir / "job.json").write_text(json.dumps(job, indent=2, default=str))
+    return run_id
+
+
+def run_training(job_dir: Path, nproc_per_node: int = 1, resume: bool = False, stop_after: int | None = None) -> dict:
+    """Train in this process (one device) or under torchrun (DDP, ``nproc_per_node`` ranks)."""
+    job = json.loads((job_dir / "job.json").read_text())
+    job.update(resume=resume, stop_after=stop_after)
+    (job_dir / "job.json").write_text(json.dumps(job, indent=2, default=str))
+    if nproc_per_node <= 1:
+        return train(job_dir)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}",
+               "-m", "tasks.pretrain", str(job_dir)]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    with open(job_dir / "torchrun.log", "w") as out:
+        completed = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                   cwd=Path(__file__).resolve().parents[1])
+    if completed.returncode != 0:
+        tail = (job_dir / "torchrun.log").read_text().splitlines()[-15:]
+        raise RuntimeError("torchrun failed (exit %d):\n%s" % (completed.returncode, "\n".join(tail)))
+    return json.loads((job_dir / "result.json").read_text())
+
+
+def attention_figure(backbone, images: torch.Tensor, path: Path) -> Path:
+    """DINO's picture: the last block's CLS attention over the patches, per image (mean and 3 heads)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = images.float()
+    attention = backbone.last_self_attention(x)[:, :, 0, 1:]          # (B, heads, patches)
+    p = backbone.patch_size
+    h, w = x.shape[-2] // p, x.shape[-1] // p
+    attention = attention.reshape(len(x), -1, h, w)
+    attention = torch.nn.functional.interpolate(attention, scale_factor=p, mode="nearest")
+    heads = min(3, attention.shape[1])
+    fig, axes = plt.subplots(len(x), 2 + heads, figsize=(2.2 * (2 + heads), 2.2 * len(x)), squeeze=False)
+    for i in range(len(x)):
+        panels = [("image", x[i, 0], "gray"), ("mean attention", attention[i].mean(0), "inferno")]
+        panels += [(f"head {j}", attention[i, j], "inferno") for j in range(heads)]
+        for ax, (title, img, cmap) in zip(axes[i], panels):
+            ax.imshow(img.numpy(), cmap=cmap)
+            ax.set_axis_off()
+            if i == 0:
+                ax.set_title(title, fontsize=9)
+    fig.suptitle("last-block self-attention of the [CLS] token (teacher)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def register_backbone(job_dir: Path, alias: str = "candidate") -> dict:
+    """Log the final teacher backbone to the job's MLflow run and register it under ``alias``."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    job, config, selection = read_job(job_dir)
+    result = json.loads((job_dir / "result.json").read_text())
+    backbone = teacher_backbone(job_dir)
+    name = f"dax-backbone-{config.arch}"
+    client = MlflowClient()
+    with mlflow.start_run(run_id=job["run_id"]):
+        info = mlflow.pytorch.log_model(
+            backbone, name="backbone", serialization_format="pickle", pip_requirements=PIP_REQUIREMENTS,
+            registered_model_name=name,
+            metadata={"arch": config.arch, "in_chans": config.in_chans, "input": "gray float [0,1], (B,1,H,W)",
+                      "manifest_digest": selection.digest, "steps": result["step"]})
+        figure = None
+        if backbone.kind == "vit":
+            knn_file = job_dir / "knn.pt"
+            if knn_file.is_file():
+                images = torch.load(knn_file, weights_only=False)["queries"][:4]
+            else:
+                rows = [{"key": k, "shard": s} for k, s in _first_rows(selection, 4)]
+                images, _ = eval_images(Path(selection.shard_dir), rows, config.knn_size)
+            size = max(config.knn_size, 2 * config.augment.global_size)
+            images = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear")
+            figure = attention_figure(backbone, images, job_dir / "attention.png")
+            mlflow.log_artifact(str(figure), "figures")
+        if result.get("knn"):
+            mlflow.log_dict(result["knn"], "knn_history.json")
+    version = str(info.registered_model_version)
+    client.set_registered_model_alias(name, alias, version)
+    for key, value in {"dax.manifest_digest": selection.digest, "dax.config": config.name,
+                       "dax.status": result["status"], "dax.steps": str(result["step"])}.items():
+        client.set_model_version_tag(name, version, key, value)
+    registered = {"model": name, "version": version, "alias": alias, "uri": f"models:/{name}@{alias}",
+                  "figure": str(figure) if figure else None}
+    (job_dir / "registered.json").write_text(json.dumps(registered, indent=2))
+    return registered
+
+
+def _first_rows(selection: Selection, n: int) -> list[tuple[str, str]]:
+    from tasks.catalog import open_snapshot
+    home = Path(selection.shard_dir).parent
+    con = open_snapshot(home)
+    try:
+        keys = list(selection.keys[:n])
+        return con.sql("SELECT key, shard FROM images WHERE list_contains($keys, key) ORDER BY key",
+                       params={"keys": keys}).fetchall()
+    finally:
+        con.close()
+
+
+# --- Prefect tasks --------------------------------------------------------------------------------------
+prepare_job_task = task(prepare_job, name="select-images", cache_policy=NONE)
+open_run_task = task(open_run, name="open-mlflow-run", cache_policy=NONE)
+run_training_task = task(run_training, name="train-dino", cache_policy=NONE)
+register_backbone_task = task(register_backbone, name="register-backbone", cache_policy=NONE)

@@ -1,0 +1,83 @@
+"""Model promotion: a new backbone and its heads become ``@champion`` only if they match or beat it.
+
+The evaluation table is a flat dict of scores (``region.accuracy``, ``metal.dice``,
+``screws.head_l1_px``, ...), means over seeds on the held-out patients. Errors (names ending in
+``_px``, ``_deg`` or ``loss``) are better lower; everything else is better higher. The candidate wins
+when no shared score is worse than the champion's by more than ``tolerance`` (relative), which with
+the default 0 means "matches or beats on every metric". With no champion yet, the first candidate wins.
+The scores are stored on the backbone's model version (tag ``dax.eval``) so the next comparison reads
+them from MLflow, and the decision is returned as rows for a Prefect artifact.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+__all__ = ["Decision", "compare", "lower_is_better", "promote"]
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+
+
+def lower_is_better(metric: str) -> bool:
+    return metric.endswith(("_px", "_deg", "loss"))
+
+
+@dataclass(frozen=True)
+class Decision:
+    alias: str                     # "champion" or "challenger"
+    rows: list[dict]               # metric, candidate, champion, verdict
+    champion_version: str | None   # the version that held @champion before
+
+    def markdown(self, name: str, version: str) -> str:
+        lines = [f"# Promotion of {name} version {version}: **@{self.alias}**", "",
+                 f"previous champion: {('version ' + self.champion_version) if self.champion_version else 'none'}", "",
+                 "| metric | candidate | champion | verdict |", "|---|---|---|---|"]
+        for r in self.rows:
+            champ = "" if r["champion"] is None else f"{r['champion']:.4g}"
+            lines.append(f"| {r['metric']} | {r['candidate']:.4g} | {champ} | {r['verdict']} |")
+        return "\n".join(lines)
+
+
+def compare(candidate: dict[str, float], champion: dict[str, float] | None, tolerance: float = 0.0) -> tuple[bool, list[dict]]:
+    rows, wins = [], True
+    for metric in sorted(candidate):
+        new, old = candidate[metric], (champion or {}).get(metric)
+        if old is None or old != old or new != new:           # missing or NaN: nothing to compare
+            rows.append({"metric": metric, "candidate": new, "champion": old, "verdict": "new"})
+            continue
+        slack = tolerance * abs(old)
+        worse = new > old + slack if lower_is_better(metric) else new < old - slack
+        better = new < old if lower_is_better(metric) else new > old
+        rows.append({"metric": metric, "candidate": new, "champion": old,
+                     "verdict": "worse" if worse else "better" if better else "equal"})
+        wins = wins and not worse
+    return wins, rows
+
+
+def promote(name: str, version: str, scores: dict[str, float], heads: dict[str, str] | None = None,
+            tolerance: float = 0.0, client=None) -> Decision:
+    """Compare ``name``/``version`` with the current champion and set ``@champion`` or ``@challenger``.
+
+    ``heads`` maps head model names to the versions trained on this backbone: they get the same alias.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = client or MlflowClient()
+    clean = {k: float(v) for k, v in scores.items() if v is not None and not math.isnan(float(v))}
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        current = None
+    if current is not None and str(current.version) == str(version):
+        current = None                                          # re-promoting the champion itself
+    champion_scores = json.loads(current.tags.get("dax.eval", "{}")) if current is not None else None
+    wins, rows = compare(clean, champion_scores, tolerance)
+    alias = CHAMPION if wins else CHALLENGER
+    client.set_model_version_tag(name, version, "dax.eval", json.dumps(clean, sort_keys=True))
+    client.set_model_version_tag(name, version, "dax.promotion", alias)
+    client.set_registered_model_alias(name, alias, version)
+    for head_name, head_version in (heads or {}).items():
+        client.set_registered_model_alias(head_name, alias, head_version)
+    return Decision(alias, rows, str(current.version) if current is not None else None)
