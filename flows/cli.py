@@ -26,12 +26,13 @@ def user_errors():
     from tasks.catalog import CatalogError
     from tasks.deidentify import DeidError
     from tasks.labels import LabelError
+    from tasks.predict import PredictError
     from tasks.pretrain import ConfigError
     from tasks.synthesize import CorpusMismatch
 
     try:
         yield
-    except (DeidError, CatalogError, NotADirectoryError, CorpusMismatch, ConfigError, LabelError,
+    except (DeidError, CatalogError, NotADirectoryError, CorpusMismatch, ConfigError, LabelError, PredictError,
             FileNotFoundError) as error:
         console.print(f"[red]error:[/] {error}", highlight=False)
         raise typer.Exit(2) from None
@@ -154,15 +155,10 @@ def catalog_report(
 
 
 def _log_progress() -> None:
-    """Training progress (steps, loss, kNN) from the `dax.*` loggers, on stderr."""
+    """Training progress (steps, loss, kNN) from the `dax.*` loggers: Prefect's console handler prints it."""
     import logging
 
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s  %(message)s", "%H:%M:%S"))
-    logger = logging.getLogger("dax")
-    logger.setLevel(logging.INFO)
-    if not logger.handlers:
-        logger.addHandler(handler)
+    logging.getLogger("dax").setLevel(logging.INFO)
 
 
 def _parse_settings(settings: list[str]) -> dict:
@@ -218,40 +214,125 @@ def _print_pretraining(summary: dict) -> None:
 
 
 @app.command()
+def heads(
+    labels: Path = typer.Option(..., help="labels.parquet of the corpus (region, metal masks, screws)."),
+    backbone: str = typer.Option("models:/dax-backbone-vit_tiny_patch16@candidate", help="A registered backbone."),
+    home: Optional[Path] = HOME_OPTION,
+    seeds: int = typer.Option(3, help="Seeds per head (figures are mean and sd over them)."),
+    task: list[str] = typer.Option(["region", "metal", "screws"], help="Tasks (repeat the option)."),
+    size: int = typer.Option(224, help="Input size of the frozen backbone (letterboxed square)."),
+    where: Optional[str] = typer.Option(None, help="SQL condition on the catalog's images."),
+    max_images: Optional[int] = typer.Option(None, help="Use at most this many labelled images."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    alias: str = typer.Option("candidate", help="Alias for the best head of each task."),
+) -> None:
+    """Heads on the frozen backbone and on its random-init twin, fanned out over tasks and seeds."""
+    root = configure(home)
+    from flows.heads import heads as heads_flow
+
+    with user_errors():
+        summary = heads_flow(backbone=backbone, home=str(root), labels=str(labels), seeds=seeds, tasks=tuple(task),
+                             size=size, where=where, max_images=max_images, overrides={"device": device}, alias=alias)
+    console.print(summary["markdown"], markup=False, highlight=False)
+
+
+@app.command()
+def predict(
+    files: list[Path] = typer.Argument(..., help="DICOM files (ingested or not, any manufacturer)."),
+    out: Path = typer.Option(Path("predictions"), "--out", help="Output folder."),
+    home: Optional[Path] = HOME_OPTION,
+    alias: str = typer.Option("champion", help="Alias of the backbone and heads to use (champion, candidate...)."),
+    arch: str = typer.Option("vit_tiny_patch16", help="Architecture of the registered backbone."),
+    backbone: Optional[str] = typer.Option(None, help="A backbone URI (default: models:/dax-backbone-ARCH@ALIAS)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> None:
+    """De-identify in memory, normalize, run backbone + heads; per file <sha16>.json, _mask.png, .png overlay."""
+    root = configure(home)
+    from tasks.tracking import configure_tracking
+    configure_tracking(root)
+    from tasks.predict import predict as run_predict
+
+    def report(i: int, entry: dict) -> None:   # files by position and hash only: paths can carry names
+        if entry["status"] == "ok":
+            top = entry["regions"][0] if entry["regions"] else {"label": "?", "probability": 0.0}
+            console.print(f"file {i}: {entry['name']}: {top['label']} ({top['probability']:.2f}), "
+                          f"{len(entry['screws'])} screws -> {entry['overlay']}", highlight=False)
+        else:
+            console.print(f"[red]file {i}: refused:[/] {entry['error']}", highlight=False)
+
+    with user_errors():
+        results = run_predict(files, out, backbone_uri=backbone or f"models:/dax-backbone-{arch}@{alias}", alias=alias,
+                              home=root, device=device,
+                              on_result=report)
+    if any(r["status"] != "ok" for r in results):
+        raise typer.Exit(1)
+
+
+@app.command()
 def demo(
     home: Optional[Path] = HOME_OPTION,
-    studies: int = typer.Option(200, help="Studies in the demo corpus (about 2,000 images)."),
+    studies: int = typer.Option(200, help="Studies in the demo corpus (about 2,700 images)."),
+    seeds: int = typer.Option(3, help="Seeds per head."),
 ) -> None:
-    """The whole job on one machine with embedded defaults: corpus, montage, ingestion, catalog report."""
+    """The whole pipeline on one machine, embedded: corpus, ingestion, DINO, heads, promotion, a prediction."""
     import os
     import secrets
+    import time
 
+    began = time.perf_counter()
     root = configure(home)
     if not os.environ.get("DAX_DEID_SECRET"):
         # a throw-away key for the demo's synthetic data, held in memory only (never stored or printed)
         os.environ["DAX_DEID_SECRET"] = secrets.token_hex(32)
         console.print("[dim]DAX_DEID_SECRET is not set: the demo uses a throw-away key for this run only[/]")
-    from flows.ingest import ingest as ingest_flow
+    _log_progress()
+    import duckdb
+
+    from flows.pipeline import pipeline
     from flows.synth import synth as synth_flow
-    from tasks.catalog import query
     from tasks.catalog_report import write_report
     from tasks.montage import make_montage
+    from tasks.predict import predict as run_predict
+    from tasks.tracking import tracking_uri
 
     corpus = root / "corpus"
-    console.rule("1. synthetic C-arm corpus")
+    console.rule("1/5  synthetic C-arm corpus (resumes if already there)")
     result = synth_flow(out=str(corpus), studies=studies, seed=0, preset="demo")
     console.print(f"{result['corpus_images']} images under {corpus / 'dicom'}")
-    console.rule("2. montage")
     png = make_montage(corpus, root / "montage.png")
-    console.rule("3. ingestion: de-identify, normalize, shard, catalog")
-    summary = ingest_flow(source=str(corpus / "dicom"), home=str(root))
-    console.print(query(root, "SELECT status, count(*) AS files, sum(samples) AS images FROM sources GROUP BY 1 ORDER BY 1"))
+    console.rule("2/5  the pipeline: ingest -> DINO pretraining -> heads (fan-out) -> promotion")
+    with user_errors():
+        outcome = pipeline(source=str(corpus / "dicom"), home=str(root), labels=str(corpus / "labels.parquet"),
+                           configs=["demo-cpu"], seeds=seeds, heads_size=160,
+                           heads_overrides={"e2e_epochs": 2})   # the supervised end-to-end baseline: a short one on CPU
+    retrained = outcome["retrained"][0]
     report = write_report(root, root / "catalog-report.html")
-    console.rule("where to look")
-    console.print(f"montage:          {png}\nlabels:           {corpus / 'labels.parquet'}\n"
-                  f"planted PHI list: {corpus / 'phi.parquet'}\nshards:           {root / 'shards'} "
-                  f"({summary['shards']} shards, {summary['images']} images)\ncatalog snapshot: {summary['snapshot']}\n"
-                  f"catalog report:   {report}\nquery it:         dax catalog sql \"SELECT * FROM runs\" --home {root}")
+    console.rule("3/5  a prediction on one image (de-identified in memory)")
+    labels = corpus / "labels.parquet"
+    # an intraoperative image with screws, as DAX's Figure 2; the path stays on this machine
+    path = duckdb.sql("SELECT path FROM read_parquet($p) WHERE modality = 'XA' AND len(screws) >= 2 "
+                      "AND frames = 1 ORDER BY sha256 LIMIT 1", params={"p": str(labels)}).fetchall()
+    path = path[0][0] if path else duckdb.sql("SELECT path FROM read_parquet($p) ORDER BY sha256 LIMIT 1",
+                                             params={"p": str(labels)}).fetchall()[0][0]
+    promoted = retrained["promotion"]["alias"]
+    predictions = run_predict([corpus / path], root / "predictions", alias=promoted, home=root,
+                              backbone_uri=f"{retrained['backbone']}")
+    overlay = predictions[0].get("overlay", "(refused: " + str(predictions[0].get("error")) + ")")
+    console.rule("4/5  results: frozen-backbone heads, pretrained vs random-init vs the DAX paper")
+    console.print(retrained["results_markdown"], markup=False, highlight=False)
+    knn = retrained.get("knn") or []
+    if knn:
+        console.print(f"kNN body-region accuracy during pretraining: random init {knn[0]['knn_accuracy']:.3f} -> "
+                      f"{knn[-1]['knn_accuracy']:.3f} after {knn[-1]['epoch']} epochs")
+    console.print(f"promotion: {retrained['backbone']} is now @{promoted}")
+    console.rule("5/5  where to look")
+    uri = tracking_uri(root)
+    console.print(f"MLflow UI:         mlflow ui --backend-store-uri {uri}\n"
+                  f"catalog report:    {report}\n"
+                  f"query the catalog: dax catalog sql \"SELECT * FROM runs\" --home {root}\n"
+                  f"prediction:        {overlay}\n"
+                  f"montage:           {png}\n"
+                  f"took {time.perf_counter() - began:.0f} s", highlight=False)
 
 
 if __name__ == "__main__":

@@ -167,6 +167,9 @@ def train_loader(selection: Selection, transform: Callable, batch_size: int, ste
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
         persistent_workers=False, prefetch_factor=4 if workers else None,
+        # fresh worker processes: forked from a Prefect flow run (its threads, event loop and atexit
+        # hooks), workers exit with status 1 at the end of an epoch and the DataLoader fails
+        multiprocessing_context="spawn" if workers else None,
         # its own generator: making the iterator draws a base seed, which must not come from (and
         # advance) the training process's global RNG, or a resumed run would diverge
         generator=torch.Generator().manual_seed(_seed(seed, epoch, rank)))

@@ -20,13 +20,22 @@ __all__ = ["RunLogger", "code_version", "git_commit", "configure_tracking", "ens
 PIP_REQUIREMENTS = ["torch==2.14.1", "torchvision==0.29.1", "timm>=1.0,<1.1", "dax"]
 
 
+# Marks an MLFLOW_TRACKING_URI that DAX derived from a home (not one the user set), so that another
+# home later in the same process gets its own store instead of inheriting the first one's.
+_FROM_HOME = "DAX_TRACKING_URI_FROM_HOME"
+
+
 def tracking_uri(home: Path) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(home).resolve() / 'mlflow.db'}"
+    user_set = os.environ.get("MLFLOW_TRACKING_URI") and os.environ.get(_FROM_HOME) != "1"
+    return os.environ["MLFLOW_TRACKING_URI"] if user_set else f"sqlite:///{Path(home).resolve() / 'mlflow.db'}"
 
 
 def configure_tracking(home: Path) -> str:
     import mlflow
+    user_set = bool(os.environ.get("MLFLOW_TRACKING_URI")) and os.environ.get(_FROM_HOME) != "1"
     uri = tracking_uri(home)
+    if not user_set:
+        os.environ[_FROM_HOME] = "1"
     os.environ["MLFLOW_TRACKING_URI"] = uri        # child processes (torchrun ranks) see the same store
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or uri)

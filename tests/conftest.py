@@ -97,8 +97,6 @@ HEADS_TEST_OVERRIDES = {"linear_epochs": 30, "mlp_epochs": 30, "few_shot_epochs"
 @pytest.fixture(scope="session")
 def heads_flow(heads_corpus) -> dict:
     """The heads flow on that home: 2 seeds, every task, 64 px, tiny budgets."""
-    import torch
-
     from flows.heads import heads
     with heads_tracking(heads_corpus.home):
         return heads(torch_threads=1, backbone=heads_corpus.backbone, home=str(heads_corpus.home), labels=str(heads_corpus.labels),

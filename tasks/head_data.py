@@ -1,0 +1,238 @@
+"""Labelled evaluation data for the frozen-backbone heads, at one evaluation size ``S``.
+
+Every image goes through ``XrayEvalTransform(size=S)``: the stored image (already resized from the
+native detector grid at ingestion) is resized so its long side is ``S``, centred and zero-padded to a
+square (the letterbox). Masks and screws follow the same geometry, so a pixel of the input square maps
+back to the NATIVE detector grid (the DICOM's Rows x Columns, where the labels live and the metrics
+are reported) by one affine map per axis (``Letterbox``):
+
+    input = native * scale + offset,   scale = new_side / native_side,   offset = letterbox padding
+
+(the stored resize and the letterbox resize compose: stored = native * rows / orig_rows, input = stored
+* new_h / rows + top; ``rows`` cancels). Coordinates are continuous pixel coordinates with pixel edges
+at integers (x = column, y = row), as ``letterbox_geometry`` and the generator's screws use them.
+
+``load_head_dataset`` reads the labels (``tasks.labels.load_labels``), then the images shard by shard
+into preallocated tensors: memory is N x S x S x (2 bytes image + 1 byte mask), known in advance and
+refused above ``max_bytes``; nothing else of size N x S x S is ever held.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dax_models.augment import XrayEvalTransform, letterbox_geometry
+from tasks.labels import BODY_REGIONS, load_labels
+from tasks.pretrain_data import read_samples
+
+__all__ = ["HeadDataset", "Letterbox", "load_head_dataset", "mask_to_input", "mask_to_native"]
+
+DEFAULT_MAX_BYTES = 8 << 30
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """The map between NATIVE pixel coordinates (h x w) and the S x S letterboxed input."""
+
+    native_h: int
+    native_w: int
+    size: int
+    new_h: int
+    new_w: int
+    top: int
+    left: int
+
+    @classmethod
+    def of(cls, native_h: int, native_w: int, size: int) -> "Letterbox":
+        """The geometry ``XrayEvalTransform(size)`` gives an image whose native grid is h x w.
+
+        The stored image has the native aspect ratio (ingestion keeps it, up to rounding), so the
+        letterbox computed on the native size is the one computed on the stored size (checked in
+        ``load_head_dataset``).
+        """
+        new_h, new_w, top, left = letterbox_geometry(int(native_h), int(native_w), int(size))
+        return cls(int(native_h), int(native_w), int(size), new_h, new_w, top, left)
+
+    @classmethod
+    def for_stored(cls, native_h: int, native_w: int, stored_h: int, stored_w: int, size: int) -> "Letterbox":
+        """The geometry of an image stored at (stored_h, stored_w) (resized from the native grid at
+        ingestion, aspect kept up to rounding) and letterboxed to ``size`` by ``XrayEvalTransform``:
+        the square's content is what the stored image became, its extent maps onto the native grid."""
+        new_h, new_w, top, left = letterbox_geometry(int(stored_h), int(stored_w), int(size))
+        return cls(int(native_h), int(native_w), int(size), new_h, new_w, top, left)
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """(sx, sy): input pixels per native pixel along x (columns) and y (rows)."""
+        return self.new_w / self.native_w, self.new_h / self.native_h
+
+    def to_input(self, points: np.ndarray) -> np.ndarray:
+        """(..., 2) native (x, y) -> input (x, y)."""
+        p = np.asarray(points, dtype=np.float64)
+        sx, sy = self.scale
+        return np.stack([p[..., 0] * sx + self.left, p[..., 1] * sy + self.top], axis=-1)
+
+    def to_native(self, points: np.ndarray) -> np.ndarray:
+        """(..., 2) input (x, y) -> native (x, y): the inverse of ``to_input``."""
+        p = np.asarray(points, dtype=np.float64)
+        sx, sy = self.scale
+        return np.stack([(p[..., 0] - self.left) / sx, (p[..., 1] - self.top) / sy], axis=-1)
+
+    def screws_to_native(self, screws: np.ndarray) -> np.ndarray:
+        """(K, 4) [hx, hy, tx, ty] input -> native (extra columns, e.g. a score, are kept)."""
+        s = np.asarray(screws, dtype=np.float64).reshape(-1, np.shape(screws)[-1] if np.size(screws) else 4)
+        out = s.copy()
+        out[:, 0:2] = self.to_native(s[:, 0:2])
+        out[:, 2:4] = self.to_native(s[:, 2:4])
+        return out
+
+    def screws_to_input(self, screws: np.ndarray) -> np.ndarray:
+        s = np.asarray(screws, dtype=np.float64).reshape(-1, np.shape(screws)[-1] if np.size(screws) else 4)
+        out = s.copy()
+        out[:, 0:2] = self.to_input(s[:, 0:2])
+        out[:, 2:4] = self.to_input(s[:, 2:4])
+        return out
+
+    def as_row(self) -> list[int]:
+        return [self.native_h, self.native_w, self.size, self.new_h, self.new_w, self.top, self.left]
+
+
+def mask_to_input(mask: np.ndarray, box: Letterbox) -> torch.Tensor:
+    """A NATIVE (h, w) bool mask -> (S, S) bool in the letterbox (area-weighted resize, > 0.5)."""
+    m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
+    if m.shape[-2:] != (box.native_h, box.native_w):
+        raise ValueError(f"mask is {tuple(m.shape[-2:])}, native grid is {(box.native_h, box.native_w)}")
+    small = F.interpolate(m, size=(box.new_h, box.new_w), mode="bilinear", antialias=True, align_corners=False)
+    out = torch.zeros(box.size, box.size, dtype=torch.bool)
+    out[box.top:box.top + box.new_h, box.left:box.left + box.new_w] = small[0, 0] > 0.5
+    return out
+
+
+def mask_to_native(probability: torch.Tensor, box: Letterbox, threshold: float = 0.5) -> np.ndarray:
+    """An (S, S) probability map of the input -> NATIVE (h, w) bool mask (padding cut, bilinear resize)."""
+    p = probability.float().reshape(box.size, box.size)
+    inner = p[box.top:box.top + box.new_h, box.left:box.left + box.new_w][None, None]
+    native = F.interpolate(inner, size=(box.native_h, box.native_w), mode="bilinear", align_corners=False)
+    return (native[0, 0] > threshold).numpy()
+
+
+@dataclass
+class HeadDataset:
+    """Labelled images at one evaluation size; rows in ``keys`` order.
+
+    - ``images`` (N, 1, S, S) float16 in [0, 1] (``XrayEvalTransform``);
+    - ``regions`` (N,) int64 class ids (index into ``BODY_REGIONS``; -1 if unknown);
+    - ``masks`` (N, S, S) bool metal masks in the letterbox (None when not loaded);
+    - ``screws``: per image a (K, 4) float64 array [head_x, head_y, tip_x, tip_y] in INPUT pixels
+      (visible screws only: both points inside the exposed field);
+    - ``native_screws``: the same screws in NATIVE pixels (the metrics' reference, untouched labels);
+    - ``boxes``: per image the ``Letterbox`` (input <-> native);
+    - ``mask_pngs``: per image the NATIVE metal mask as the label file's PNG bytes (None: no mask),
+      decoded only where metrics are computed at native resolution (``native_mask``);
+    - ``splits``: 'train' / 'val' / 'test' (by patient, ``tasks.labels.patient_split``).
+    """
+
+    size: int
+    keys: list[str]
+    images: torch.Tensor
+    regions: torch.Tensor
+    masks: torch.Tensor | None
+    screws: list[np.ndarray]
+    native_screws: list[np.ndarray]
+    boxes: list[Letterbox]
+    splits: np.ndarray
+    patient_keys: list[str]
+    mask_pngs: list[bytes | None] = field(default_factory=list)
+    classes: tuple[str, ...] = field(default=tuple(BODY_REGIONS))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def native_mask(self, i: int) -> np.ndarray:
+        """The NATIVE (h, w) bool metal mask of image ``i`` (all False when it has none)."""
+        from tasks.synth.study import png_to_mask
+        raw = self.mask_pngs[i] if self.mask_pngs else None
+        if not raw:
+            return np.zeros((self.boxes[i].native_h, self.boxes[i].native_w), dtype=bool)
+        return png_to_mask(raw)
+
+    def indices(self, split: str) -> np.ndarray:
+        return np.flatnonzero(self.splits == split)
+
+    @property
+    def digest(self) -> str:
+        """Identity of the data (keys, size, geometry): part of the feature cache's key."""
+        h = hashlib.sha256(f"dax-head-data:v1:{self.size}\n".encode())
+        for key, box in zip(self.keys, self.boxes):
+            h.update(f"{key}:{box.as_row()}\n".encode())
+        return h.hexdigest()
+
+    def summary(self) -> dict:
+        counts = {s: int((self.splits == s).sum()) for s in ("train", "val", "test")}
+        return {"images": len(self), "size": self.size, "patients": len(set(self.patient_keys)),
+                "screws": int(sum(len(s) for s in self.screws)),
+                "with_metal": int(self.masks.flatten(1).any(1).sum()) if self.masks is not None else None,
+                **{f"{k}_images": v for k, v in counts.items()}}
+
+
+def _screw_rows(items) -> np.ndarray:
+    rows = [[s["head_x"], s["head_y"], s["tip_x"], s["tip_y"]] for s in (items or []) if s.get("visible", True)]
+    return np.asarray(rows, dtype=np.float64).reshape(-1, 4)
+
+
+def load_head_dataset(home: Path, labels_path: Path, size: int = 224, where: str | None = None,
+                      masks: bool = True, max_images: int | None = None,
+                      max_bytes: int = DEFAULT_MAX_BYTES) -> HeadDataset:
+    """The labelled catalog images at evaluation size ``size`` (see the module docstring).
+
+    ``max_images`` keeps an evenly spread subset (deterministic); ``max_bytes`` bounds the memory of
+    the image and mask tensors (a clear error, not an out-of-memory kill).
+    """
+    from tasks.synth.study import png_to_mask
+
+    columns = ("region", "metal_mask_png", "screws") if masks else ("region", "screws")
+    rows = load_labels(Path(home), Path(labels_path), columns, where).to_pylist()
+    if max_images is not None and len(rows) > max_images:
+        rows = [rows[i] for i in np.linspace(0, len(rows) - 1, max_images).round().astype(int)]
+    n = len(rows)
+    need = n * size * size * (2 + (1 if masks else 0))
+    if need > max_bytes:
+        raise MemoryError(f"{n} images at {size} px need {need / 2**30:.1f} GiB (limit {max_bytes / 2**30:.1f} GiB): "
+                          "use a smaller size, max_images or a where filter")
+    position = {row["key"]: i for i, row in enumerate(rows)}
+    by_shard: dict[str, list[str]] = defaultdict(list)
+    for row in rows:
+        by_shard[row["shard"]].append(row["key"])
+
+    images = torch.zeros(n, 1, size, size, dtype=torch.float16)
+    mask_tensor = torch.zeros(n, size, size, dtype=torch.bool) if masks else None
+    seen = np.zeros(n, dtype=bool)
+    transform = XrayEvalTransform(size=size)
+    boxes: list[Letterbox] = [None] * n  # type: ignore[list-item]  # set from each stored image below
+    for key, pixels, _meta in read_samples(Path(home) / "shards", by_shard):
+        i = position[key]
+        boxes[i] = box = Letterbox.for_stored(rows[i]["orig_rows"], rows[i]["orig_cols"], *pixels.shape, size)
+        images[i] = transform(pixels).to(torch.float16)
+        if masks:
+            raw = rows[i].get("metal_mask_png")
+            if raw:
+                mask_tensor[i] = mask_to_input(png_to_mask(raw), box)
+        seen[i] = True
+    if not seen.all():
+        missing = int((~seen).sum())
+        raise FileNotFoundError(f"{missing} labelled catalog images were not found in their shards")
+    regions = torch.tensor([BODY_REGIONS.index(r["region"]) if r["region"] in BODY_REGIONS else -1 for r in rows],
+                           dtype=torch.long)
+    native_screws = [_screw_rows(r.get("screws")) for r in rows]
+    screws = [box.screws_to_input(s) for s, box in zip(native_screws, boxes)]
+    return HeadDataset(size=size, keys=[r["key"] for r in rows], images=images, regions=regions,
+                       masks=mask_tensor, screws=screws, native_screws=native_screws, boxes=boxes,
+                       splits=np.asarray([r["split"] for r in rows]),
+                       patient_keys=[r["patient_key"] for r in rows],
+                       mask_pngs=[r.get("metal_mask_png") for r in rows] if masks else [])

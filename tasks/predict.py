@@ -1,0 +1,289 @@
+"""`dax predict`: the registered backbone and heads on DICOM files that were never ingested.
+
+Per file, everything in memory, as ingestion does it (``tasks.ingest.prepare_file``): read
+(``tasks.triage.read_dicom``), decode the stored pixels (``tasks.normalize.decode_frames``), check
+and clean burned-in text (``tasks.burned_in``; an image that needs a pixel review is refused, as
+ingestion quarantines it), de-identify (``tasks.deidentify.deidentify`` with the key of ``load_key()``),
+normalize (``tasks.normalize.normalize``, the ingest default long side 1024). The source file is only
+read; no raw or de-identified DICOM, path or header value is written or logged.
+
+Then one frame (``frame``, default the first) goes through ``XrayEvalTransform`` at the heads' size,
+the backbone runs once, and each head's output is mapped back to the ORIGINAL DICOM pixel grid
+(Rows x Columns) by the letterbox's inverse (``tasks.head_data.Letterbox``): normalize's resize and
+the letterbox's resize and padding are undone.
+
+Outputs, named by the first 16 hex digits of the file's SHA-256, NOT by the input's file name
+(hospital file and folder names carry patient names and record numbers):
+
+- ``<sha16>.json``: ``{"regions": [{"label", "probability"}] (top 3, best first), "screws":
+  [{"head": [x, y], "tip": [x, y], "score"}] (original pixel coordinates, x = column, y = row,
+  pixel edges at integers), "mask": "<sha16>_mask.png", "size": [rows, cols], "frame", "frames",
+  "models": {...}}``;
+- ``<sha16>_mask.png``: the metal mask at the original size (8-bit, 0 or 255);
+- ``<sha16>.png``: an overlay like DAX's Figure 2 (top-3 regions, the mask, the screws with scores).
+
+A file that cannot be used (not DICOM, no pixel data, undecodable, needs a pixel review) raises a
+``PredictError`` with a one-line reason naming no path or value; ``predict`` records it and goes on.
+"""
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from dax_models.augment import XrayEvalTransform
+from dax_models.heads import decode_screws
+from tasks.head_data import Letterbox, mask_to_native
+from tasks.head_training import extract, resolve_device, resolve_model
+
+__all__ = ["DEFAULT_BACKBONE", "LoadedModels", "PredictError", "Prepared", "load_models", "predict", "predict_file",
+           "prepare_dicom"]
+
+DEFAULT_BACKBONE = "models:/dax-backbone-vit_tiny_patch16@candidate"
+TASKS = ("region", "metal", "screws")
+INGEST_MAX_SIZE = 1024          # the ingest flow's default long side
+
+
+class PredictError(ValueError):
+    """A file prediction refused, with a one-line reason (no path, no DICOM value)."""
+
+
+@dataclass
+class LoadedModels:
+    backbone: torch.nn.Module
+    heads: dict                      # task -> FrozenHead
+    refs: dict = field(default_factory=dict)    # "backbone" / task -> "<name>/<version>"
+    device: torch.device = torch.device("cpu")
+
+
+def load_models(backbone_uri: str | None = None, head_uris: dict[str, str] | None = None, alias: str = "candidate",
+                tasks: Sequence[str] = TASKS, home: str | Path | None = None, device: str = "auto") -> LoadedModels:
+    """The backbone and one head per task from the MLflow registry (the home's store by default).
+
+    A head is ``head_uris[task]`` or ``models:/dax-head-<task>-<arch>@<alias>``; it must have been trained
+    on this very backbone version (its ``dax.backbone`` tag), else the features would not be the ones it
+    learned on and a clear error says so.
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from flows.home import dax_home
+    from tasks.tracking import configure_tracking
+
+    configure_tracking(dax_home(home))
+    dev = resolve_device(device)
+    name, version = resolve_model(backbone_uri or DEFAULT_BACKBONE)
+    backbone = mlflow.pytorch.load_model(f"models:/{name}/{version}", map_location="cpu").eval().to(dev)
+    refs = {"backbone": f"{name}/{version}"}
+    client = MlflowClient()
+    heads = {}
+    for task in tasks:
+        uri = (head_uris or {}).get(task) or f"models:/dax-head-{task}-{backbone.arch}@{alias}"
+        try:
+            head_name, head_version = resolve_model(uri)
+        except Exception as error:  # noqa: BLE001 - MLflow raises several types for "not found"
+            raise PredictError(f"no registered {task} head at {uri} (run `dax heads` first): "
+                               f"{type(error).__name__}") from None
+        tag = client.get_model_version(head_name, head_version).tags.get("dax.backbone")
+        if tag != refs["backbone"]:
+            raise PredictError(f"the {task} head {head_name}/{head_version} was trained on backbone {tag}, "
+                               f"not on {refs['backbone']}: give the matching backbone or head")
+        head = mlflow.pytorch.load_model(f"models:/{head_name}/{head_version}", map_location="cpu")
+        heads[task] = head.eval().to(dev)
+        refs[task] = f"{head_name}/{head_version}"
+    return LoadedModels(backbone, heads, refs, dev)
+
+
+@dataclass
+class Prepared:
+    """One de-identified, normalized frame and its geometry (no header value kept)."""
+
+    pixels: np.ndarray           # uint16 (H, W), MONOCHROME2 polarity, long side <= max_size
+    original: tuple[int, int]    # the DICOM's Rows x Columns
+    frame: int
+    frames: int
+
+
+def prepare_dicom(path: Path, frame: int = 0, max_size: int = INGEST_MAX_SIZE, key=None,
+                  plan_cache: Path | None = None) -> Prepared:
+    """Read, check, de-identify and normalize one DICOM file in memory, as ingestion does."""
+    from tasks.burned_in import assess, black_level, clean
+    from tasks.deidentify import DEFAULT_RECIPE, load_key
+    from tasks.deidentify import deidentify as deidentify_dataset
+    from tasks.normalize import NormalizeConfig, PixelDataError, decode_frames, normalize
+    from tasks.triage import Rejected, read_dicom
+
+    try:
+        ds = read_dicom(Path(path))
+    except Rejected as rejected:
+        raise PredictError(rejected.reason) from None
+    except OSError as error:
+        raise PredictError(f"cannot read the file ({type(error).__name__})") from None
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise PredictError("no pixel data (not an image)")
+    try:
+        frames = decode_frames(ds)
+    except PixelDataError as error:
+        raise PredictError(str(error)) from None
+    n = int(frames.shape[0])
+    if not 0 <= frame < n:
+        raise PredictError(f"frame {frame} asked for, the file has {n} frame(s)")
+    verdict = assess(ds, frames, recipe=DEFAULT_RECIPE)
+    if verdict.action == "review":
+        raise PredictError(f"needs pixel review before use: {verdict.reason}")
+    if verdict.action == "clean":
+        frames = clean(frames, verdict, black_level(ds))
+    result = deidentify_dataset(ds, key or load_key(), recipe=DEFAULT_RECIPE, reread=lambda: read_dicom(Path(path)),
+                                plan_cache=plan_cache)
+    try:
+        normalized = normalize(result.dataset, frames[frame:frame + 1], NormalizeConfig(max_size=max_size))
+    except PixelDataError as error:
+        raise PredictError(str(error)) from None
+    return Prepared(normalized[0].pixels, (int(frames.shape[1]), int(frames.shape[2])), frame, n)
+
+
+@torch.no_grad()
+def run_models(models: LoadedModels, prepared: Prepared, top: int = 3) -> dict:
+    """Backbone + heads on one prepared frame; outputs in ORIGINAL pixel coordinates."""
+    rows, cols = prepared.original
+    out: dict = {"size": [rows, cols]}
+    by_size: dict[int, list[str]] = {}
+    for task, head in models.heads.items():
+        by_size.setdefault(int(head.size), []).append(task)
+    for size, tasks in sorted(by_size.items()):
+        box = Letterbox.for_stored(rows, cols, *prepared.pixels.shape, size)
+        x = XrayEvalTransform(size=size)(prepared.pixels)[None].to(models.device)
+        parts = {models.heads[t].features for t in tasks}
+        features = extract(models.backbone, x, parts)
+        for task in tasks:
+            head = models.heads[task]
+            result = head(features[head.features])
+            if task == "region":
+                probs = torch.softmax(result.float(), dim=1)[0].cpu()
+                values, order = probs.topk(min(top, len(probs)))
+                out["regions"] = [{"label": head.classes[int(i)], "probability": round(float(p), 4)}
+                                  for p, i in zip(values, order)]
+            elif task == "metal":
+                out["mask_array"] = mask_to_native(torch.sigmoid(result.float())[0, 0].cpu(), box)
+            else:
+                decoded = decode_screws({k: v.float().cpu() for k, v in result.items()}, (size, size),
+                                        max_screws=20, threshold=head.threshold)[0]
+                screws = []
+                for s in decoded:
+                    (hx, hy), (tx, ty) = box.to_native(np.array([s["head"], s["tip"]]))
+                    screws.append({"head": [round(float(hx), 2), round(float(hy), 2)],
+                                   "tip": [round(float(tx), 2), round(float(ty), 2)], "score": round(s["score"], 4)})
+                out["screws"] = screws
+    return out
+
+
+def _mask_png(mask: np.ndarray) -> bytes:
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def overlay_figure(prepared: Prepared, result: dict, path: Path) -> Path:
+    """DAX's Figure 2 for one image: the image, the metal mask (red), the screws (head dot, score) and
+    the top-3 regions, drawn in the ORIGINAL pixel coordinates."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    rows, cols = prepared.original
+    img = prepared.pixels.astype(np.float32)
+    lo, hi = np.percentile(img, [0.5, 99.5])
+    img = np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1)
+    width = 6.0
+    fig = plt.figure(figsize=(width, width * rows / cols))
+    ax = fig.add_axes([0, 0, 1, 1])
+    ax.imshow(img, cmap="gray", extent=(0, cols, rows, 0), interpolation="bilinear")
+    mask = result.get("mask_array")
+    if mask is not None and mask.any():
+        ax.imshow(np.ma.masked_where(~mask, mask), cmap=ListedColormap(["red"]), alpha=0.45, extent=(0, cols, rows, 0),
+                  interpolation="nearest", vmin=0, vmax=1)
+    for s in result.get("screws", []):
+        (hx, hy), (tx, ty) = s["head"], s["tip"]
+        ax.plot([hx, tx], [hy, ty], color="cyan", lw=1.5)
+        ax.plot([hx], [hy], "o", color="yellow", ms=3)
+        ax.text(hx, hy, f" {s['score']:.2f}", color="yellow", fontsize=7, va="bottom")
+    if result.get("regions"):
+        text = "\n".join(f"{r['label']}: {100 * r['probability']:.1f} %" for r in result["regions"])
+        ax.text(0.02 * cols, 0.03 * rows, text, color="white", fontsize=8, va="top", ha="left",
+                bbox={"facecolor": "black", "alpha": 0.6, "edgecolor": "none"})
+    ax.set_xlim(0, cols)
+    ax.set_ylim(rows, 0)
+    ax.set_axis_off()
+    fig.savefig(path, dpi=max(80, min(200, int(min(cols, 1024) / width))))
+    plt.close(fig)
+    return path
+
+
+def predict_file(path: Path, out_dir: Path, models: LoadedModels, frame: int = 0, max_size: int = INGEST_MAX_SIZE,
+                 key=None, plan_cache: Path | None = None) -> dict:
+    """Predict one file; writes ``<sha16>.json``, ``<sha16>_mask.png`` and ``<sha16>.png`` under ``out_dir``."""
+    from tasks.fileio import sha256_file
+
+    try:
+        name = sha256_file(Path(path))[:16]
+    except OSError as error:
+        raise PredictError(f"cannot read the file ({type(error).__name__})") from None
+    prepared = prepare_dicom(Path(path), frame=frame, max_size=max_size, key=key, plan_cache=plan_cache)
+    result = run_models(models, prepared)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = {"regions": result.get("regions", []), "screws": result.get("screws", []),
+              "mask": f"{name}_mask.png" if "mask_array" in result else None,
+              "size": result["size"], "frame": prepared.frame, "frames": prepared.frames, "models": models.refs}
+    if "mask_array" in result:
+        (out_dir / f"{name}_mask.png").write_bytes(_mask_png(result["mask_array"]))
+    overlay_figure(prepared, result, out_dir / f"{name}.png")
+    (out_dir / f"{name}.json").write_text(json.dumps(record, indent=2))
+    return {"name": name, "json": str(out_dir / f"{name}.json"), "overlay": str(out_dir / f"{name}.png"),
+            **{k: record[k] for k in ("regions", "screws", "mask", "size")}}
+
+
+def predict(files: Iterable[str | Path], out_dir: str | Path, backbone_uri: str | None = None,
+            head_uris: dict[str, str] | None = None, alias: str = "candidate", home: str | Path | None = None,
+            tasks: Sequence[str] = TASKS, frame: int = 0, device: str = "auto", max_size: int = INGEST_MAX_SIZE,
+            on_result: Callable[[int, dict], None] | None = None) -> list[dict]:
+    """Run the registered backbone and heads on each file; outputs named by SHA-256 (module docstring).
+
+    Returns one entry per input, in order: ``{"input": i, "status": "ok", "name": <sha16>, ...}`` or
+    ``{"input": i, "status": "error", "name": <sha16 or None>, "error": <one line>}`` (``i`` counts
+    from 1; no path is echoed). ``on_result(i, entry)`` is called as each file finishes. The
+    de-identification key comes from ``tasks.deidentify.load_key()`` (DAX_DEID_SECRET or the
+    Prefect Secret block), as for ingestion.
+    """
+    from flows.home import dax_home
+    from tasks.deidentify import load_key
+    from tasks.fileio import sha256_file
+
+    key = load_key()              # fails early and clearly without a secret
+    models = load_models(backbone_uri, head_uris, alias, tasks, home, device)
+    root = dax_home(home)
+    plan_cache = root / "cache" / "deid-plans" if root.is_dir() else None
+    results = []
+    for i, path in enumerate(files, start=1):
+        try:
+            entry = {"input": i, "status": "ok", **predict_file(Path(path), Path(out_dir), models, frame, max_size,
+                                                                key, plan_cache)}
+        except Exception as error:  # noqa: BLE001 - one bad file never stops the others
+            reason = str(error) if isinstance(error, PredictError) else f"unexpected error ({type(error).__name__})"
+            try:
+                name = sha256_file(Path(path))[:16]
+            except OSError:
+                name = None
+            entry = {"input": i, "status": "error", "name": name, "error": reason.splitlines()[0] if reason else
+                     type(error).__name__}
+        results.append(entry)
+        if on_result is not None:
+            on_result(i, entry)
+    return results

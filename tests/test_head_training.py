@@ -1,0 +1,245 @@
+"""Frozen-backbone heads: letterbox geometry, cached features, heads that learn, the fan-out flow.
+
+The corpus tests run on real shards (``small_corpus`` copied into the heads' home by ``heads_corpus``),
+with a backbone registered by a real 3-step DINO pretraining and the real MLflow SQLite store.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import Counter
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from dax_models.backbones import create_backbone
+from dax_models.metrics import segmentation_metrics
+from tasks.head_data import Letterbox, load_head_dataset, mask_to_input, mask_to_native
+from tasks.head_training import (FeatureStore, HeadConfig, LiveFeatures, evaluate_screws, extract, fit_classifier,
+                                 fit_screw_head, fit_segmenter, predict_masks, predict_screws, run_task,
+                                 train_end_to_end)
+from tasks.labels import BODY_REGIONS
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op thread: on a shared 2-core machine, 2 spinning threads per op cost far more than they give."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+# --- geometry and features (no corpus) ------------------------------------------------------------------
+
+@pytest.mark.parametrize("native, stored, size", [((1500, 2200), (698, 1024), 128), ((450, 375), (128, 107), 64),
+                                                  ((256, 256), (128, 128), 64)])
+def test_the_letterbox_maps_native_points_and_masks_both_ways(native, stored, size):
+    box = Letterbox.for_stored(*native, *stored, size)
+    assert box.top + box.new_h <= size and box.left + box.new_w <= size and max(box.new_h, box.new_w) == size
+    points = np.array([[0.0, 0.0], [native[1], native[0]], [native[1] / 3, native[0] * 0.7]])
+    mapped = box.to_input(points)
+    np.testing.assert_allclose(mapped[0], [box.left, box.top])
+    np.testing.assert_allclose(mapped[1], [box.left + box.new_w, box.top + box.new_h])
+    np.testing.assert_allclose(box.to_native(mapped), points, atol=1e-9)
+    screws = np.array([[10.0, 20.0, 30.0, 40.0, 0.9]])
+    np.testing.assert_allclose(box.screws_to_native(box.screws_to_input(screws)), screws, atol=1e-9)
+    # a rectangle survives the trip native -> letterbox -> native (up to one input pixel at the edges)
+    mask = np.zeros(native, dtype=bool)
+    r0, r1, c0, c1 = native[0] // 4, native[0] // 2, native[1] // 3, native[1] * 3 // 4
+    mask[r0:r1, c0:c1] = True
+    small = mask_to_input(mask, box)
+    assert small.shape == (size, size) and not small[:box.top].any() and not small[:, :box.left].any()
+    back = mask_to_native(small.float(), box)
+    assert back.shape == native
+    assert segmentation_metrics(torch.from_numpy(back), torch.from_numpy(mask))["iou"] > 0.8
+
+
+@pytest.mark.parametrize("arch", ["vit_tiny_patch16", "resnet18"])
+def test_one_backbone_pass_gives_the_three_feature_views(arch):
+    torch.manual_seed(0)
+    backbone = create_backbone(arch, 1, img_size=32).eval()
+    x = torch.rand(2, 1, 32, 32)
+    out = extract(backbone, x)
+    with torch.no_grad():
+        torch.testing.assert_close(out["pooled"], backbone(x))
+        torch.testing.assert_close(out["cls4"], backbone.last_blocks_cls(x))
+        for got, want in zip(out["maps"], backbone.feature_maps(x), strict=True):
+            torch.testing.assert_close(got, want)
+
+
+def test_features_are_computed_once_cached_on_disk_and_reused(tmp_path):
+    torch.manual_seed(0)
+    backbone = create_backbone("vit_tiny_patch16", 1, img_size=32)
+    images = torch.rand(10, 1, 32, 32).to(torch.float16)
+    calls = []
+    backbone.model.patch_embed.register_forward_hook(lambda *_: calls.append(1))
+    first = FeatureStore.compute(backbone, images, batch_size=4, cache_dir=tmp_path)
+    assert len(calls) == 3                                    # ceil(10 / 4) batches, one pass each
+    again = FeatureStore.compute(backbone, images, batch_size=4, cache_dir=tmp_path)
+    assert len(calls) == 3 and again.path == first.path       # a cache hit: no backbone pass
+    assert isinstance(again.maps[0], np.memmap) and again.arrays["pooled"].dtype == np.float16
+    assert [p.name for p in tmp_path.iterdir()] == [first.path.name]
+    live = LiveFeatures(backbone, images)
+    idx = [7, 2, 5]
+    for part in ("pooled", "cls4"):
+        torch.testing.assert_close(again.get(part, idx), live.get(part, idx), atol=2e-2, rtol=1e-2)
+    for cached, computed in zip(again.get("maps", idx), live.get("maps", idx), strict=True):
+        torch.testing.assert_close(cached, computed, atol=2e-2, rtol=1e-2)
+    other = create_backbone("vit_tiny_patch16", 1, img_size=32)   # other weights: another entry
+    FeatureStore.compute(other, images, batch_size=4, cache_dir=tmp_path)
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+# --- on the corpus ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def corpus64(heads_corpus):
+    return load_head_dataset(heads_corpus.home, heads_corpus.labels, size=64)
+
+
+def test_the_dataset_follows_the_letterbox_and_splits_by_patient(corpus64):
+    data = corpus64
+    n = len(data)
+    assert data.images.shape == (n, 1, 64, 64) and data.images.dtype == torch.float16
+    assert data.masks.shape == (n, 64, 64) and data.masks.dtype == torch.bool
+    assert set(data.regions.tolist()) <= set(range(len(BODY_REGIONS)))
+    for patient in set(data.patient_keys):
+        assert len({s for s, p in zip(data.splits, data.patient_keys) if p == patient}) == 1
+    with_screws = [i for i in range(n) if len(data.screws[i])]
+    assert with_screws
+    for i in with_screws:
+        np.testing.assert_allclose(data.boxes[i].screws_to_native(data.screws[i]), data.native_screws[i], atol=1e-6)
+        assert ((data.screws[i] >= 0) & (data.screws[i] <= 64)).all()
+    assert data.masks.any()
+    for i in range(n):   # the letterboxed mask is the native label mask, resized and padded
+        native, box = data.native_mask(i), data.boxes[i]
+        assert native.shape == (box.native_h, box.native_w)
+        ys, xs = np.nonzero(data.masks[i].numpy())
+        assert ((ys >= box.top) & (ys < box.top + box.new_h) & (xs >= box.left) & (xs < box.left + box.new_w)).all()
+        for x, y in box.to_native(np.stack([xs + 0.5, ys + 0.5], axis=1)):   # each positive pixel's centre
+            sx, sy = (1 / s for s in box.scale)                                 # is on native metal
+            window = native[int(max(0, y - sy)):int(y + sy) + 1, int(max(0, x - sx)):int(x + sx) + 1]
+            assert window.any()
+
+
+def test_heads_learn_on_the_training_split(heads_env, corpus64):
+    """Each head, trained on cached features of the registered backbone, fits its training images far
+    better than the same head untrained (region: than always answering the majority class)."""
+    data = corpus64
+    backbone = mlflow.pytorch.load_model(heads_env.backbone, map_location="cpu")
+    store = FeatureStore.compute(backbone, data.images, cache_dir=heads_env.home / "cache" / "features",
+                                 data_digest=data.digest)
+    train = data.indices("train")
+    labels = data.regions
+
+    head, _ = fit_classifier(store, "cls4", train, labels, len(BODY_REGIONS), epochs=150, lr=3e-3, seed=0)
+    with torch.no_grad():
+        fit = (head(store.get("cls4", train)).argmax(1) == labels[train]).float().mean().item()
+    majority = Counter(labels[train].tolist()).most_common(1)[0][1] / len(train)
+    assert fit > majority + 0.25, (fit, majority)
+
+    metal = np.asarray([i for i in train if data.masks[i].any()])
+    trained, _ = fit_segmenter(store, train, data.masks, 64, epochs=60, lr=3e-3, batch_size=16, seed=0)
+    untrained, _ = fit_segmenter(store, train, data.masks, 64, epochs=0, seed=0)
+    dice = {name: segmentation_metrics(predict_masks(m, store, metal, 64, "cpu") > 0.5, data.masks[metal])["dice"]
+            for name, m in (("trained", trained), ("untrained", untrained))}
+    assert dice["trained"] > max(2 * dice["untrained"], dice["untrained"] + 0.1), dice
+
+    trained, _ = fit_screw_head(store, train, data.screws, 64, epochs=60, lr=3e-3, batch_size=16, seed=0)
+    untrained, _ = fit_screw_head(store, train, data.screws, 64, epochs=0, seed=0)
+    f1 = {name: evaluate_screws(predict_screws(m, store, train, 64, "cpu"), data, train, gate=0.05)[1]["f1"]
+          for name, m in (("trained", trained), ("untrained", untrained))}
+    assert f1["trained"] > f1["untrained"] + 0.1, f1
+
+
+def _split_covering_every_test_class(data) -> np.ndarray:
+    """Patients, in key order, go to 'test' while every class they show is still shown by the others and
+    test holds under a third of the images; the rest to 'train' (by patient, as the real split)."""
+    patients = sorted(set(data.patient_keys))
+    images = {p: [i for i, q in enumerate(data.patient_keys) if q == p] for p in patients}
+    test: set[str] = set()
+    for patient in patients:
+        rest = {int(data.regions[i]) for q in patients if q not in test | {patient} for i in images[q]}
+        classes = {int(data.regions[i]) for i in images[patient]}
+        if classes <= rest and sum(len(images[q]) for q in test | {patient}) < len(data) / 3:
+            test.add(patient)
+    return np.asarray(["test" if p in test else "train" for p in data.patient_keys])
+
+
+def test_heads_beat_the_random_init_twin_given_a_backbone_with_a_clear_signal(heads_corpus):
+    """A backbone whose features carry the labels (the twin trained end to end on every labelled image:
+    the test images' labels leak into it on purpose) gives frozen heads that beat the untouched
+    random-init twin on held-out patients; through the same `run_task` each branch of the flow runs.
+    The patients are re-split so that every test class is also in training (24 studies are too few
+    for the hash split to guarantee it)."""
+    data = load_head_dataset(heads_corpus.home, heads_corpus.labels, size=32, masks=False)
+    data = dataclasses.replace(data, splits=_split_covering_every_test_class(data))
+    assert len(data.indices("test")) >= 8
+    torch.manual_seed(0)
+    twin = create_backbone("vit_tiny_patch16", 1, img_size=32)
+    everything = np.arange(len(data))
+    fitted, signal = train_end_to_end(twin, data, everything, None, everything, epochs=27, lr=3e-4, batch_size=32,
+                                      seed=0, device="cpu", return_model=True, augment=False)
+    assert fitted["accuracy"] > 0.8, fitted                   # it did take the labels in
+    config = HeadConfig(size=32, linear_epochs=50, mlp_epochs=50, few_shot=(), e2e_epochs=0)
+    results = {}
+    for name, backbone in (("signal", signal), ("random", twin)):
+        store = FeatureStore.compute(backbone, data.images, parts=("pooled", "cls4"))
+        results[name] = run_task("region", 0, data, store, config, "vit_tiny_patch16").metrics
+    for metric in ("accuracy", "knn_accuracy", "linear_pooled_accuracy"):
+        assert results["signal"][metric] > results["random"][metric] + 0.2, (metric, results)
+
+
+# --- the flow ---------------------------------------------------------------------------------------------
+
+def test_the_flow_fans_out_and_registers_every_head_with_its_backbone(heads_flow, heads_env):
+    summary = heads_flow
+    client = MlflowClient()
+    backbone_ref = f"dax-backbone-vit_tiny_patch16/{heads_env.backbone_version}"
+    assert summary["backbone"] == backbone_ref
+    branches = summary["branches"]
+    assert sorted((b["role"], b["task"], b["seed"]) for b in branches) == sorted(
+        (role, task, seed) for role in ("pretrained", "random") for task in ("region", "metal", "screws")
+        for seed in (0, 1))
+    for task in ("region", "metal", "screws"):
+        name = f"dax-head-{task}-vit_tiny_patch16"
+        versions = client.search_model_versions(f"name = '{name}'")
+        assert len(versions) == 2                             # the pretrained seeds; random-init is never registered
+        for version in versions:
+            assert version.tags["dax.backbone"] == backbone_ref
+            assert version.tags["dax.task"] == task and "dax.val_score" in version.tags
+            assert any(key.startswith("metric.") for key in version.tags)
+        candidate = client.get_model_version_by_alias(name, "candidate")
+        assert str(candidate.version) in {str(v.version) for v in versions}
+        assert summary["registered"][task]["version"] == str(candidate.version)
+        head = mlflow.pytorch.load_model(f"models:/{name}@candidate", map_location="cpu")
+        assert head.task == task and head.size == 64
+    assert all(b["version"] is None for b in branches if b["role"] == "random")
+
+    run = client.get_run(summary["run_id"])
+    assert run.data.tags["dax.backbone"] == backbone_ref
+    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{summary['run_id']}'")
+    assert len(children) == 12
+    artifacts = {a.path for a in client.list_artifacts(summary["run_id"], "results")}
+    assert {"results/heads_table.json", "results/heads.md", "results/heads.csv"} <= artifacts
+    figures = {a.path for a in client.list_artifacts(summary["run_id"], "figures")}
+    assert {f"figures/{t}-{r}-seed0.png" for t in ("region", "metal", "screws") for r in ("pretrained", "random")} \
+        == figures
+    assert any(k.startswith("pretrained.region.accuracy") for k in run.data.metrics)
+    home = str(heads_env.home)
+    assert not any(home in str(v) or str(heads_env.labels.name) in str(v) for v in run.data.params.values())
+
+    rows = {(r["task"], r["metric"]): r for r in summary["table"]}
+    assert rows[("region", "accuracy")]["paper"] == "96.9 %" and rows[("metal", "dice")]["paper"] == "94.1 %"
+    assert rows[("screws", "head_l1_px")]["paper"].startswith("3.28 px")
+    for key in (("region", "accuracy"), ("region", "knn_accuracy"), ("region", "fewshot5_accuracy"),
+                ("region", "e2e_accuracy"), ("metal", "dice_all"), ("screws", "f1")):
+        row = rows[key]
+        assert row["pretrained_n"] == 2 and row["random_n"] == 2 and "±" in row["pretrained"], row
+    table = json.loads(mlflow.artifacts.load_text(f"runs:/{summary['run_id']}/results/heads_table.json"))
+    assert {"pretrained", "random", "paper"} <= set(table["columns"])
+    # features: one cache entry per backbone, computed once and shared by every task and seed
+    assert len(list((heads_env.home / "cache" / "features").glob("*/meta.json"))) >= 2

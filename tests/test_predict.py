@@ -1,0 +1,204 @@
+"""`predict`: never-ingested DICOM in, predictions on the ORIGINAL pixel grid out, named by sha256."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from PIL import Image
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from torch import nn
+
+from dax_models.backbones import Backbone
+from tasks.fileio import sha256_file
+from tasks.head_training import FrozenHead
+from tasks.labels import BODY_REGIONS
+from tasks.predict import LoadedModels, PredictError, predict, predict_file, prepare_dicom
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op thread: on a shared 2-core machine, 2 spinning threads per op cost far more than they give."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+PHI = ("Doe^Jane", "MRN-0042", "19700101")
+HEX16 = re.compile(r"^[0-9a-f]{16}(_mask)?\.(json|png)$")
+
+
+def write_dicom(path, rows=1500, cols=2200, block=(300, 700, 1300, 1900), pixels=True, photometric="MONOCHROME2"):
+    """A CR image with PHI in its header (and its file name, chosen by the caller), 12-bit, a bright block."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.Manufacturer = "CR", "Nowhere Medical"
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.StudyDate = PHI[0], PHI[1], PHI[2], "20240102"
+    if pixels:
+        r0, r1, c0, c1 = block
+        image = np.full((rows, cols), 900, np.uint16) + (np.arange(cols, dtype=np.uint16) // 20)[None]
+        image[r0:r1, c0:c1] = 3000
+        if photometric == "MONOCHROME1":
+            image = 4095 - image
+        ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, cols, 1, photometric
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.PixelData = image.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+class ImageAsFeatures(nn.Module):
+    """A stand-in timm model: its one 'feature map' is the input image itself (stride 1)."""
+
+    num_features = 1
+
+    def forward(self, x):
+        return self.forward_head(x)
+
+    def forward_intermediates(self, x, indices=None, **_):
+        return x, [x]
+
+    def forward_head(self, x):
+        return x.mean((2, 3))
+
+
+class BrightMask(nn.Module):
+    def forward(self, maps, size):
+        return (maps[0] > 0.5).float() * 20 - 10
+
+
+class CentroidScrew(nn.Module):
+    """One screw centred on the bright pixels' centroid, head 0.05 of the width to the left, tip to the right."""
+
+    def forward(self, maps):
+        x = maps[0]
+        b, _, h, w = x.shape
+        weight = (x > 0.5).float()
+        ys, xs = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+        cx = (weight[0, 0] * xs).sum() / weight.sum()
+        cy = (weight[0, 0] * ys).sum() / weight.sum()
+        heat = torch.full((b, 1, h, w), -10.0)
+        heat[0, 0, int(cy), int(cx)] = 10.0
+        offset = torch.zeros(b, 2, h, w)
+        offset[0, 0], offset[0, 1] = cx - int(cx), cy - int(cy)
+        vectors = torch.zeros(b, 4, h, w)
+        vectors[0, 0], vectors[0, 2] = -0.05, 0.05
+        return {"heatmap": heat, "offset": offset, "vectors": vectors}
+
+
+def stub_models(size=128):
+    backbone = Backbone("resnet18", ImageAsFeatures(), 1)
+    region = nn.Linear(1, len(BODY_REGIONS))
+    with torch.no_grad():
+        region.weight.zero_()
+        region.bias.copy_(torch.arange(len(BODY_REGIONS), dtype=torch.float32))
+    heads = {"region": FrozenHead("region", region, "pooled", size, "stub", classes=BODY_REGIONS),
+             "metal": FrozenHead("metal", BrightMask(), "maps", size, "stub"),
+             "screws": FrozenHead("screws", CentroidScrew(), "maps", size, "stub", threshold=0.5)}
+    return LoadedModels(backbone, heads, {"backbone": "stub/1"})
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_predictions_map_back_to_the_original_pixel_grid(tmp_path, monkeypatch, photometric):
+    """1500 x 2200 -> normalized 698 x 1024 -> letterboxed 87 x 128 at row 20 of a 128 square: the bright
+    block's mask and a screw on its centre come back where they are in the DICOM's own pixels."""
+    monkeypatch.setenv("DAX_DEID_SECRET", "test-secret-0123456789")
+    source = write_dicom(tmp_path / "Doe^Jane MRN-0042.dcm", photometric=photometric)
+    out = tmp_path / "out"
+    result = predict_file(source, out, stub_models())
+    name = sha256_file(source)[:16]
+    assert result["name"] == name and result["size"] == [1500, 2200]
+    assert sorted(p.name for p in out.iterdir()) == [f"{name}.json", f"{name}.png", f"{name}_mask.png"]
+
+    record = json.loads((out / f"{name}.json").read_text())
+    assert [r["label"] for r in record["regions"]] == list(BODY_REGIONS[::-1][:3])
+    probabilities = [r["probability"] for r in record["regions"]]
+    assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1.0
+
+    mask = np.asarray(Image.open(out / record["mask"])) > 0
+    assert mask.shape == (1500, 2200)
+    truth = np.zeros_like(mask)
+    truth[300:700, 1300:1900] = True
+    iou = (mask & truth).sum() / (mask | truth).sum()
+    assert iou > 0.85, iou
+    rows, cols = np.nonzero(mask)
+    assert abs(rows.mean() - 500) < 10 and abs(cols.mean() - 1600) < 10
+
+    (screw,) = record["screws"]
+    px = 2200 / 128                                                 # original pixels per input pixel
+    np.testing.assert_allclose(screw["head"], [1600 - 0.05 * 128 * px, 500], atol=0.5 * px)
+    np.testing.assert_allclose(screw["tip"], [1600 + 0.05 * 128 * px, 500], atol=0.5 * px)
+    assert screw["score"] > 0.99
+
+    written = b"".join(p.read_bytes() for p in out.iterdir())
+    assert not any(value.encode() in written for value in PHI + ("Doe", "MRN"))
+
+
+def test_a_bad_file_is_refused_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("DAX_DEID_SECRET", "test-secret-0123456789")
+    text = tmp_path / "Doe^Jane notes.dcm"
+    text.write_text("not an image")
+    with pytest.raises(PredictError, match="not a DICOM file"):
+        prepare_dicom(text)
+    header_only = write_dicom(tmp_path / "Doe^Jane header.dcm", pixels=False)
+    with pytest.raises(PredictError, match="no pixel data") as refused:
+        prepare_dicom(header_only)
+    assert "\n" not in str(refused.value) and "Doe" not in str(refused.value)
+
+
+def test_predict_refuses_bad_files_and_still_writes_the_good_ones(heads_flow, heads_env, tmp_path):
+    """The registered backbone and heads on real radiographs never ingested (pydicom-data's CR chest,
+    deid-data's DX cat), next to a text file and a header without pixels, all with PHI in their names."""
+    from pydicom.data import get_testdata_file
+    from tasks.montage import real_radiographs
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    files = [inputs / "Doe^Jane MRN-0042 notes.dcm", inputs / "Doe^Jane MRN-0042 header.dcm",
+             inputs / "Doe^Jane MRN-0042 chest.dcm"]
+    files[0].write_text("Doe^Jane, MRN-0042: not an image")
+    write_dicom(files[1], pixels=False)
+    shutil.copy(get_testdata_file("RG1_UNCR.dcm"), files[2])
+    cat = [path for title, path in real_radiographs() if "cat" in title]
+    if cat:
+        files.append(inputs / "Doe^Jane MRN-0042 cat.dcm")
+        shutil.copy(cat[0], files[-1])
+    out = tmp_path / "out"
+    seen = []
+    results = predict(files, out, home=heads_env.home, on_result=lambda i, entry: seen.append(i))
+    assert seen == list(range(1, len(files) + 1))
+    assert [r["status"] for r in results] == ["error", "error"] + ["ok"] * (len(files) - 2)
+    assert "not a DICOM file" in results[0]["error"] and "no pixel data" in results[1]["error"]
+    for entry in results[:2]:
+        assert "\n" not in entry["error"] and "Doe" not in entry["error"] and str(inputs) not in entry["error"]
+        assert entry["name"] == sha256_file(files[entry["input"] - 1])[:16]
+    names = sorted(p.name for p in out.iterdir())
+    assert all(HEX16.match(n) for n in names), names
+    assert len(names) == 3 * (len(files) - 2)
+    for entry, path in zip(results[2:], files[2:]):
+        assert entry["name"] == sha256_file(path)[:16]
+        record = json.loads((out / f"{entry['name']}.json").read_text())
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        assert record["size"] == [ds.Rows, ds.Columns]
+        assert len(record["regions"]) == 3 and {r["label"] for r in record["regions"]} <= set(BODY_REGIONS)
+        assert [r["probability"] for r in record["regions"]] == sorted((r["probability"] for r in record["regions"]),
+                                                                       reverse=True)
+        for screw in record["screws"]:
+            assert set(screw) == {"head", "tip", "score"} and len(screw["head"]) == 2
+        assert np.asarray(Image.open(out / record["mask"])).shape == (ds.Rows, ds.Columns)
+        assert record["models"]["backbone"] == f"dax-backbone-vit_tiny_patch16/{heads_env.backbone_version}"
+        assert record["models"]["region"] == "dax-head-region-vit_tiny_patch16/" + heads_flow["registered"]["region"][
+            "version"]
+        assert Image.open(out / f"{entry['name']}.png").size[0] > 100
+    written = b"".join(p.read_bytes() for p in out.glob("*.json"))
+    assert b"Doe" not in written and b"MRN" not in written
