@@ -41,7 +41,7 @@ def finished_job(root: Path, config_name: str, overrides: dict | None, where: st
         if not result.is_file():
             continue
         job = json.loads((job_dir / "job.json").read_text())
-        if job["config"] == json.loads(json.dumps(config)) and json.loads(prepared.read_text())["digest"] == digest:
+        if job["config"] == json.loads(json.dumps(config)) and json.loads(prepared.read_text()).get("query_digest") == digest:
             return json.loads(result.read_text())
     return None
 

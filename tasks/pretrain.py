@@ -312,7 +312,8 @@ def build_models(config: PretrainConfig, d: Dist) -> tuple[nn.Module, nn.Module,
         return MultiCropWrapper(backbone, head)
 
     student, teacher = wrapper(config.drop_path_rate), wrapper(0.0)
-    if d.world > 1 and (config.use_bn_in_head or ARCHITECTURES[config.arch].kind == "resnet"):
+    # SyncBatchNorm is CUDA-only: on CPU (gloo) each rank keeps its own batch statistics
+    if d.world > 1 and d.device.type == "cuda" and (config.use_bn_in_head or ARCHITECTURES[config.arch].kind == "resnet"):
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
     memory_format = torch.channels_last if d.device.type == "cuda" else torch.preserve_format

@@ -62,7 +62,8 @@ def prepare_job(home: Path, job_dir: Path, config: PretrainConfig, where: str | 
                 device: str = "auto") -> dict:
     """Select the images, build the kNN monitor's data, write the job folder; returns a summary."""
     selection = select_images(home, where)
-    summary = {"selected": len(selection.keys), "shards": len(selection.shards), "catalog_images": catalog_images(home)}
+    summary = {"selected": len(selection.keys), "shards": len(selection.shards), "catalog_images": catalog_images(home),
+               "query_digest": selection.digest}     # what the query selected, before holding out test patients
     if labels is not None:
         table = load_labels(home, labels, ("region",)).to_pylist()
         chosen = set(selection.keys)
