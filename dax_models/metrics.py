@@ -315,6 +315,17 @@ def _angle_deg(v1: np.ndarray, v2: np.ndarray) -> np.ndarray:
     return np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
 
 
+def detection_scores(tp: int, n_pred: int, n_true: int) -> tuple[float, float, float]:
+    """Precision, recall, F1 from counts; nothing predicted and nothing to find scores 1.0, other empty
+    denominators 0."""
+    if n_pred == 0 and n_true == 0:
+        return 1.0, 1.0, 1.0
+    precision = tp / n_pred if n_pred else 0.0
+    recall = tp / n_true if n_true else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return precision, recall, f1
+
+
 def screw_metrics(
     predictions: Sequence[Any],
     truths: Sequence[Any],
@@ -364,12 +375,7 @@ def screw_metrics(
         v = v[~np.isnan(v)]
         return float(v.mean()) if v.size else float("nan")
 
-    if n_pred == 0 and n_true == 0:
-        precision = recall = f1 = 1.0
-    else:
-        precision = tp / n_pred if n_pred else 0.0
-        recall = tp / n_true if n_true else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    precision, recall, f1 = detection_scores(tp, n_pred, n_true)
     return {
         "head_l1_px": mean(head_err),
         "tip_l1_px": mean(tip_err),

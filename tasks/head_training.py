@@ -59,7 +59,8 @@ from torch import nn
 from dax_models.backbones import Backbone
 from dax_models.heads import (LinearHead, MLPHead, ScrewHead, SegmentationDecoder, decode_screws, screw_loss,
                               screw_targets)
-from dax_models.metrics import classification_metrics, knn_classify, screw_metrics, segmentation_metrics
+from dax_models.metrics import (classification_metrics, detection_scores, knn_classify, screw_metrics,
+                                 segmentation_metrics)
 from tasks.head_data import HeadDataset, Letterbox, mask_to_native
 
 __all__ = ["FEATURE_PARTS", "TASKS", "FeatureStore", "FrozenHead", "HeadConfig", "LiveFeatures", "backbone_digest",
@@ -568,12 +569,7 @@ def native_screw_metrics(predictions: Sequence[Sequence[dict]], data: HeadDatase
             if m["tp"] and not math.isnan(m[key]):
                 sums[key] += m[key] * m["tp"]
                 weights[key] += m["tp"]
-    if n_pred == 0 and n_true == 0:
-        precision = recall = f1 = 1.0
-    else:
-        precision = tp / n_pred if n_pred else 0.0
-        recall = tp / n_true if n_true else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    precision, recall, f1 = detection_scores(tp, n_pred, n_true)
     result = {key: (sums[key] / weights[key] if weights[key] else float("nan")) for key in sums}
     result.update(precision=float(precision), recall=float(recall), f1=float(f1), tp=int(tp), fp=int(fp), fn=int(fn),
                   num_pred=int(n_pred), num_true=int(n_true), num_images=len(idx))

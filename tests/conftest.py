@@ -4,10 +4,10 @@ import tempfile
 
 _PREFECT_HOME = tempfile.mkdtemp(prefix="dax-test-prefect-")
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from flows.home import QUIET_DEFAULTS  # noqa: E402  (imports nothing heavy; before prefect)
+
+for _name, _value in QUIET_DEFAULTS.items():   # no telemetry, no hub, a 120 s ephemeral-API start
+    os.environ.setdefault(_name, _value)
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 
@@ -108,3 +108,14 @@ def heads_env(heads_corpus):
     """A test that talks to the heads home's MLflow store (and de-identifies: the corpus's secret)."""
     with heads_tracking(heads_corpus.home):
         yield heads_corpus
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread: on a shared 2-core machine, 2 spinning threads per op cost far more than they give."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -24,13 +24,7 @@ from tasks.head_training import (FeatureStore, HeadConfig, LiveFeatures, evaluat
 from tasks.labels import BODY_REGIONS
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 spinning threads per op cost far more than they give."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tests/conftest.py
 
 # --- geometry and features (no corpus) ------------------------------------------------------------------
 

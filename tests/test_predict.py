@@ -20,13 +20,7 @@ from tasks.head_training import FrozenHead
 from tasks.labels import BODY_REGIONS
 from tasks.predict import LoadedModels, PredictError, predict, predict_file, prepare_dicom
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 spinning threads per op cost far more than they give."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tests/conftest.py
 
 PHI = ("Doe^Jane", "MRN-0042", "19700101")
 HEX16 = re.compile(r"^[0-9a-f]{16}(_mask)?\.(json|png)$")
