@@ -9,7 +9,9 @@ which gives DINO and the heads the three views of the features they need:
 - ``last_blocks_cls(x, n=4)``: the CLS tokens of the last ``n`` ViT blocks, normed and concatenated
   (B, n*D): DINO's linear-probe features for ViTs.
 - ``feature_maps(x)``: multi-level maps (B, C_i, H_i, W_i): ResNet stages 1-4 (strides 4-32), or the
-  patch tokens of the last 4 ViT blocks reshaped to (B, D, H/16, W/16). For the dense heads.
+  patch tokens of 4 ViT blocks spread over the depth (``vit_map_blocks``: blocks 3, 6, 9 and 12 of 12,
+  0-based [2, 5, 8, 11], as DPT reads a ViT), normed and reshaped to (B, D, H/16, W/16). For the dense
+  heads: the last 4 blocks alone carry too little local detail for thin metal and screws.
 
 Gray input: ``in_chans=1`` builds the stem for one channel; ``in_chans=3`` keeps a 3-channel stem and
 the gray channel is copied to 3 channels (DAX's habit, and what an ImageNet checkpoint expects).
@@ -29,7 +31,7 @@ import timm
 import torch
 from torch import nn
 
-__all__ = ["ARCHITECTURES", "Backbone", "BackboneSpec", "create_backbone", "load_checkpoint"]
+__all__ = ["ARCHITECTURES", "Backbone", "BackboneSpec", "create_backbone", "load_checkpoint", "vit_map_blocks"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,11 @@ ARCHITECTURES: dict[str, BackboneSpec] = {
 }
 
 
+def vit_map_blocks(depth: int, levels: int = 4) -> list[int]:
+    """0-based indices of ``levels`` ViT blocks evenly spread over ``depth``, the last one included (DPT)."""
+    return [depth * (i + 1) // levels - 1 for i in range(levels)]
+
+
 class Backbone(nn.Module):
     """A timm feature extractor for gray images; see the module docstring for its three outputs."""
 
@@ -58,6 +65,11 @@ class Backbone(nn.Module):
         self.model = model
         self.embed_dim = int(model.num_features)
         self.patch_size = int(model.patch_embed.patch_size[0]) if self.kind == "vit" else None
+
+    @property
+    def map_blocks(self) -> list[int] | None:
+        """The ViT blocks ``feature_maps`` reads (None for ResNets)."""
+        return vit_map_blocks(len(self.model.blocks)) if self.kind == "vit" else None
 
     @property
     def feature_channels(self) -> list[int]:
@@ -84,7 +96,8 @@ class Backbone(nn.Module):
     def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self._input(x)
         if self.kind == "vit":
-            return list(self.model.forward_intermediates(x, indices=4, norm=True, intermediates_only=True))
+            return list(self.model.forward_intermediates(x, indices=self.map_blocks, norm=True,
+                                                         intermediates_only=True))
         return list(self.model.forward_intermediates(x, indices=[1, 2, 3, 4], intermediates_only=True))
 
     @torch.no_grad()

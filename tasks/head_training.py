@@ -5,7 +5,8 @@ Features (``FeatureStore``), one backbone pass per image, stored as float16:
 - ``pooled`` (N, D): ``Backbone.forward`` (ViT CLS after the final norm, ResNet global average pool);
 - ``cls4`` (N, 4D): the CLS tokens of the last 4 ViT blocks, normed and concatenated (DINO's linear
   probe; for ResNets the same as ``pooled``);
-- ``maps``: the multi-level maps of ``Backbone.feature_maps`` (4 levels (N, C_i, H_i, W_i)).
+- ``maps``: the multi-level maps of ``Backbone.feature_maps`` (4 levels (N, C_i, H_i, W_i); for ViTs
+  blocks spread over the depth, ``backbones.vit_map_blocks``).
 
 They are computed once per (backbone weights, data) and kept in memory or, with a cache folder
 (the flow uses ``HOME/cache/features/``), as ``.npy`` memmaps written batch by batch and read by
@@ -165,13 +166,16 @@ def extract(backbone: Backbone, x: torch.Tensor, parts: Sequence[str] = FEATURE_
     out: dict[str, Any] = {}
     if backbone.kind == "vit":
         if parts & {"cls4", "maps"}:
-            final, inter = model.forward_intermediates(x, indices=4, return_prefix_tokens=True, norm=True)
+            last4 = list(range(len(model.blocks) - 4, len(model.blocks)))
+            wanted = sorted(set(last4 if "cls4" in parts else []) | set(backbone.map_blocks if "maps" in parts else []))
+            final, inter = model.forward_intermediates(x, indices=wanted, return_prefix_tokens=True, norm=True)
+            block = dict(zip(wanted, inter))
             if "pooled" in parts:
                 out["pooled"] = model.forward_head(final)
             if "cls4" in parts:
-                out["cls4"] = torch.cat([prefix[:, 0] for _, prefix in inter], dim=1)
+                out["cls4"] = torch.cat([block[i][1][:, 0] for i in last4], dim=1)
             if "maps" in parts:
-                out["maps"] = [spatial for spatial, _ in inter]
+                out["maps"] = [block[i][0] for i in backbone.map_blocks]
         else:
             out["pooled"] = model(x)
     else:
@@ -234,7 +238,7 @@ class FeatureStore:
         n = len(images)
         if data_digest is None:
             data_digest = hashlib.sha256(images.numpy().tobytes()).hexdigest()
-        identity = f"{backbone_digest(backbone)}:{data_digest}:{','.join(parts)}:f16:v1"
+        identity = f"{backbone_digest(backbone)}:{data_digest}:{','.join(parts)}:f16:v2"
         key = hashlib.sha256(identity.encode()).hexdigest()[:32]
         if cache_dir is not None:
             entry = Path(cache_dir) / key
