@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -114,15 +115,16 @@ def main() -> None:
     print(table)
     if not args.quick:
         update_benchmarks_md(table, f"demo-cpu config, batch {rows[0]['batch']}, {rows[0]['threads']} torch threads, "
-                                    f"fp32, {steps} steps per measurement")
+                                    f"fp32, {steps} steps per measurement",
+                             shlex.join([".venv/bin/python", "benchmarks/pretrain.py", *sys.argv[1:]]))
 
 
-def update_benchmarks_md(table: str, setup: str) -> None:
+def update_benchmarks_md(table: str, setup: str, command: str) -> None:
     path = ROOT / "BENCHMARKS.md"
     text = path.read_text()
     begin, end = "<!-- pretrain:begin -->", "<!-- pretrain:end -->"
     block = (f"{begin}\nMeasured on {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}; {setup}.\n"
-             f"Command: `.venv/bin/python benchmarks/pretrain.py`\n\n{table}\n{end}")
+             f"Command: `{command}`\n\n{table}\n{end}")
     if begin not in text:
         text += f"\n## Pretraining (`benchmarks/pretrain.py`)\n\n{begin}\n{end}\n"
     path.write_text(text[: text.index(begin)] + block + text[text.index(end) + len(end):])

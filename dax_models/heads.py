@@ -89,15 +89,18 @@ def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
 class FeatureFusion(nn.Module):
     """Light FPN-like fusion of multi-level feature maps.
 
-    Per level a 1x1 conv to ``hidden`` channels; all levels bilinearly resized to the
-    finest level (largest H_i * W_i); combined by sum (``mode="sum"``) or channel
-    concatenation (``mode="concat"``); then ``num_convs`` x (3x3 conv + BN + ReLU).
+    Per level a BatchNorm over the frozen feature's channels (``standardize``, as the linear
+    heads standardise their inputs: frozen DINO features have a few channels of large scale
+    that a 1x1 conv trained for a few epochs does not undo) and a 1x1 conv to ``hidden``
+    channels; all levels bilinearly resized to the finest level (largest H_i * W_i); combined
+    by sum (``mode="sum"``) or channel concatenation (``mode="concat"``); then ``num_convs`` x
+    (3x3 conv + BN + ReLU).
     Output: (B, hidden, H_f, W_f) at the finest level's size. Levels may share a size
     (ViT) or differ (ResNet stages).
     """
 
     def __init__(self, in_channels: Sequence[int], hidden: int = 64,
-                 mode: str = "sum", num_convs: int = 2):
+                 mode: str = "sum", num_convs: int = 2, standardize: bool = True):
         super().__init__()
         if mode not in ("sum", "concat"):
             raise ValueError(f"mode must be 'sum' or 'concat', not {mode!r}")
@@ -106,7 +109,9 @@ class FeatureFusion(nn.Module):
         self.in_channels = list(in_channels)
         self.mode = mode
         self.out_channels = hidden
-        self.lateral = nn.ModuleList(nn.Conv2d(c, hidden, 1) for c in in_channels)
+        self.lateral = nn.ModuleList(
+            nn.Sequential(nn.BatchNorm2d(c), nn.Conv2d(c, hidden, 1)) if standardize else nn.Conv2d(c, hidden, 1)
+            for c in in_channels)
         cin = hidden * len(in_channels) if mode == "concat" else hidden
         self.convs = nn.Sequential(*[_conv_bn_relu(cin if i == 0 else hidden, hidden)
                                      for i in range(num_convs)])

@@ -900,7 +900,7 @@ def train_branch(role: str, task: str, seed: int, data: HeadDataset, stores: dic
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from tasks.tracking import PIP_REQUIREMENTS
+    from tasks.tracking import log_torch_model
 
     store = FeatureStore.open(Path(stores[role]))
     if store is None:
@@ -924,9 +924,8 @@ def train_branch(role: str, task: str, seed: int, data: HeadDataset, stores: dic
             client.log_artifact(run_id, str(path), "figures")
         if role == "pretrained" and register and result.head is not None:
             with mlflow.start_run(run_id=run_id):
-                info = mlflow.pytorch.log_model(
-                    result.head, name="head", serialization_format="pickle", pip_requirements=PIP_REQUIREMENTS,
-                    registered_model_name=model_name,
+                info = log_torch_model(
+                    result.head, "head", model_name,
                     metadata={"task": task, "arch": arch, "features": result.head.features, "size": data.size,
                               "classes": list(result.head.classes or []), "threshold": result.head.threshold,
                               "backbone": backbone_ref, "seed": seed})

@@ -29,7 +29,7 @@ from tasks.events import catalog_images
 from tasks.labels import BODY_REGIONS, load_labels
 from tasks.pretrain import PretrainConfig, read_job, teacher_backbone, train, write_job
 from tasks.pretrain_data import Selection, read_samples, select_images
-from tasks.tracking import PIP_REQUIREMENTS, code_version, ensure_experiment, git_commit
+from tasks.tracking import code_version, ensure_experiment, git_commit, log_torch_model
 
 log = logging.getLogger("dax.pretrain")
 
@@ -185,9 +185,8 @@ def register_backbone(job_dir: Path, alias: str = "candidate") -> dict:
     name = f"dax-backbone-{config.arch}"
     client = MlflowClient()
     with mlflow.start_run(run_id=job["run_id"]):
-        info = mlflow.pytorch.log_model(
-            backbone, name="backbone", serialization_format="pickle", pip_requirements=PIP_REQUIREMENTS,
-            registered_model_name=name,
+        info = log_torch_model(
+            backbone, "backbone", name,
             metadata={"arch": config.arch, "in_chans": config.in_chans, "input": "gray float [0,1], (B,1,H,W)",
                       "manifest_digest": selection.digest, "steps": result["step"]})
         figure = None

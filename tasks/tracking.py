@@ -8,13 +8,14 @@ process opened (the torchrun ranks, the Prefect tasks), by run id, in batches.
 """
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import time
 from pathlib import Path
 
 __all__ = ["RunLogger", "code_version", "git_commit", "configure_tracking", "ensure_experiment", "tracking_uri",
-           "PIP_REQUIREMENTS"]
+           "log_torch_model", "PIP_REQUIREMENTS"]
 
 # Passing requirements skips MLflow's slow inference (field notes); the models need this code installed.
 PIP_REQUIREMENTS = ["torch==2.14.1", "torchvision==0.29.1", "timm>=1.0,<1.1", "dax"]
@@ -53,6 +54,30 @@ def ensure_experiment(name: str, home: Path) -> str:
     if tracking_uri(home).startswith(("sqlite:", "file:")):      # a local store: artifacts beside it, not in ./mlruns
         location = (Path(home).resolve() / "mlartifacts" / name).as_uri()
     return client.create_experiment(name, artifact_location=location)
+
+
+class _DropPickleCaution(logging.Filter):
+    """Drops MLflow's per-call caution about pickled models: DAX logs pickles on purpose (its own modules,
+    not torch.export programs; field notes), says so once in the README, and logs a model per head."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "by Pickle or CloudPickle format" not in record.getMessage()
+
+
+def log_torch_model(model, name: str, registered_model_name: str, metadata: dict):
+    """``mlflow.pytorch.log_model`` as DAX logs every model: pickled, with ``PIP_REQUIREMENTS``, registered,
+    inside the active run; returns MLflow's ModelInfo."""
+    import mlflow.pytorch
+
+    caution = _DropPickleCaution()
+    logger = logging.getLogger("mlflow.pytorch")
+    logger.addFilter(caution)
+    try:
+        return mlflow.pytorch.log_model(model, name=name, serialization_format="pickle",
+                                        pip_requirements=PIP_REQUIREMENTS,
+                                        registered_model_name=registered_model_name, metadata=metadata)
+    finally:
+        logger.removeFilter(caution)
 
 
 def git_commit() -> str | None:

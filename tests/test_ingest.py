@@ -10,7 +10,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -27,12 +26,11 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import JPEG2000Lossless
 
 from tasks.shards import iter_shard
-from tasks.synth.devices import DEVICE_MODELS
 from tasks.synth.study import PRESETS, generate_study
+from tests.phi_search import files_under, phi_hits, phi_values
 
 SECRET = "test-secret-0123456789abcdef"
 DAX = str(Path(sys.executable).with_name("dax"))
-RETAINED_KINDS = {"sex", "age", "size", "weight", "time"}  # kept by the profile's options, by design
 
 
 def _env(tmp: Path) -> dict:
@@ -203,23 +201,6 @@ def test_shards_hold_exactly_the_cataloged_images(ingested):
     assert 0 < len(images) <= labelled
 
 
-def _phi_values(phi: list[dict]) -> set[str]:
-    """Planted values to search for; generic words inside a kept device name (department 'RADIOLOGY'
-    in 'Calderon Radiology Systems') are no evidence of a leak and are left out."""
-    device_names = " ".join(f"{d.manufacturer} {d.model}" for d in DEVICE_MODELS).lower()
-    values = set()
-    for row in phi:
-        if row["kind"] in RETAINED_KINDS:
-            continue
-        for value in str(row["value"]).split("\\"):
-            value = value.strip()
-            if len(value) >= 6 and value.lower() not in device_names:
-                values.add(value)
-                if "^" in value:
-                    values.update(part for part in value.split("^") if len(part) >= 6)
-    return values
-
-
 def _haystacks(ingested) -> dict[str, bytes]:
     home, tmp = ingested["home"], ingested["tmp"]
     stacks = {"console": ingested["console"].encode()}
@@ -233,23 +214,14 @@ def _haystacks(ingested) -> dict[str, bytes]:
             text = json.dumps(con.sql(f'SELECT * FROM "{table}"').to_arrow_table().to_pylist(), default=str)
             stacks[f"table {table}"] = text.encode()
     for folder in (home, tmp / "prefect"):
-        for path in folder.rglob("*"):
-            if path.is_file() and "shards" not in path.parts:
-                stacks[f"file {path.relative_to(tmp)}"] = path.relative_to(tmp).as_posix().encode() + path.read_bytes()
+        stacks.update(files_under(folder, tmp, skip=("shards",)))
     return stacks
 
 
 def test_no_planted_phi_in_any_output(ingested):
-    values = _phi_values(ingested["phi"])
+    values = phi_values(ingested["phi"])
     assert len(values) > 100
-    # a number counts only as a whole number: an 8-digit record number may well occur inside the digits
-    # of a float or a timestamp (run durations, Prefect's clocks), which is no leak
-    patterns = [re.compile(rb"(?<![0-9])" + re.escape(v.encode()) + rb"(?![0-9])") if v.isdigit()
-                else re.compile(re.escape(v.lower().encode())) for v in values]
-    hits = []
-    for where, data in _haystacks(ingested).items():
-        lowered = data.lower()
-        hits += [(where, p.pattern.decode(errors="replace")) for p in patterns if p.search(lowered)]
+    hits = phi_hits(values, _haystacks(ingested))
     assert not hits, f"PHI found in outputs: {hits[:10]}"
 
 

@@ -1,0 +1,67 @@
+"""Planted-PHI search shared by the leak tests: the generator's phi.parquet rows are the oracle."""
+from __future__ import annotations
+
+import re
+import zipfile
+from pathlib import Path
+
+from tasks.synth.devices import DEVICE_MODELS
+
+RETAINED_KINDS = {"sex", "age", "size", "weight", "time"}  # kept by the profile's options, by design
+
+
+def phi_values(phi: list[dict]) -> set[str]:
+    """Planted values to search for; generic words inside a kept device name (department 'RADIOLOGY'
+    in 'Calderon Radiology Systems') are no evidence of a leak and are left out."""
+    device_names = " ".join(f"{d.manufacturer} {d.model}" for d in DEVICE_MODELS).lower()
+    values = set()
+    for row in phi:
+        if row["kind"] in RETAINED_KINDS:
+            continue
+        for value in str(row["value"]).split("\\"):
+            value = value.strip()
+            if len(value) >= 6 and value.lower() not in device_names:
+                values.add(value)
+                if "^" in value:
+                    values.update(part for part in value.split("^") if len(part) >= 6)
+    return values
+
+
+def phi_hits(values: set[str], haystacks: dict[str, bytes]) -> list[tuple[str, str]]:
+    """(where, value) for every planted value found, case-insensitively, in any haystack.
+
+    A number counts only as a whole number: an 8-digit record number may well occur inside the digits
+    of a float or a timestamp (run durations, Prefect's clocks), which is no leak."""
+    patterns = [re.compile(rb"(?<![0-9])" + re.escape(v.encode()) + rb"(?![0-9])") if v.isdigit()
+                else re.compile(re.escape(v.lower().encode())) for v in values]
+    hits = []
+    for where, data in haystacks.items():
+        lowered = data.lower()
+        hits += [(where, p.pattern.decode(errors="replace")) for p in patterns if p.search(lowered)]
+    return hits
+
+
+# a tensor's raw storage inside a torch.save zip (checkpoints, pickled MLflow models): numbers, no text
+_TENSOR_STORAGE = re.compile(r"/data/\d+$")
+
+
+def searchable_bytes(path: Path) -> bytes:
+    """A file's bytes as the search reads them: a zip (torch checkpoints and pickled models) as its member
+    names and members, raw tensor storages left out; a ``.npy`` array as its header; anything else whole.
+    Searching hundreds of MB of float weights for names would cost minutes and could only find noise."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            return b"\n".join(name.encode() + b"\n" + (b"" if _TENSOR_STORAGE.search(name) else archive.read(name))
+                              for name in archive.namelist())
+    with open(path, "rb") as file:
+        return file.read(4096) if path.suffix == ".npy" else file.read()
+
+
+def files_under(folder: Path, relative_to: Path, skip: tuple[str, ...] = ()) -> dict[str, bytes]:
+    """Every file's path (relative) and searchable bytes, as haystacks; folders named in ``skip`` left out."""
+    stacks = {}
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not set(skip) & set(path.parts):
+            name = path.relative_to(relative_to).as_posix()
+            stacks[f"file {name}"] = name.encode() + searchable_bytes(path)
+    return stacks

@@ -1,0 +1,32 @@
+"""No PHI past ingestion: the small corpus's planted PHI (the generator's phi.parquet) searched in every
+byte that pretraining, the heads flow and ``dax predict`` wrote: the MLflow store and its artifacts
+(pickled models, figures, configs, manifests), the pretraining and heads job folders, the feature
+cache, the predictions, and the session's Prefect database and logs."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from tasks.predict import predict
+from tests.phi_search import files_under, phi_hits, phi_values
+
+
+def test_no_planted_phi_downstream_of_ingestion(small_corpus, heads_flow, heads_env, tmp_path):
+    corpus = small_corpus.labels.parent
+    phi = pq.read_table(corpus / "phi.parquet").to_pylist()
+    values = phi_values(phi)
+    assert len(values) > 50
+    # predict on source files straight from the export (PHI in their headers and burned into pixels)
+    source = sorted((corpus / "dicom").rglob("*.dcm"))[:3]
+    results = predict(source, tmp_path / "predictions", home=heads_env.home)
+    assert [r["status"] for r in results] == ["ok"] * len(source)
+
+    stacks = files_under(heads_env.home, heads_env.home)
+    stacks.update(files_under(tmp_path / "predictions", tmp_path))
+    stacks.update(files_under(Path(os.environ["PREFECT_HOME"]), Path(os.environ["PREFECT_HOME"]).parent))
+    for written in ("mlflow.db", "mlartifacts/", "pretrain/", "heads/", "cache/features/", "prefect.db"):
+        assert any(written in name for name in stacks), f"nothing under {written}: the search would prove nothing"
+    hits = phi_hits(values, stacks)
+    assert not hits, f"PHI found downstream: {hits[:10]}"
