@@ -268,9 +268,9 @@ def predict(
         raise typer.Exit(1)
 
 
-# Head budgets that fit the demo's 30 minutes on 2 cores (18 branches: 3 tasks x 3 seeds x 2 backbones)
-# the demo's head budgets; the supervised end-to-end bound (training the backbone at 224 px) is left to
-# `dax heads`, whose defaults run it (10 epochs), as it would take the demo past its 30 minutes on 2 cores
+# Head budgets that fit the demo's 30 minutes on 2 cores (18 branches: 3 tasks x 3 seeds x 2 backbones).
+# The supervised end-to-end bound (training the backbone itself at 224 px) is left to `dax heads`, whose
+# defaults run it (10 epochs): in the demo it would cost more than the 30 minutes leave.
 DEMO_HEADS = {"e2e_epochs": 0, "seg_epochs": 10, "screw_epochs": 15, "linear_epochs": 60, "mlp_epochs": 60,
               "few_shot_epochs": 60}
 DEMO_HEADS_SIZE = 224   # 14 x 14 ViT-Ti/16 maps: at 128 px a screw (about 40 native px) is under one patch

@@ -50,9 +50,12 @@ def searchable_bytes(path: Path) -> bytes:
     names and members, raw tensor storages left out; a ``.npy`` array as its header; anything else whole.
     Searching hundreds of MB of float weights for names would cost minutes and could only find noise."""
     if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            return b"\n".join(name.encode() + b"\n" + (b"" if _TENSOR_STORAGE.search(name) else archive.read(name))
-                              for name in archive.namelist())
+        try:
+            with zipfile.ZipFile(path) as archive:
+                return b"\n".join(name.encode() + b"\n" + (b"" if _TENSOR_STORAGE.search(name) else archive.read(name))
+                                  for name in archive.namelist())
+        except zipfile.BadZipFile:   # a zip signature by chance inside another format: read it whole
+            pass
     with open(path, "rb") as file:
         return file.read(4096) if path.suffix == ".npy" else file.read()
 
