@@ -10,6 +10,14 @@ for _name, _value in QUIET_DEFAULTS.items():   # no telemetry, no hub, a 120 s e
     os.environ.setdefault(_name, _value)
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
+# MLflow's own default store is ./mlflow.db in the working directory: code that forgets to configure
+# tracking (or a fixture that restores "the previous" URIs) would write into the checkout and share a
+# registry across sessions. The session's default is a throw-away store instead.
+import mlflow  # noqa: E402
+
+mlflow.set_tracking_uri(f"sqlite:///{os.path.join(_PREFECT_HOME, 'mlflow-default.db')}")
+mlflow.set_registry_uri(mlflow.get_tracking_uri())
+
 
 # --- a small ingested corpus, shared by the pretraining and heads tests ---------------------------
 import subprocess  # noqa: E402

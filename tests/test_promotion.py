@@ -25,6 +25,7 @@ def test_promotion_moves_the_champion_alias_only_on_a_win(tmp_path, monkeypatch)
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_registry_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")   # the registry does not follow on its own
     experiment = MlflowClient().create_experiment("promotion", artifact_location=(tmp_path / "art").as_uri())
 
     def register(name: str) -> str:
