@@ -281,8 +281,8 @@ def test_pretraining_learns_and_registers_a_loadable_backbone(small_corpus, tmp_
     assert np.mean(losses[-8:]) < np.mean(losses[:8])
     knn = summary["knn"]
     assert [k["step"] for k in knn] == [0, 24, 48] and all(0.0 <= k["knn_accuracy"] <= 1.0 for k in knn)
-    # "kNN rises above random init" is shown on the demo corpus (README, Results), not here: with 24
-    # studies the patient split leaves most held-out classes without a neighbour in the bank.
+    # "kNN rises above random init": test_knn_accuracy_rises_above_the_random_init_backbone (with 24 studies
+    # the patient split here leaves most held-out classes without a neighbour in the bank)
 
     configure_tracking(root)
     client = MlflowClient()
@@ -315,3 +315,45 @@ def test_pretraining_learns_and_registers_a_loadable_backbone(small_corpus, tmp_
     with torch.no_grad():
         expected = teacher_backbone(job)(x)
     torch.testing.assert_close(torch.load(tmp_path / "f.pt"), expected, atol=1e-5, rtol=1e-4)
+
+
+# --- learning: the demo-cpu recipe, short, on a corpus of its own -----------------------------------------
+
+@pytest.fixture(scope="module")
+def knn_corpus(tmp_path_factory):
+    """50 demo-preset studies (about 770 images, 242 of them of held-out patients), stored at 256 px.
+
+    Its own corpus: the 24 tiny test-preset studies of ``small_corpus`` leave most held-out classes
+    without a neighbour in the kNN bank, and their 128 px images are too small for demo-cpu's crops."""
+    tmp = tmp_path_factory.mktemp("knn-corpus")
+    env = dict(os.environ, DAX_DEID_SECRET="dax-test-secret-not-for-production", PREFECT_HOME=str(tmp / "prefect"),
+               COLUMNS="200")
+    dax = str(Path(sys.executable).with_name("dax"))
+    for args in (["synth", str(tmp / "corpus"), "--studies", "50", "--seed", "7", "--preset", "demo"],
+                 ["ingest", str(tmp / "corpus" / "dicom"), "--home", str(tmp / "home"), "--max-size", "256"]):
+        done = subprocess.run([dax, *args], env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, f"dax {args[0]} failed:\n{done.stdout}\n{done.stderr}"
+    return tmp
+
+
+def test_knn_accuracy_rises_above_the_random_init_backbone(knn_corpus):
+    """120 steps of the demo-cpu recipe (its crops, teacher and head; 2 local crops, a higher lr for the
+    short run): the kNN monitor's body-region accuracy on held-out patients beats step 0, the same
+    architecture at random init, by a clear margin (measured: 0.029 -> 0.103 -> 0.128 on 242 queries)."""
+    from tasks.pretrain_steps import prepare_job, run_training
+    config = load_config("demo-cpu", {"epochs": 6, "steps_per_epoch": 20, "batch_size": 32, "lr": 0.004,
+                                      "augment.local_crops": 2, "checkpoint_every": 1000, "knn_every": 3,
+                                      "log_every": 10})
+    job = knn_corpus / "job"
+    prepared = prepare_job(knn_corpus / "home", job, config, None, knn_corpus / "corpus" / "labels.parquet",
+                           device="cpu")
+    assert prepared["knn_queries"] >= 150
+    result = run_training(job)
+    assert result["status"] == "finished" and result["collapse_alarm_step"] is None
+    knn = {k["step"]: k["knn_accuracy"] for k in result["knn"]}
+    assert sorted(knn) == [0, 60, 120]
+    print(f"kNN accuracy by step {knn}; chance {prepared['chance_uniform']:.3f} uniform, "
+          f"{prepared['chance_majority']:.3f} majority class")
+    assert knn[120] >= knn[0] + 0.05, knn
+    losses = _losses(job)
+    assert np.mean(losses[-10:]) < np.mean(losses[:10])
