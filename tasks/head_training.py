@@ -81,9 +81,9 @@ class HeadConfig:
     feature_batch: int = 64           # images per backbone pass
     batch_size: int = 256             # classification heads (features)
     dense_batch: int = 32             # segmentation and screw heads
-    linear_epochs: int = 100
+    linear_epochs: int = 200          # cheap on cached features; at 60 the demo's region probes were undertrained
     linear_lr: float = 1e-3
-    mlp_epochs: int = 100
+    mlp_epochs: int = 200
     mlp_hidden: int = 512
     seg_epochs: int = 40
     seg_lr: float = 1e-3
