@@ -125,8 +125,7 @@ def dax_in_fresh_process(source: Path, relpaths: list[str], scratch: Path, name:
     shard_dir.mkdir()
     if plans_from is not None:
         shutil.copytree(plans_from / "plans", shard_dir / "plans")
-    with ProcessPoolExecutor(1) as pool:
-        return pool.submit(dax_steps, str(source), relpaths, str(shard_dir)).result()
+    return in_fresh_process(dax_steps, str(source), relpaths, str(shard_dir))
 
 
 def dax_two_workers(source: Path, relpaths: list[str], scratch: Path) -> float:

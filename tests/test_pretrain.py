@@ -319,23 +319,6 @@ def test_pretraining_learns_and_registers_a_loadable_backbone(small_corpus, tmp_
 
 # --- learning: the demo-cpu recipe, short, on a corpus of its own -----------------------------------------
 
-@pytest.fixture(scope="module")
-def knn_corpus(tmp_path_factory):
-    """50 demo-preset studies (about 770 images, 242 of them of held-out patients), stored at 256 px.
-
-    Its own corpus: the 24 tiny test-preset studies of ``small_corpus`` leave most held-out classes
-    without a neighbour in the kNN bank, and their 128 px images are too small for demo-cpu's crops."""
-    tmp = tmp_path_factory.mktemp("knn-corpus")
-    env = dict(os.environ, DAX_DEID_SECRET="dax-test-secret-not-for-production", PREFECT_HOME=str(tmp / "prefect"),
-               COLUMNS="200")
-    dax = str(Path(sys.executable).with_name("dax"))
-    for args in (["synth", str(tmp / "corpus"), "--studies", "50", "--seed", "7", "--preset", "demo"],
-                 ["ingest", str(tmp / "corpus" / "dicom"), "--home", str(tmp / "home"), "--max-size", "256"]):
-        done = subprocess.run([dax, *args], env=env, capture_output=True, text=True, timeout=900)
-        assert done.returncode == 0, f"dax {args[0]} failed:\n{done.stdout}\n{done.stderr}"
-    return tmp
-
-
 def test_knn_accuracy_rises_above_the_random_init_backbone(knn_corpus):
     """120 steps of the demo-cpu recipe (its crops, teacher and head; 2 local crops, a higher lr for the
     short run): the kNN monitor's body-region accuracy on held-out patients beats step 0, the same
@@ -344,9 +327,8 @@ def test_knn_accuracy_rises_above_the_random_init_backbone(knn_corpus):
     config = load_config("demo-cpu", {"epochs": 6, "steps_per_epoch": 20, "batch_size": 32, "lr": 0.004,
                                       "augment.local_crops": 2, "checkpoint_every": 1000, "knn_every": 3,
                                       "log_every": 10})
-    job = knn_corpus / "job"
-    prepared = prepare_job(knn_corpus / "home", job, config, None, knn_corpus / "corpus" / "labels.parquet",
-                           device="cpu")
+    job = knn_corpus.tmp / "job"
+    prepared = prepare_job(knn_corpus.home, job, config, None, knn_corpus.labels, device="cpu")
     assert prepared["knn_queries"] >= 150
     result = run_training(job)
     assert result["status"] == "finished" and result["collapse_alarm_step"] is None
