@@ -158,7 +158,11 @@ def decode_frames(ds: Dataset) -> np.ndarray:
 
     try:
         arr, props = decoder.as_array(ds)
-    except Exception as exc:  # the decoders raise many types; the reason is what matters
+    except BaseException as exc:  # the decoders raise many types; the reason is what matters
+        # Rust decoders (pylibjpeg-rle) report some corrupt streams by a pyo3 PanicException, which
+        # derives from BaseException; anything else that is not an Exception (Ctrl-C, exit) goes on up
+        if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
+            raise
         raise PixelDataError(f"corrupt or undecodable pixel data for {tsuid.name} ({tsuid}): "
                              f"decoder raised {type(exc).__name__}") from exc
 

@@ -260,6 +260,17 @@ def test_pixel_data_errors(decoded):
         corrupt.PixelData = encapsulate([bad])
         expect_error(corrupt, "corrupt or undecodable", "JPEG 2000", "1.2.840.10008.1.2.4.90")
 
+    # RLE through pylibjpeg-rle, whose Rust decoder panics on some corrupt streams (a pyo3 PanicException,
+    # a BaseException, not an Exception): truncated segments, garbage after the header, all 0xFF
+    values = np.arange(256, dtype=np.uint16).reshape(16, 16) * 16
+    rle = small_dataset(values, bits_stored=16)
+    rle.compress(RLELossless, values)
+    frame = next(generate_frames(rle.PixelData, number_of_frames=1))
+    for bad in (frame[:40], frame[:64] + bytes(range(256)), b"\xff" * 64):
+        corrupt = copy.deepcopy(rle)
+        corrupt.PixelData = encapsulate([bad])
+        expect_error(corrupt, "corrupt or undecodable", "RLE Lossless", "1.2.840.10008.1.2.5")
+
     unknown = copy.deepcopy(native)
     unknown.file_meta.TransferSyntaxUID = "1.2.3.4.5.6.7.8"
     expect_error(unknown, "unsupported transfer syntax", "unknown UID")
