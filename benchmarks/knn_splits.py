@@ -1,0 +1,125 @@
+"""How much the demo's kNN margin depends on which patients are held out: one corpus, several secrets.
+
+    .venv/bin/python benchmarks/knn_splits.py                    # 4 splits of the demo corpus, about 45 min
+    .venv/bin/python benchmarks/knn_splits.py --splits 2 --studies 40 --set epochs=1   # a quick look
+
+Patients are split by a hash of their pseudonymous key (``tasks.labels.patient_split``), and that key
+comes from the de-identification secret. ``make demo`` draws a throw-away secret, so every demo holds
+out different patients and reports its kNN monitor on them. This script measures the spread of that
+must-show figure: it generates the demo corpus once, ingests it under N fresh secrets (each held in
+memory only, in the environment of its own ``dax ingest``), pretrains ``demo-cpu`` on each home with
+the corpus' labels, one after the other, and prints one row per split: the held-out images, their
+patients, the majority-class share (what always answering the held-out set's most frequent region
+scores), the upper-limb share (the regions the demo backbone confuses with their lower-limb look-alikes)
+and the kNN accuracy at random init, at its best epoch and after the last epoch. Each home is deleted after
+its row unless ``--keep``.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import secrets
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def dax(*args: str, secret: str | None = None, prefect_home: Path) -> None:
+    env = dict(os.environ, PREFECT_HOME=str(prefect_home))
+    if secret is not None:
+        env["DAX_DEID_SECRET"] = secret
+    command = [str(Path(sys.executable).with_name("dax")), *args]
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"dax {args[0]} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+
+
+UPPER_LIMB = ("shoulder and upper arm", "elbow-forearm-hand")   # the regions the demo backbone confuses most
+
+
+def held_out_patients(home: Path, labels: Path) -> tuple[int, str, float]:
+    """(test patients, their most frequent region, the upper-limb share of their images) for a home."""
+    from tasks.labels import BODY_REGIONS, load_labels
+
+    assert set(UPPER_LIMB) <= set(BODY_REGIONS), "the generator renamed a region"
+    rows = [r for r in load_labels(home, labels, ("region",)).to_pylist() if r["split"] == "test"]
+    regions = collections.Counter(r["region"] for r in rows)
+    upper = sum(regions[name] for name in UPPER_LIMB) / max(len(rows), 1)
+    return len({r["patient_key"] for r in rows}), regions.most_common(1)[0][0] if regions else "-", upper
+
+
+def one_split(index: int, corpus: Path, out: Path, overrides: list[str]) -> dict:
+    home = out / f"split-{index}"
+    shutil.rmtree(home, ignore_errors=True)   # a split is a fresh home: an old one keeps its old patient keys
+    prefect_home = out / "prefect"
+    secret = secrets.token_hex(32)   # this split's key: never written, gone with this function
+    began = time.perf_counter()
+    dax("ingest", str(corpus / "dicom"), "--home", str(home), secret=secret, prefect_home=prefect_home)
+    del secret
+    ingested = time.perf_counter()
+    sets = [item for pair in overrides for item in ("--set", pair)]
+    dax("pretrain", "--config", "demo-cpu", "--home", str(home), "--labels", str(corpus / "labels.parquet"),
+        "--device", "cpu", *sets, prefect_home=prefect_home)
+    job = max((home / "pretrain").iterdir(), key=lambda p: p.stat().st_mtime)
+    prepared = json.loads((job / "prepare.json").read_text())
+    knn = json.loads((job / "result.json").read_text())["knn"]
+    patients, majority_region, upper_limb = held_out_patients(home, corpus / "labels.parquet")
+    return {"split": index, "held_out": prepared["held_out"], "patients": patients,
+            "majority": prepared["chance_majority"], "majority_region": majority_region, "upper_limb": upper_limb,
+            "trained_on": prepared["trained_on"], "random": knn[0]["knn_accuracy"],
+            "best": max(k["knn_accuracy"] for k in knn[1:] or knn), "final": knn[-1]["knn_accuracy"],
+            "pretrain_min": (time.perf_counter() - ingested) / 60, "ingest_min": (ingested - began) / 60}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| split | held-out images (patients) | majority region of the held-out set | its share | upper limb | "
+             "kNN random init | kNN best epoch | kNN final | final - random |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['split']} | {r['held_out']} ({r['patients']}) | {r['majority_region']} | "
+                     f"{r['majority']:.3f} | {r['upper_limb']:.0%} | {r['random']:.3f} | {r['best']:.3f} | "
+                     f"{r['final']:.3f} | {r['final'] - r['random']:+.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--splits", type=int, default=4, help="secrets to ingest the corpus under")
+    parser.add_argument("--studies", type=int, default=200, help="demo-preset studies (the demo makes 200)")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/dax-knn-splits"), help="scratch folder")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="demo-cpu override, as dax pretrain --set (repeat)")
+    parser.add_argument("--keep", action="store_true", help="keep each split's home")
+    args = parser.parse_args()
+    from flows.home import QUIET_DEFAULTS
+    for key, value in QUIET_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    args.out.mkdir(parents=True, exist_ok=True)
+    corpus = args.out / "corpus"
+    dax("synth", str(corpus), "--studies", str(args.studies), "--preset", "demo", prefect_home=args.out / "prefect")
+    rows = []
+    for index in range(1, args.splits + 1):
+        rows.append(one_split(index, corpus, args.out, args.overrides))
+        r = rows[-1]
+        print(f"split {index}: kNN {r['random']:.3f} -> {r['final']:.3f} (majority {r['majority']:.3f}), "
+              f"pretraining {r['pretrain_min']:.1f} min", flush=True)
+        if not args.keep:
+            shutil.rmtree(args.out / f"split-{index}")
+    margins = [r["final"] - r["random"] for r in rows]
+    print()
+    print(table(rows))
+    print(f"\nmargin over random init: mean {sum(margins) / len(margins):+.3f}, "
+          f"min {min(margins):+.3f}, max {max(margins):+.3f}")
+    print("command: " + shlex.join(["python", "benchmarks/knn_splits.py", *sys.argv[1:]]))
+
+
+if __name__ == "__main__":
+    main()
