@@ -208,6 +208,8 @@ def _print_pretraining(summary: dict) -> None:
             table.add_row("0 (random init)" if row["epoch"] == 0 else str(row["epoch"]), f"{row['knn_accuracy']:.3f}")
         prepared = summary["prepared"]
         table.add_row("chance", f"{prepared['chance_uniform']:.3f} uniform, {prepared['chance_majority']:.3f} majority")
+        if "knn_thumbnails" in prepared:   # jobs prepared before the reference existed lack it
+            table.add_row("16x16 pixel thumbnails", f"{prepared['knn_thumbnails']:.3f}")
         console.print(table)
     if summary.get("registered"):
         console.print(f"registered {summary['registered']['uri']} (version {summary['registered']['version']})")
@@ -331,8 +333,10 @@ def demo(
     console.print(retrained["results_markdown"], markup=False, highlight=False)
     knn = retrained.get("knn") or []
     if knn:
+        thumbnails = retrained.get("knn_thumbnails")
         console.print(f"kNN body-region accuracy during pretraining: random init {knn[0]['knn_accuracy']:.3f} -> "
-                      f"{knn[-1]['knn_accuracy']:.3f} after {knn[-1]['epoch']} epochs")
+                      f"{knn[-1]['knn_accuracy']:.3f} after {knn[-1]['epoch']} epochs"
+                      + (f"; on 16x16 pixel thumbnails {thumbnails:.3f}" if thumbnails is not None else ""))
     console.print(f"promotion: {retrained['backbone']} is now @{promoted}")
     console.rule("5/5  where to look")
     uri = tracking_uri(root)

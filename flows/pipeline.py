@@ -101,7 +101,9 @@ def retrain(
         decision = promote_task(registered["model"], registered["version"], evaluation_scores(evaluation["table"]),
                                 {h["model"]: h["version"] for h in evaluation["registered"].values()})
         outcomes.append({"config": config, "backbone": backbone_uri, "reused": bool(pretrained.get("reused")),
-                         "knn": pretrained.get("knn"), "results": evaluation["table"],
+                         "knn": pretrained.get("knn"),
+                         "knn_thumbnails": pretrained.get("prepared", {}).get("knn_thumbnails"),
+                         "results": evaluation["table"],
                          "results_markdown": evaluation["markdown"], "heads": evaluation["registered"],
                          "promotion": decision})
     return {"retrained": outcomes}

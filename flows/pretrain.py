@@ -76,6 +76,8 @@ def pretrain(
         lines += [f"| {k['epoch']} | {k['knn_accuracy']:.3f} |" for k in knn]
         lines += ["", f"chance: {prepared.get('chance_uniform', 0):.3f} (uniform), "
                       f"{prepared.get('chance_majority', 0):.3f} (majority class)"]
+        if "knn_thumbnails" in prepared:
+            lines[-1] += f"; the same kNN on 16x16 pixel thumbnails: {prepared['knn_thumbnails']:.3f}"
     if registered:
         lines += ["", f"registered `{registered['uri']}` (version {registered['version']})"]
     create_markdown_artifact("\n".join(lines), key="pretrain-summary", description="DINO pretraining")

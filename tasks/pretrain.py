@@ -23,7 +23,8 @@ The collapse alarm fires when the KL or the batch entropy of the teacher stays b
 for ``collapse_patience`` steps (both fall to zero in DINO's two collapse modes: one dimension
 dominating, or a uniform output); it warns and, with ``stop_on_collapse``, ends the run. The kNN
 monitor (k=20, T=0.07, cosine; DINO's) classifies held-out images by body region at step 0 (the
-random-init backbone) and after every ``knn_every`` epochs.
+random-init backbone) and after every ``knn_every`` epochs; ``knn_thumbnails`` gives the same kNN on
+16 x 16 pixel thumbnails of the images, a reference that needs no backbone at all.
 """
 from __future__ import annotations
 
@@ -288,12 +289,23 @@ def features(backbone: nn.Module, images: torch.Tensor, device: torch.device, ba
     return torch.cat(out)
 
 
-def knn_monitor(backbone: nn.Module, knn: dict, device: torch.device) -> float:
-    bank = features(backbone, knn["bank"], device)
-    queries = features(backbone, knn["queries"], device)
+def knn_accuracy(bank: torch.Tensor, queries: torch.Tensor, knn: dict) -> float:
+    """DINO's kNN (k=20, T=0.07, cosine) on the monitor's bank and queries, given their features."""
     predictions = knn_classify(bank, knn["bank_labels"], queries, num_classes=len(knn["classes"]), k=20,
                                temperature=0.07)
     return float((predictions == knn["query_labels"]).float().mean())
+
+
+def knn_monitor(backbone: nn.Module, knn: dict, device: torch.device) -> float:
+    return knn_accuracy(features(backbone, knn["bank"], device), features(backbone, knn["queries"], device), knn)
+
+
+def knn_thumbnails(knn: dict, side: int = 16) -> float:
+    """The same kNN on the images themselves, shrunk to ``side`` x ``side`` pixels: the reference a
+    backbone has to beat to have learned more than the coarse layout of the image."""
+    def thumbnails(images: torch.Tensor) -> torch.Tensor:
+        return nn.functional.adaptive_avg_pool2d(images.float(), side).flatten(1)
+    return knn_accuracy(thumbnails(knn["bank"]), thumbnails(knn["queries"]), knn)
 
 
 # --- building the models --------------------------------------------------------------------------------

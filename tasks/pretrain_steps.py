@@ -27,7 +27,7 @@ from prefect.cache_policies import NONE
 from dax_models.augment import XrayEvalTransform
 from tasks.events import catalog_images
 from tasks.labels import BODY_REGIONS, load_labels
-from tasks.pretrain import PretrainConfig, read_job, teacher_backbone, train, write_job
+from tasks.pretrain import PretrainConfig, knn_thumbnails, read_job, teacher_backbone, train, write_job
 from tasks.pretrain_data import Selection, read_samples, select_images
 from tasks.tracking import code_version, ensure_experiment, git_commit, log_torch_model
 
@@ -85,7 +85,8 @@ def prepare_job(home: Path, job_dir: Path, config: PretrainConfig, where: str | 
         torch.save(knn, job_dir / "knn.pt")
         counts = np.bincount(knn["query_labels"].numpy(), minlength=len(classes))
         summary.update(held_out=len(held_out), knn_bank=len(knn["bank"]), knn_queries=len(knn["queries"]),
-                       chance_uniform=1.0 / len(classes), chance_majority=float(counts.max() / max(counts.sum(), 1)))
+                       chance_uniform=1.0 / len(classes), chance_majority=float(counts.max() / max(counts.sum(), 1)),
+                       knn_thumbnails=knn_thumbnails(knn))
     if not selection.keys:
         raise ValueError("nothing left to pretrain on after holding out the test patients")
     write_job(job_dir, config, selection, device=device)
@@ -117,9 +118,9 @@ def open_run(home: Path, job_dir: Path, run_name: str | None = None) -> str:
         dataset = MetaDataset(LocalArtifactDatasetSource(Path(selection.shard_dir).resolve().as_uri()),
                               name=f"dax-shards:{selection.where}"[:200], digest=selection.digest[:36])
         mlflow.log_input(dataset, context="pretraining")
-        for key in ("chance_uniform", "chance_majority"):
-            if key in prepared:
-                mlflow.log_metric(f"knn_{key}", prepared[key])
+        references = {"knn_chance_uniform": "chance_uniform", "knn_chance_majority": "chance_majority",
+                      "knn_accuracy_thumbnails": "knn_thumbnails"}   # the kNN monitor's yardsticks
+        mlflow.log_metrics({metric: prepared[key] for metric, key in references.items() if key in prepared})
         run_id = run.info.run_id
     job["run_id"] = run_id
     (job_dir / "job.json").write_text(json.dumps(job, indent=2, default=str))

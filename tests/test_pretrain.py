@@ -156,6 +156,32 @@ def test_collapse_monitor_needs_patience_steps_in_a_row():
     assert monitor.update(0, {"kl": 1.0, "teacher_batch_entropy": 0.1})   # one dimension dominates
 
 
+def test_the_thumbnail_reference_is_the_knn_on_shrunk_images():
+    """Classes told apart only by where the bright blob lies: the 16 x 16 thumbnails' kNN gets them all;
+    with the query labels rotated by one class it gets none; the thumbnails do not see fine texture."""
+    from tasks.pretrain import knn_thumbnails
+    g = torch.Generator().manual_seed(0)
+
+    def images(labels: torch.Tensor) -> torch.Tensor:
+        x = 0.1 * torch.rand(len(labels), 1, 64, 64, generator=g)
+        for i, c in enumerate(labels.tolist()):
+            x[i, 0, 32 * (c // 2):32 * (c // 2) + 32, 32 * (c % 2):32 * (c % 2) + 32] += 1.0
+        return x
+    bank_labels, query_labels = torch.arange(4).repeat(10), torch.arange(4).repeat(5)
+    knn = {"classes": ["a", "b", "c", "d"], "bank": images(bank_labels), "bank_labels": bank_labels,
+           "queries": images(query_labels), "query_labels": query_labels}
+    assert knn_thumbnails(knn) == 1.0
+    assert knn_thumbnails({**knn, "query_labels": (query_labels + 1) % 4}) == 0.0
+    # a 1-pixel checkerboard against its inverse: identical once shrunk to 16 x 16, so at chance
+    board = ((torch.arange(64)[:, None] + torch.arange(64)[None, :]) % 2).float()
+
+    def boards(labels: torch.Tensor) -> torch.Tensor:
+        return torch.stack([(board if c else 1 - board)[None] for c in labels.tolist()])
+    two = {"classes": ["even", "odd"], "bank": boards(bank_labels % 2), "bank_labels": bank_labels % 2,
+           "queries": boards(query_labels % 2), "query_labels": query_labels % 2}
+    assert knn_thumbnails(two) == 0.5
+
+
 def test_configs_load_and_refuse_unknown_settings(tmp_path):
     for name in ("demo-cpu", "dax-vits16", "dax-resnet50"):
         config = load_config(name)
@@ -288,8 +314,9 @@ def test_pretraining_learns_and_registers_a_loadable_backbone(small_corpus, tmp_
     client = MlflowClient()
     run = client.get_run(summary["run_id"])
     for metric in ("loss", "lr", "weight_decay", "momentum", "teacher_entropy", "kl", "center_norm", "images_per_s",
-                   "knn_accuracy", "knn_accuracy_random_init"):
+                   "knn_accuracy", "knn_accuracy_random_init", "knn_chance_majority", "knn_accuracy_thumbnails"):
         assert metric in run.data.metrics, metric
+    assert run.data.metrics["knn_accuracy_thumbnails"] == pytest.approx(summary["prepared"]["knn_thumbnails"])
     assert len(client.get_metric_history(run.info.run_id, "loss")) == 12
     assert any(key.startswith("system/") for key in run.data.metrics)
     assert run.data.params["arch"] == "vit_tiny_patch16"
@@ -335,7 +362,7 @@ def test_knn_accuracy_rises_above_the_random_init_backbone(knn_corpus):
     knn = {k["step"]: k["knn_accuracy"] for k in result["knn"]}
     assert sorted(knn) == [0, 60, 120]
     print(f"kNN accuracy by step {knn}; chance {prepared['chance_uniform']:.3f} uniform, "
-          f"{prepared['chance_majority']:.3f} majority class")
+          f"{prepared['chance_majority']:.3f} majority class; 16x16 thumbnails {prepared['knn_thumbnails']:.3f}")
     assert knn[120] >= knn[0] + 0.05, knn
     losses = _losses(job)
     assert np.mean(losses[-10:]) < np.mean(losses[:10])
