@@ -11,8 +11,9 @@ memory only, in the environment of its own ``dax ingest``), pretrains ``demo-cpu
 the corpus' labels, one after the other, and prints one row per split: the held-out images, their
 patients, the majority-class share (what always answering the held-out set's most frequent region
 scores), the upper-limb share (the regions the demo backbone confuses with their lower-limb look-alikes),
-the same kNN on 16 x 16 pixel thumbnails (no backbone) and the kNN accuracy at random init, at its best
-epoch and after the last epoch. Each home is deleted after its row unless ``--keep``.
+the same kNN on 16 x 16 pixel thumbnails (no backbone), the kNN accuracy at random init, at its best
+epoch and after the last epoch, and the margin's 95 % interval with the held-out patients resampled
+(``tasks.pretrain.knn_margin``). Each home is deleted after its row unless ``--keep``.
 """
 from __future__ import annotations
 
@@ -57,6 +58,8 @@ def held_out_patients(home: Path, labels: Path) -> tuple[int, str, float]:
 
 
 def one_split(index: int, corpus: Path, out: Path, overrides: list[str]) -> dict:
+    from tasks.pretrain import margin_verdict
+
     home = out / f"split-{index}"
     shutil.rmtree(home, ignore_errors=True)   # a split is a fresh home: an old one keeps its old patient keys
     prefect_home = out / "prefect"
@@ -69,23 +72,28 @@ def one_split(index: int, corpus: Path, out: Path, overrides: list[str]) -> dict
         "--device", "cpu", *sets, prefect_home=prefect_home)
     job = max((home / "pretrain").iterdir(), key=lambda p: p.stat().st_mtime)
     prepared = json.loads((job / "prepare.json").read_text())
-    knn = json.loads((job / "result.json").read_text())["knn"]
+    result = json.loads((job / "result.json").read_text())
+    knn = result["knn"]
     patients, majority_region, upper_limb = held_out_patients(home, corpus / "labels.parquet")
     return {"split": index, "held_out": prepared["held_out"], "patients": patients,
             "majority": prepared["chance_majority"], "majority_region": majority_region, "upper_limb": upper_limb,
             "thumbnails": prepared["knn_thumbnails"], "random": knn[0]["knn_accuracy"],
             "best": max(k["knn_accuracy"] for k in knn[1:] or knn), "final": knn[-1]["knn_accuracy"],
+            "interval": (result["knn_margin"]["low"], result["knn_margin"]["high"]),
+            "verdict": margin_verdict(result["knn_margin"]),
             "pretrain_min": (time.perf_counter() - ingested) / 60}
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| split | held-out images (patients) | majority region of the held-out set | its share | upper limb | "
-             "kNN 16x16 thumbnails | kNN random init | kNN best epoch | kNN final | final - random |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "kNN 16x16 thumbnails | kNN random init | kNN best epoch | kNN final | final - random | "
+             "its 95 % interval (held-out patients resampled) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['split']} | {r['held_out']} ({r['patients']}) | {r['majority_region']} | "
                      f"{r['majority']:.3f} | {r['upper_limb']:.0%} | {r['thumbnails']:.3f} | {r['random']:.3f} | "
-                     f"{r['best']:.3f} | {r['final']:.3f} | {r['final'] - r['random']:+.3f} |")
+                     f"{r['best']:.3f} | {r['final']:.3f} | {r['final'] - r['random']:+.3f} | "
+                     f"{r['interval'][0]:+.3f} to {r['interval'][1]:+.3f}: {r['verdict']} |")
     return "\n".join(lines)
 
 
@@ -120,6 +128,8 @@ def main() -> None:
           f"min {min(margins):+.3f}, max {max(margins):+.3f}")
     beaten = sum(r["final"] > r["thumbnails"] for r in rows)
     print(f"the pretrained backbone beats the 16x16 thumbnails on {beaten} of {len(rows)} splits")
+    clear = sum(r["verdict"] == "clear" for r in rows)
+    print(f"a clear margin (its interval above 0) on {clear} of {len(rows)} splits")
     print("command: " + shlex.join(["python", "benchmarks/knn_splits.py", *sys.argv[1:]]))
 
 

@@ -200,6 +200,8 @@ def pretrain(
 def _print_pretraining(summary: dict) -> None:
     from rich.table import Table
 
+    from tasks.pretrain import margin_text
+
     console.print(f"pretraining [bold]{summary['status']}[/]: {summary['step']} of {summary['total_steps']} steps "
                   f"in {summary['seconds']:.0f} s (job {summary['job']}, MLflow run {summary['run_id']})")
     if summary.get("knn"):
@@ -210,6 +212,8 @@ def _print_pretraining(summary: dict) -> None:
         table.add_row("chance", f"{prepared['chance_uniform']:.3f} uniform, {prepared['chance_majority']:.3f} majority")
         if "knn_thumbnails" in prepared:   # jobs prepared before the reference existed lack it
             table.add_row("16x16 pixel thumbnails", f"{prepared['knn_thumbnails']:.3f}")
+        if summary.get("knn_margin"):
+            table.add_row("margin over random init", margin_text(summary["knn_margin"]))
         console.print(table)
     if summary.get("registered"):
         console.print(f"registered {summary['registered']['uri']} (version {summary['registered']['version']})")
@@ -305,6 +309,7 @@ def demo(
     from tasks.catalog_report import write_report
     from tasks.montage import make_montage
     from tasks.predict import predict as run_predict
+    from tasks.pretrain import margin_text
     from tasks.tracking import tracking_uri
 
     corpus = root / "corpus"
@@ -337,6 +342,8 @@ def demo(
         console.print(f"kNN body-region accuracy during pretraining: random init {knn[0]['knn_accuracy']:.3f} -> "
                       f"{knn[-1]['knn_accuracy']:.3f} after {knn[-1]['epoch']} epochs"
                       + (f"; on 16x16 pixel thumbnails {thumbnails:.3f}" if thumbnails is not None else ""))
+        if retrained.get("knn_margin"):
+            console.print(f"kNN margin over random init: {margin_text(retrained['knn_margin'])}")
     console.print(f"promotion: {retrained['backbone']} is now @{promoted}")
     console.rule("5/5  where to look")
     uri = tracking_uri(root)

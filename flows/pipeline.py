@@ -103,6 +103,7 @@ def retrain(
         outcomes.append({"config": config, "backbone": backbone_uri, "reused": bool(pretrained.get("reused")),
                          "knn": pretrained.get("knn"),
                          "knn_thumbnails": pretrained.get("prepared", {}).get("knn_thumbnails"),
+                         "knn_margin": pretrained.get("knn_margin"),
                          "results": evaluation["table"],
                          "results_markdown": evaluation["markdown"], "heads": evaluation["registered"],
                          "promotion": decision})

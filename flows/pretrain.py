@@ -18,7 +18,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.home import configure
-from tasks.pretrain import load_config
+from tasks.pretrain import load_config, margin_text
 from tasks.pretrain_steps import open_run_task, prepare_job_task, register_backbone_task, run_training_task
 from tasks.tracking import configure_tracking
 
@@ -78,6 +78,8 @@ def pretrain(
                       f"{prepared.get('chance_majority', 0):.3f} (majority class)"]
         if "knn_thumbnails" in prepared:
             lines[-1] += f"; the same kNN on 16x16 pixel thumbnails: {prepared['knn_thumbnails']:.3f}"
+        if result.get("knn_margin"):
+            lines += ["", f"margin over random init: {margin_text(result['knn_margin'])}"]
     if registered:
         lines += ["", f"registered `{registered['uri']}` (version {registered['version']})"]
     create_markdown_artifact("\n".join(lines), key="pretrain-summary", description="DINO pretraining")

@@ -24,7 +24,9 @@ for ``collapse_patience`` steps (both fall to zero in DINO's two collapse modes:
 dominating, or a uniform output); it warns and, with ``stop_on_collapse``, ends the run. The kNN
 monitor (k=20, T=0.07, cosine; DINO's) classifies held-out images by body region at step 0 (the
 random-init backbone) and after every ``knn_every`` epochs; ``knn_thumbnails`` gives the same kNN on
-16 x 16 pixel thumbnails of the images, a reference that needs no backbone at all.
+16 x 16 pixel thumbnails of the images, a reference that needs no backbone at all. At the end,
+``knn_margin`` puts a 95 % interval on the last epoch's margin over random init by resampling the
+held-out patients (``result.json`` and MLflow).
 """
 from __future__ import annotations
 
@@ -289,15 +291,54 @@ def features(backbone: nn.Module, images: torch.Tensor, device: torch.device, ba
     return torch.cat(out)
 
 
-def knn_accuracy(bank: torch.Tensor, queries: torch.Tensor, knn: dict) -> float:
-    """DINO's kNN (k=20, T=0.07, cosine) on the monitor's bank and queries, given their features."""
+def knn_hits(bank: torch.Tensor, queries: torch.Tensor, knn: dict) -> torch.Tensor:
+    """Whether DINO's kNN (k=20, T=0.07, cosine) gets each query right, given bank and query features."""
     predictions = knn_classify(bank, knn["bank_labels"], queries, num_classes=len(knn["classes"]), k=20,
                                temperature=0.07)
-    return float((predictions == knn["query_labels"]).float().mean())
+    return predictions == knn["query_labels"]
 
 
-def knn_monitor(backbone: nn.Module, knn: dict, device: torch.device) -> float:
-    return knn_accuracy(features(backbone, knn["bank"], device), features(backbone, knn["queries"], device), knn)
+def knn_accuracy(bank: torch.Tensor, queries: torch.Tensor, knn: dict) -> float:
+    return float(knn_hits(bank, queries, knn).float().mean())
+
+
+def knn_monitor(backbone: nn.Module, knn: dict, device: torch.device) -> torch.Tensor:
+    """The kNN monitor's verdict on each held-out query for ``backbone`` (bool, one per query)."""
+    return knn_hits(features(backbone, knn["bank"], device), features(backbone, knn["queries"], device), knn)
+
+
+def knn_margin(knn: dict, before: str, after: str, samples: int = 2000, seed: int = 0) -> dict:
+    """``after`` minus ``before`` kNN accuracy (per-query hits as "0"/"1" strings, e.g. random init and
+    the last epoch), with a 95 % interval from resampling the held-out patients with replacement (a
+    paired bootstrap: frames of one patient are not independent). An interval that holds 0 is no
+    clear margin."""
+    patients = knn["query_patients"].numpy()
+    diff = np.frombuffer(after.encode(), np.uint8).astype(float) - np.frombuffer(before.encode(), np.uint8)
+    count = np.bincount(patients).astype(float)
+    gained = np.bincount(patients, weights=diff)
+    draws = np.random.default_rng(seed).integers(0, len(count), (samples, len(count)))
+    low, high = np.percentile(gained[draws].sum(1) / count[draws].sum(1), [2.5, 97.5])
+    return {"margin": float(diff.mean()), "low": float(low), "high": float(high), "patients": len(count)}
+
+
+MARGIN_MIN_PATIENTS = 5    # fewer, and resampling them says little about the next patients
+
+
+def margin_verdict(margin: dict) -> str:
+    """"clear" when ``knn_margin``'s interval lies above 0, "below random init" when below it."""
+    if margin["patients"] < MARGIN_MIN_PATIENTS:
+        return "too few held-out patients to tell"
+    return "clear" if margin["low"] > 0 else ("below random init" if margin["high"] < 0 else "not clear")
+
+
+def margin_text(margin: dict) -> str:
+    """``knn_margin``'s result in words, as the summaries print it."""
+    return (f"{margin['margin']:+.3f} (95 % interval over {margin['patients']} held-out patients "
+            f"{margin['low']:+.3f} to {margin['high']:+.3f}: {margin_verdict(margin)})")
+
+
+def _bits(hits: torch.Tensor) -> str:
+    return "".join("1" if h else "0" for h in hits.tolist())
 
 
 def knn_thumbnails(knn: dict, side: int = 16) -> float:
@@ -468,8 +509,9 @@ def train(job_dir: Path) -> dict:
         return path
 
     if d.main and knn is not None and step == 0:
-        accuracy = knn_monitor(teacher.backbone, knn, d.device)
-        knn_history.append({"step": 0, "epoch": 0, "knn_accuracy": accuracy})
+        hits = knn_monitor(teacher.backbone, knn, d.device)
+        accuracy = float(hits.float().mean())
+        knn_history.append({"step": 0, "epoch": 0, "knn_accuracy": accuracy, "hits": _bits(hits)})
         if logger:
             logger.log_metrics({"knn_accuracy": accuracy, "knn_accuracy_random_init": accuracy}, step=0)
         log.info("kNN accuracy at random init: %.3f", accuracy)
@@ -521,10 +563,11 @@ def train(job_dir: Path) -> dict:
                     checkpoint()
                 if job.get("stop_after") and step >= job["stop_after"]:
                     status = "stopped"
-                    return _finish(job_dir, d, status, step, total_steps, knn_history, alarm)
+                    return _finish(job_dir, d, status, step, total_steps, knn_history, alarm, knn)
             if d.main and knn is not None and config.knn_every and (epoch + 1) % config.knn_every == 0:
-                accuracy = knn_monitor(teacher.backbone, knn, d.device)
-                knn_history.append({"step": step, "epoch": epoch + 1, "knn_accuracy": accuracy})
+                hits = knn_monitor(teacher.backbone, knn, d.device)
+                accuracy = float(hits.float().mean())
+                knn_history.append({"step": step, "epoch": epoch + 1, "knn_accuracy": accuracy, "hits": _bits(hits)})
                 if logger:
                     logger.log_metrics({"knn_accuracy": accuracy}, step=step)
                 log.info("epoch %d: kNN accuracy %.3f", epoch + 1, accuracy)
@@ -534,13 +577,17 @@ def train(job_dir: Path) -> dict:
         status = "collapsed"
         if d.main:
             checkpoint()
-    return _finish(job_dir, d, status, step, total_steps, knn_history, alarm)
+    return _finish(job_dir, d, status, step, total_steps, knn_history, alarm, knn)
 
 
 def _finish(job_dir: Path, d: Dist, status: str, step: int, total_steps: int, knn_history: list,
-            alarm: CollapseMonitor) -> dict:
+            alarm: CollapseMonitor, knn: dict | None) -> dict:
     result = {"status": status, "step": step, "total_steps": total_steps, "world_size": d.world,
-              "knn": knn_history, "collapse_alarm_step": alarm.fired_at}
+              "knn": [{k: v for k, v in entry.items() if k != "hits"} for entry in knn_history],
+              "collapse_alarm_step": alarm.fired_at}
+    scored = [entry for entry in knn_history if "hits" in entry]   # checkpoints of older runs lack hits
+    if knn is not None and "query_patients" in knn and len(scored) > 1 and scored[0]["epoch"] == 0:
+        result["knn_margin"] = knn_margin(knn, scored[0]["hits"], scored[-1]["hits"])
     if d.main:
         (job_dir / "result.json").write_text(json.dumps(result, indent=2))
     if d.world > 1 and dist.is_initialized():

@@ -81,12 +81,16 @@ def prepare_job(home: Path, job_dir: Path, config: PretrainConfig, where: str | 
             knn[name] = images
             knn[f"{name}_labels" if name == "bank" else "query_labels"] = torch.tensor(
                 [classes.index(region[k]) for k in keys])
+            if name == "queries":    # which held-out patient each query is, as 0..P-1 (for knn_margin)
+                patient = {r["key"]: r["patient_key"] for r in chosen_rows}
+                order = sorted({patient[k] for k in keys})
+                knn["query_patients"] = torch.tensor([order.index(patient[k]) for k in keys])
         job_dir.mkdir(parents=True, exist_ok=True)
         torch.save(knn, job_dir / "knn.pt")
         counts = np.bincount(knn["query_labels"].numpy(), minlength=len(classes))
         summary.update(held_out=len(held_out), knn_bank=len(knn["bank"]), knn_queries=len(knn["queries"]),
                        chance_uniform=1.0 / len(classes), chance_majority=float(counts.max() / max(counts.sum(), 1)),
-                       knn_thumbnails=knn_thumbnails(knn))
+                       knn_thumbnails=knn_thumbnails(knn), knn_patients=int(knn["query_patients"].unique().numel()))
     if not selection.keys:
         raise ValueError("nothing left to pretrain on after holding out the test patients")
     write_job(job_dir, config, selection, device=device)
@@ -204,6 +208,10 @@ def register_backbone(job_dir: Path, alias: str = "candidate") -> dict:
             mlflow.log_artifact(str(figure), "figures")
         if result.get("knn"):
             mlflow.log_dict(result["knn"], "knn_history.json")
+        if result.get("knn_margin"):
+            margin = result["knn_margin"]
+            mlflow.log_metrics({"knn_margin": margin["margin"], "knn_margin_low": margin["low"],
+                                "knn_margin_high": margin["high"]})
     version = str(info.registered_model_version)
     client.set_registered_model_alias(name, alias, version)
     for key, value in {"dax.manifest_digest": selection.digest, "dax.config": config.name,

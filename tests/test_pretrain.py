@@ -182,6 +182,31 @@ def test_the_thumbnail_reference_is_the_knn_on_shrunk_images():
     assert knn_thumbnails(two) == 0.5
 
 
+def test_the_knn_margin_interval_resamples_patients_not_frames():
+    from tasks.pretrain import knn_margin, margin_text
+    # patient 0: a 50-frame sweep, every frame turned right; patients 1-5: two frames each, unchanged
+    knn = {"query_patients": torch.tensor([0] * 50 + [p for p in range(1, 6) for _ in range(2)])}
+    before, after = "0" * 50 + "01" * 5, "1" * 50 + "01" * 5
+    margin = knn_margin(knn, before, after)
+    assert margin["margin"] == pytest.approx(50 / 60) and margin["patients"] == 6
+    # one patient made the whole gain: draws without patient 0 ((5/6)^6 = 33 %) gain nothing
+    assert margin["low"] == 0.0 and margin["high"] > 0.9
+    assert margin_text(margin).endswith("not clear)")
+    # the same gain spread over all six patients is clear
+    spread = {"query_patients": torch.arange(6).repeat_interleave(10)}
+    clear = knn_margin(spread, "0" * 60, ("1" * 8 + "0" * 2) * 6)
+    assert clear["margin"] == pytest.approx(0.8) and clear["low"] == clear["high"] == pytest.approx(0.8)
+    assert margin_text(clear).endswith(": clear)")
+    # a loss on one patient, a gain on another: the interval holds both signs
+    mixed = knn_margin({"query_patients": torch.arange(6).repeat_interleave(2)}, "1" * 4 + "0" * 8, "0" * 8 + "1" * 4)
+    assert mixed["margin"] == 0.0 and mixed["low"] < 0 < mixed["high"]
+    # below MARGIN_MIN_PATIENTS the verdict is withheld, however tight the interval
+    one = knn_margin({"query_patients": torch.zeros(10, dtype=torch.long)}, "0" * 10, "1" * 10)
+    assert one["low"] == one["high"] == 1.0 and margin_text(one).endswith("too few held-out patients to tell)")
+    assert margin_text(knn_margin(knn, after, before)).endswith("not clear)")        # the loss, reversed
+    assert margin_text(knn_margin(spread, ("1" * 8 + "0" * 2) * 6, "0" * 60)).endswith("below random init)")
+
+
 def test_configs_load_and_refuse_unknown_settings(tmp_path):
     for name in ("demo-cpu", "dax-vits16", "dax-resnet50"):
         config = load_config(name)
@@ -317,6 +342,11 @@ def test_pretraining_learns_and_registers_a_loadable_backbone(small_corpus, tmp_
                    "knn_accuracy", "knn_accuracy_random_init", "knn_chance_majority", "knn_accuracy_thumbnails"):
         assert metric in run.data.metrics, metric
     assert run.data.metrics["knn_accuracy_thumbnails"] == pytest.approx(summary["prepared"]["knn_thumbnails"])
+    margin = summary["knn_margin"]
+    assert margin["margin"] == pytest.approx(knn[-1]["knn_accuracy"] - knn[0]["knn_accuracy"])
+    assert margin["low"] <= margin["margin"] <= margin["high"]
+    assert margin["patients"] == summary["prepared"]["knn_patients"]
+    assert run.data.metrics["knn_margin_low"] == pytest.approx(margin["low"])
     assert len(client.get_metric_history(run.info.run_id, "loss")) == 12
     assert any(key.startswith("system/") for key in run.data.metrics)
     assert run.data.params["arch"] == "vit_tiny_patch16"
@@ -349,7 +379,8 @@ def test_pretraining_learns_and_registers_a_loadable_backbone(small_corpus, tmp_
 def test_knn_accuracy_rises_above_the_random_init_backbone(knn_corpus):
     """120 steps of the demo-cpu recipe (its crops, teacher and head; 2 local crops, a higher lr for the
     short run): the kNN monitor's body-region accuracy on held-out patients beats step 0, the same
-    architecture at random init, by a clear margin (measured: 0.029 -> 0.103 -> 0.128 on 242 queries)."""
+    architecture at random init, by a clear margin (measured: 0.029 -> 0.103 -> 0.128 on 242 queries; the
+    margin's 95 % interval over the 8 held-out patients +0.025 to +0.138)."""
     from tasks.pretrain_steps import prepare_job, run_training
     config = load_config("demo-cpu", {"epochs": 6, "steps_per_epoch": 20, "batch_size": 32, "lr": 0.004,
                                       "augment.local_crops": 2, "checkpoint_every": 1000, "knn_every": 3,
@@ -362,7 +393,9 @@ def test_knn_accuracy_rises_above_the_random_init_backbone(knn_corpus):
     knn = {k["step"]: k["knn_accuracy"] for k in result["knn"]}
     assert sorted(knn) == [0, 60, 120]
     print(f"kNN accuracy by step {knn}; chance {prepared['chance_uniform']:.3f} uniform, "
-          f"{prepared['chance_majority']:.3f} majority class; 16x16 thumbnails {prepared['knn_thumbnails']:.3f}")
+          f"{prepared['chance_majority']:.3f} majority class; 16x16 thumbnails {prepared['knn_thumbnails']:.3f}; "
+          f"margin {result['knn_margin']}")
     assert knn[120] >= knn[0] + 0.05, knn
+    assert result["knn_margin"]["low"] > 0, result["knn_margin"]     # with the 8 held-out patients resampled
     losses = _losses(job)
     assert np.mean(losses[-10:]) < np.mean(losses[:10])
