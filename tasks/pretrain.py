@@ -508,10 +508,15 @@ def train(job_dir: Path) -> dict:
             logger.log_artifact(path, f"checkpoints/step-{step:07d}")
         return path
 
-    if d.main and knn is not None and step == 0:
+    def score_knn(epoch: int) -> float:
+        """Run the kNN monitor on the teacher now; record it (with its per-query hits) in the history."""
         hits = knn_monitor(teacher.backbone, knn, d.device)
         accuracy = float(hits.float().mean())
-        knn_history.append({"step": 0, "epoch": 0, "knn_accuracy": accuracy, "hits": _bits(hits)})
+        knn_history.append({"step": step, "epoch": epoch, "knn_accuracy": accuracy, "hits": _bits(hits)})
+        return accuracy
+
+    if d.main and knn is not None and step == 0:
+        accuracy = score_knn(0)
         if logger:
             logger.log_metrics({"knn_accuracy": accuracy, "knn_accuracy_random_init": accuracy}, step=0)
         log.info("kNN accuracy at random init: %.3f", accuracy)
@@ -565,9 +570,7 @@ def train(job_dir: Path) -> dict:
                     status = "stopped"
                     return _finish(job_dir, d, status, step, total_steps, knn_history, alarm, knn)
             if d.main and knn is not None and config.knn_every and (epoch + 1) % config.knn_every == 0:
-                hits = knn_monitor(teacher.backbone, knn, d.device)
-                accuracy = float(hits.float().mean())
-                knn_history.append({"step": step, "epoch": epoch + 1, "knn_accuracy": accuracy, "hits": _bits(hits)})
+                accuracy = score_knn(epoch + 1)
                 if logger:
                     logger.log_metrics({"knn_accuracy": accuracy}, step=step)
                 log.info("epoch %d: kNN accuracy %.3f", epoch + 1, accuracy)

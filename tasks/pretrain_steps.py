@@ -83,8 +83,8 @@ def prepare_job(home: Path, job_dir: Path, config: PretrainConfig, where: str | 
                 [classes.index(region[k]) for k in keys])
             if name == "queries":    # which held-out patient each query is, as 0..P-1 (for knn_margin)
                 patient = {r["key"]: r["patient_key"] for r in chosen_rows}
-                order = sorted({patient[k] for k in keys})
-                knn["query_patients"] = torch.tensor([order.index(patient[k]) for k in keys])
+                _, index = np.unique([patient[k] for k in keys], return_inverse=True)
+                knn["query_patients"] = torch.from_numpy(index.astype(np.int64))
         job_dir.mkdir(parents=True, exist_ok=True)
         torch.save(knn, job_dir / "knn.pt")
         counts = np.bincount(knn["query_labels"].numpy(), minlength=len(classes))
