@@ -27,12 +27,17 @@ def phi_values(phi: list[dict]) -> set[str]:
     return values
 
 
+# digits not inside a longer number, nor right after one's decimal point
+_WHOLE_NUMBER = r"(?<![0-9])(?<![0-9]\.){}(?![0-9])"
+
+
 def phi_hits(values: set[str], haystacks: dict[str, bytes]) -> list[tuple[str, str]]:
     """(where, value) for every planted value found, case-insensitively, in any haystack.
 
-    A number counts only as a whole number: an 8-digit record number may well occur inside the digits
-    of a float or a timestamp (run durations, Prefect's clocks), which is no leak."""
-    patterns = [re.compile(rb"(?<![0-9])" + re.escape(v.encode()) + rb"(?![0-9])") if v.isdigit()
+    A number counts only as a whole number, and not as the fraction part of another: a 6- or 8-digit
+    record number may well occur inside the digits of a float or as a timestamp's microseconds (run
+    durations, Prefect's clocks: '21:14:26.888832'), which is no leak."""
+    patterns = [re.compile(_WHOLE_NUMBER.format(re.escape(v)).encode()) if v.isdigit()
                 else re.compile(re.escape(v.lower().encode())) for v in values]
     hits = []
     for where, data in haystacks.items():

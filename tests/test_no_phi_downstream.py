@@ -30,3 +30,16 @@ def test_no_planted_phi_downstream_of_ingestion(small_corpus, heads_flow, heads_
         assert any(written in name for name in stacks), f"nothing under {written}: the search would prove nothing"
     hits = phi_hits(values, stacks)
     assert not hits, f"PHI found downstream: {hits[:10]}"
+
+
+def test_the_search_finds_planted_numbers_but_not_clock_digits():
+    """The matcher itself: a planted record number is found wherever it stands as a number of its own
+    (a JSON value, a file name, a DICOM-like text), but not inside a longer number nor as a timestamp's
+    microseconds, which is what a Prefect database holds by the thousand (CI once met '888832' there)."""
+    values = {"888832", "Doe^Jane"}
+    leaks = {"json": b'{"patient": "888832"}', "name": b"pred_888832.png", "text": b"id 888832\n",
+             "name part": b"PATIENT: jane, doe^jane"}
+    assert {where for where, _ in phi_hits(values, leaks)} == set(leaks)
+    clocks = {"timestamp": b"2026-11-30 21:14:26.888832\x81y", "iso": b"21:14:26.888832+00:00",
+              "float": b"loss 0.888832e-3", "longer": b"id 18888321"}
+    assert phi_hits(values, clocks) == []
