@@ -29,20 +29,47 @@ def phi_values(phi: list[dict]) -> set[str]:
 
 # digits not inside a longer number, nor right after one's decimal point
 _WHOLE_NUMBER = r"(?<![0-9])(?<![0-9]\.){}(?![0-9])"
+# a run of hex digits and dashes with at least this many hex digits, letters among them, is a random
+# identifier: a UUID (Prefect's runs, states, events), an MLflow run id, a sha256, a pseudonymous key
+# (16 hex digits), or what is left of one in a database page's prefix-compressed index
+_HEX_ID_DIGITS = 12
+_HEX_OR_DASH = frozenset(b"0123456789abcdef-")
+_HEX_LETTERS = frozenset(b"abcdef")
+
+
+def _inside_hex_id(data: bytes, start: int, end: int) -> bool:
+    """Whether ``data[start:end]`` lies in a hex identifier (``data`` lower-cased)."""
+    while start > 0 and data[start - 1] in _HEX_OR_DASH:
+        start -= 1
+    while end < len(data) and data[end] in _HEX_OR_DASH:
+        end += 1
+    token = data[start:end]
+    return len(token) - token.count(b"-") >= _HEX_ID_DIGITS and any(c in _HEX_LETTERS for c in token)
+
+
+def _found(pattern: re.Pattern, data: bytes, number: bool) -> bool:
+    if not number:
+        return pattern.search(data) is not None
+    return any(not _inside_hex_id(data, m.start(), m.end()) for m in pattern.finditer(data))
 
 
 def phi_hits(values: set[str], haystacks: dict[str, bytes]) -> list[tuple[str, str]]:
     """(where, value) for every planted value found, case-insensitively, in any haystack.
 
-    A number counts only as a whole number, and not as the fraction part of another: a 6- or 8-digit
-    record number may well occur inside the digits of a float or as a timestamp's microseconds (run
-    durations, Prefect's clocks: '21:14:26.888832'), which is no leak."""
-    patterns = [re.compile(_WHOLE_NUMBER.format(re.escape(v)).encode()) if v.isdigit()
-                else re.compile(re.escape(v.lower().encode())) for v in values]
+    A number counts as a whole number of its own only. Not inside a longer number, nor as the fraction
+    part of another: a 6- or 8-digit record number may well occur in the digits of a float or as a
+    timestamp's microseconds (run durations, Prefect's clocks: '21:14:26.888832'). Nor inside a random
+    hex identifier: a test session's Prefect and MLflow stores hold some 600 distinct 6-digit runs in
+    their UUIDs and ids ('...-e3469c455395', '...-b301473a9692'), new ones every session, which the
+    small corpus's 24 six-digit study IDs meet by chance about once in 70 sessions. None of these is a
+    leak; 'id888832' or 'pred_888832' still is."""
+    patterns = [(re.compile(_WHOLE_NUMBER.format(re.escape(v)).encode()), True) if v.isdigit()
+                else (re.compile(re.escape(v.lower().encode())), False) for v in values]
     hits = []
     for where, data in haystacks.items():
         lowered = data.lower()
-        hits += [(where, p.pattern.decode(errors="replace")) for p in patterns if p.search(lowered)]
+        hits += [(where, p.pattern.decode(errors="replace")) for p, number in patterns
+                 if _found(p, lowered, number)]
     return hits
 
 

@@ -32,14 +32,18 @@ def test_no_planted_phi_downstream_of_ingestion(small_corpus, heads_flow, heads_
     assert not hits, f"PHI found downstream: {hits[:10]}"
 
 
-def test_the_search_finds_planted_numbers_but_not_clock_digits():
+def test_the_search_finds_planted_numbers_but_not_clock_digits_or_hex_ids():
     """The matcher itself: a planted record number is found wherever it stands as a number of its own
-    (a JSON value, a file name, a DICOM-like text), but not inside a longer number nor as a timestamp's
-    microseconds, which is what a Prefect database holds by the thousand (CI once met '888832' there)."""
+    (a JSON value, a file name, after a label), but not inside a longer number, as a timestamp's
+    microseconds (CI once met '888832' so in prefect.db), nor inside a UUID, run id, digest or key."""
     values = {"888832", "Doe^Jane"}
     leaks = {"json": b'{"patient": "888832"}', "name": b"pred_888832.png", "text": b"id 888832\n",
+             "label": b"PatientID888832", "hex-looking label": b"ID888832;", "dashed": b"888832-2026-11-30",
              "name part": b"PATIENT: jane, doe^jane"}
     assert {where for where, _ in phi_hits(values, leaks)} == set(leaks)
-    clocks = {"timestamp": b"2026-11-30 21:14:26.888832\x81y", "iso": b"21:14:26.888832+00:00",
-              "float": b"loss 0.888832e-3", "longer": b"id 18888321"}
-    assert phi_hits(values, clocks) == []
+    noise = {"timestamp": b"2026-11-30 21:14:26.888832\x81y", "iso": b"21:14:26.888832+00:00",
+             "float": b"loss 0.888832e-3", "longer": b"id 18888321",
+             "uuid": b"\x01455a95dc-a1cb-4d68-ba51-e3469c888832\x1bc", "uuid start": b"(888832dd-0df3-491b-8400-5e757587d128",
+             "run id": b"$M\x01dffc104653ab4b9d888832fdd2e946f3$", "sha256": b"sha256:73E835B6CB9A1902FD888832FB7F8A90F9",
+             "key": b"9b509c888832aff0_097038ce13cfdcc2_0000.json"}
+    assert phi_hits(values, noise) == []
