@@ -94,8 +94,8 @@ def measure(arch: str, home: str, steps: int) -> dict:
     train(job)
     end_to_end = 2 * steps * batch / (time.perf_counter() - began)
     return {"arch": arch, "loader_one": loader_one, "loader_workers": loader_workers, "training": training,
-            "training_bf16": training_bf16, "end_to_end": end_to_end, "peak_mb": peak_mb, "workers": config.workers, "batch": batch,
-            "threads": torch.get_num_threads()}
+            "training_bf16": training_bf16, "end_to_end": end_to_end, "peak_mb": peak_mb,
+            "workers": config.workers, "batch": batch, "threads": torch.get_num_threads()}
 
 
 def main() -> None:
