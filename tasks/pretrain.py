@@ -298,10 +298,6 @@ def knn_hits(bank: torch.Tensor, queries: torch.Tensor, knn: dict) -> torch.Tens
     return predictions == knn["query_labels"]
 
 
-def knn_accuracy(bank: torch.Tensor, queries: torch.Tensor, knn: dict) -> float:
-    return float(knn_hits(bank, queries, knn).float().mean())
-
-
 def knn_monitor(backbone: nn.Module, knn: dict, device: torch.device) -> torch.Tensor:
     """The kNN monitor's verdict on each held-out query for ``backbone`` (bool, one per query)."""
     return knn_hits(features(backbone, knn["bank"], device), features(backbone, knn["queries"], device), knn)
@@ -346,7 +342,7 @@ def knn_thumbnails(knn: dict, side: int = 16) -> float:
     backbone has to beat to have learned more than the coarse layout of the image."""
     def thumbnails(images: torch.Tensor) -> torch.Tensor:
         return nn.functional.adaptive_avg_pool2d(images.float(), side).flatten(1)
-    return knn_accuracy(thumbnails(knn["bank"]), thumbnails(knn["queries"]), knn)
+    return float(knn_hits(thumbnails(knn["bank"]), thumbnails(knn["queries"]), knn).float().mean())
 
 
 # --- building the models --------------------------------------------------------------------------------
