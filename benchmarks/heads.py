@@ -29,11 +29,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dax_models.backbones import create_backbone  # noqa: E402
-from tasks.head_data import HeadDataset, Letterbox  # noqa: E402
-from tasks.head_training import (FeatureStore, LiveFeatures, fit_classifier, fit_screw_head,  # noqa: E402
-                                 fit_segmenter, resolve_device)
-from tasks.labels import BODY_REGIONS  # noqa: E402
+from dax_models.augment import Letterbox  # noqa: E402
+from dax_models.backbones import (
+    create_backbone,  # noqa: E402
+    resolve_device,
+)
+from tasks.heads.data import HeadDataset  # noqa: E402
+from tasks.heads.features import FeatureStore, LiveFeatures
+from tasks.heads.training import fit_classifier, fit_screw_head, fit_segmenter
+from tasks.label_schema import BODY_REGIONS  # noqa: E402
 
 
 def synthetic_dataset(n: int, size: int, seed: int = 0) -> HeadDataset:
@@ -82,7 +86,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     if args.home:
-        from tasks.head_data import load_head_dataset
+        from tasks.heads.data import load_head_dataset
         data = load_head_dataset(Path(args.home), Path(args.labels), size=args.size)
         what = f"{len(data)} labelled images of the home"
     else:

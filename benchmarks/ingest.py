@@ -31,15 +31,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DAX_DEID_SECRET", "benchmark-secret-0123456789abcdef")
-from flows.home import configure  # noqa: E402
+from tasks.home import configure  # noqa: E402
 
 configure(Path(tempfile.gettempdir()) / "dax-benchmark-home")  # quiet defaults: no telemetry, deid logs errors only
 
 import pydicom  # noqa: E402
 
-from tasks.ingest import IngestConfig, ingest_batch, survey_batch  # noqa: E402
+from tasks.ingest.steps import IngestConfig, ingest_batch, survey_batch  # noqa: E402
+from tasks.ingest.triage import list_source  # noqa: E402
 from tasks.synth.study import PRESETS, generate_study  # noqa: E402
-from tasks.triage import list_source  # noqa: E402
 
 
 def _generate(out: str, first: int, last: int) -> None:
@@ -95,7 +95,7 @@ def deid_stock(files: list[Path], scratch: Path) -> float:
     out = scratch / "deid"
     out.mkdir()
     remembered = deid.dicom.parser.get_tag
-    deid.dicom.parser.get_tag = deid.dicom.tags.get_tag  # stock deid: not the lookup tasks.deid_plan remembers
+    deid.dicom.parser.get_tag = deid.dicom.tags.get_tag  # stock deid: not the lookup tasks.ingest.deid_plan remembers
     try:
         began = time.perf_counter()
         for path in files:

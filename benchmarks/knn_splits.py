@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/knn_splits.py                    # 4 splits of the demo corpus, about 45 min
     .venv/bin/python benchmarks/knn_splits.py --splits 2 --studies 40 --set epochs=1   # a quick look
 
-Patients are split by a hash of their pseudonymous key (``tasks.labels.patient_split``), and that key
+Patients are split by a hash of their pseudonymous key (``tasks.ingest.labels.patient_split``), and that key
 comes from the de-identification secret. ``make demo`` draws a throw-away secret, so every demo holds
 out different patients and reports its kNN monitor on them. This script measures the spread of that
 must-show figure: it generates the demo corpus once, ingests it under N fresh secrets (each held in
@@ -13,7 +13,7 @@ patients, the majority-class share (what always answering the held-out set's mos
 scores), the upper-limb share (the regions the demo backbone confuses with their lower-limb look-alikes),
 the same kNN on 16 x 16 pixel thumbnails (no backbone), the kNN accuracy at random init, at its best
 epoch and after the last epoch, and the margin's 95 % interval with the held-out patients resampled
-(``tasks.pretrain.knn_margin``). Each home is deleted after its row unless ``--keep``.
+(``tasks.pretrain.main_dino.knn_margin``). Each home is deleted after its row unless ``--keep``.
 """
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ UPPER_LIMB = ("shoulder and upper arm", "elbow-forearm-hand")   # the regions th
 
 def held_out_patients(home: Path, labels: Path) -> tuple[int, str, float]:
     """(test patients, their most frequent region, the upper-limb share of their images) for a home."""
-    from tasks.labels import BODY_REGIONS, load_labels
+    from tasks.ingest.labels import load_labels
+    from tasks.label_schema import BODY_REGIONS
 
     assert set(UPPER_LIMB) <= set(BODY_REGIONS), "the generator renamed a region"
     rows = [r for r in load_labels(home, labels, ("region",)).to_pylist() if r["split"] == "test"]
@@ -58,7 +59,7 @@ def held_out_patients(home: Path, labels: Path) -> tuple[int, str, float]:
 
 
 def one_split(index: int, corpus: Path, out: Path, overrides: list[str]) -> dict:
-    from tasks.pretrain import margin_verdict
+    from tasks.pretrain.monitor import margin_verdict
 
     home = out / f"split-{index}"
     shutil.rmtree(home, ignore_errors=True)   # a split is a fresh home: an old one keeps its old patient keys
@@ -106,7 +107,7 @@ def main() -> None:
                         help="demo-cpu override, as dax pretrain --set (repeat)")
     parser.add_argument("--keep", action="store_true", help="keep each split's home")
     args = parser.parse_args()
-    from flows.home import QUIET_DEFAULTS
+    from tasks.home import QUIET_DEFAULTS
     for key, value in QUIET_DEFAULTS.items():
         os.environ.setdefault(key, value)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ DAX's full multi-crop augmentation, 16-bit images decoded from the shards):
   - training images/s of the DINO step alone (student + teacher + loss + backward + AdamW + EMA) on
     batches already in memory;
   - the loader's margin: loader images/s (2 workers) / training images/s (target >= 2);
-  - end to end: ``tasks.pretrain.train`` for a few epochs (loader and training share the 2 cores);
+  - end to end: ``tasks.pretrain.main_dino.train`` for a few epochs (loader and training share the 2 cores);
   - peak resident memory of each measurement's process (its loader workers not included);
   - the same DINO step under bf16 autocast (what ``precision: bf16`` gives on a CPU), beside fp32.
 Each architecture is measured in a fresh process, so peaks do not mix.
@@ -47,11 +47,18 @@ def measure(arch: str, home: str, steps: int) -> dict:
     """One architecture, in this (fresh) process."""
     import torch
 
-    from flows.home import configure
+    from tasks.home import configure
     configure(home)
     from dax_models.augment import XrayMultiCrop
-    from tasks.pretrain import Dist, build_training, dino_step, load_config, train, write_job
-    from tasks.pretrain_data import select_images, train_loader
+    from tasks.pretrain.data import select_images, train_loader
+    from tasks.pretrain.main_dino import (
+        Dist,
+        build_training,
+        dino_step,
+        load_config,
+        train,
+        write_job,
+    )
 
     config = load_config("demo-cpu", {"arch": arch, "knn_every": 0, "checkpoint_every": 10 ** 9})
     selection = select_images(Path(home))

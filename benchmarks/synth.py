@@ -29,14 +29,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tasks.label_schema import BODY_REGIONS  # noqa: E402
 from tasks.synth.anatomy import build_phantom  # noqa: E402
+from tasks.synth.corpus import batch_ranges, synthesize_batch  # noqa: E402
 from tasks.synth.devices import DEVICE_MODELS  # noqa: E402
 from tasks.synth.geometry import random_pose  # noqa: E402
 from tasks.synth.implants import place_implants  # noqa: E402
 from tasks.synth.render import render  # noqa: E402
-from tasks.synth.scene import BODY_REGIONS  # noqa: E402
 from tasks.synth.study import PRESETS  # noqa: E402
-from tasks.synthesize import batch_ranges, synthesize_batch  # noqa: E402
 
 
 def bench_render(scale: float, repeats: int) -> dict:

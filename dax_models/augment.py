@@ -31,13 +31,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as tnf
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 
 __all__ = [
     "MultiCropConfig", "XrayEvalTransform", "XrayMultiCrop",
-    "letterbox_geometry", "minmax", "neglog", "to_image_tensor",
+    "Letterbox", "letterbox_geometry", "mask_to_input", "mask_to_native", "minmax", "neglog", "to_image_tensor",
 ]
 
 NEGLOG_EPS = 1e-6
@@ -281,6 +280,92 @@ def letterbox_geometry(height: int, width: int, size: int) -> tuple[int, int, in
     factor = size / max(height, width)
     new_h, new_w = max(1, round(height * factor)), max(1, round(width * factor))
     return new_h, new_w, (size - new_h) // 2, (size - new_w) // 2
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """The map between NATIVE pixel coordinates (h x w) and the S x S letterboxed input."""
+
+    native_h: int
+    native_w: int
+    size: int
+    new_h: int
+    new_w: int
+    top: int
+    left: int
+
+    @classmethod
+    def of(cls, native_h: int, native_w: int, size: int) -> "Letterbox":
+        """The geometry ``XrayEvalTransform(size)`` gives an image whose native grid is h x w.
+
+        The stored image has the native aspect ratio (ingestion keeps it, up to rounding), so the
+        letterbox computed on the native size is the one computed on the stored size (checked in
+        ``load_head_dataset``).
+        """
+        new_h, new_w, top, left = letterbox_geometry(int(native_h), int(native_w), int(size))
+        return cls(int(native_h), int(native_w), int(size), new_h, new_w, top, left)
+
+    @classmethod
+    def for_stored(cls, native_h: int, native_w: int, stored_h: int, stored_w: int, size: int) -> "Letterbox":
+        """The geometry of an image stored at (stored_h, stored_w) (resized from the native grid at
+        ingestion, aspect kept up to rounding) and letterboxed to ``size`` by ``XrayEvalTransform``:
+        the square's content is what the stored image became, its extent maps onto the native grid."""
+        new_h, new_w, top, left = letterbox_geometry(int(stored_h), int(stored_w), int(size))
+        return cls(int(native_h), int(native_w), int(size), new_h, new_w, top, left)
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """(sx, sy): input pixels per native pixel along x (columns) and y (rows)."""
+        return self.new_w / self.native_w, self.new_h / self.native_h
+
+    def to_input(self, points: np.ndarray) -> np.ndarray:
+        """(..., 2) native (x, y) -> input (x, y)."""
+        p = np.asarray(points, dtype=np.float64)
+        sx, sy = self.scale
+        return np.stack([p[..., 0] * sx + self.left, p[..., 1] * sy + self.top], axis=-1)
+
+    def to_native(self, points: np.ndarray) -> np.ndarray:
+        """(..., 2) input (x, y) -> native (x, y): the inverse of ``to_input``."""
+        p = np.asarray(points, dtype=np.float64)
+        sx, sy = self.scale
+        return np.stack([(p[..., 0] - self.left) / sx, (p[..., 1] - self.top) / sy], axis=-1)
+
+    def screws_to_native(self, screws: np.ndarray) -> np.ndarray:
+        """(K, 4) [hx, hy, tx, ty] input -> native (extra columns, e.g. a score, are kept)."""
+        s = np.asarray(screws, dtype=np.float64).reshape(-1, np.shape(screws)[-1] if np.size(screws) else 4)
+        out = s.copy()
+        out[:, 0:2] = self.to_native(s[:, 0:2])
+        out[:, 2:4] = self.to_native(s[:, 2:4])
+        return out
+
+    def screws_to_input(self, screws: np.ndarray) -> np.ndarray:
+        s = np.asarray(screws, dtype=np.float64).reshape(-1, np.shape(screws)[-1] if np.size(screws) else 4)
+        out = s.copy()
+        out[:, 0:2] = self.to_input(s[:, 0:2])
+        out[:, 2:4] = self.to_input(s[:, 2:4])
+        return out
+
+    def as_row(self) -> list[int]:
+        return [self.native_h, self.native_w, self.size, self.new_h, self.new_w, self.top, self.left]
+
+
+def mask_to_input(mask: np.ndarray, box: Letterbox) -> torch.Tensor:
+    """A NATIVE (h, w) bool mask -> (S, S) bool in the letterbox (area-weighted resize, > 0.5)."""
+    m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
+    if m.shape[-2:] != (box.native_h, box.native_w):
+        raise ValueError(f"mask is {tuple(m.shape[-2:])}, native grid is {(box.native_h, box.native_w)}")
+    small = tnf.interpolate(m, size=(box.new_h, box.new_w), mode="bilinear", antialias=True, align_corners=False)
+    out = torch.zeros(box.size, box.size, dtype=torch.bool)
+    out[box.top:box.top + box.new_h, box.left:box.left + box.new_w] = small[0, 0] > 0.5
+    return out
+
+
+def mask_to_native(probability: torch.Tensor, box: Letterbox, threshold: float = 0.5) -> np.ndarray:
+    """An (S, S) probability map of the input -> NATIVE (h, w) bool mask (padding cut, bilinear resize)."""
+    p = probability.float().reshape(box.size, box.size)
+    inner = p[box.top:box.top + box.new_h, box.left:box.left + box.new_w][None, None]
+    native = tnf.interpolate(inner, size=(box.native_h, box.native_w), mode="bilinear", align_corners=False)
+    return (native[0, 0] > threshold).numpy()
 
 
 class XrayEvalTransform:

@@ -26,12 +26,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Sequence
 
 import timm
 import torch
 from torch import nn
 
-__all__ = ["ARCHITECTURES", "Backbone", "BackboneSpec", "create_backbone", "load_checkpoint", "vit_map_blocks"]
+__all__ = ["ARCHITECTURES", "FEATURE_PARTS", "Backbone", "BackboneSpec", "autocast", "create_backbone", "extract",
+           "load_checkpoint", "resolve_device", "vit_map_blocks"]
 
 
 @dataclass(frozen=True)
@@ -170,3 +172,62 @@ def create_backbone(arch: str, in_chans: int = 1, img_size: int = 224, drop_path
     if checkpoint is not None:
         load_checkpoint(backbone, checkpoint)
     return backbone
+
+
+# ------------------------------------------------------------------ features of a frozen backbone
+
+FEATURE_PARTS = ("pooled", "cls4", "maps")
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+@torch.no_grad()
+def extract(backbone: Backbone, x: torch.Tensor, parts: Sequence[str] = FEATURE_PARTS) -> dict[str, Any]:
+    """The requested feature parts of a batch, from ONE backbone pass.
+
+    ``pooled`` (B, D): ``backbone(x)``; ``cls4`` (B, 4D): the CLS tokens of the last 4 ViT blocks, normed
+    and concatenated (DINO's linear probe; for ResNets the same as ``pooled``); ``maps``: the 4 levels
+    of ``backbone.feature_maps(x)``.
+
+    Equal to ``backbone(x)``, ``backbone.last_blocks_cls(x)`` and ``backbone.feature_maps(x)``.
+    """
+    parts = set(parts)
+    model = backbone.model
+    x = backbone._input(x)
+    out: dict[str, Any] = {}
+    if backbone.kind == "vit":
+        if parts & {"cls4", "maps"}:
+            last4 = list(range(len(model.blocks) - 4, len(model.blocks)))
+            wanted = sorted(set(last4 if "cls4" in parts else []) | set(backbone.map_blocks if "maps" in parts else []))
+            final, inter = model.forward_intermediates(x, indices=wanted, return_prefix_tokens=True, norm=True)
+            block = dict(zip(wanted, inter))
+            if "pooled" in parts:
+                out["pooled"] = model.forward_head(final)
+            if "cls4" in parts:
+                out["cls4"] = torch.cat([block[i][1][:, 0] for i in last4], dim=1)
+            if "maps" in parts:
+                out["maps"] = [block[i][0] for i in backbone.map_blocks]
+        else:
+            out["pooled"] = model(x)
+    else:
+        if "maps" in parts:
+            final, inter = model.forward_intermediates(x, indices=[1, 2, 3, 4])
+            out["maps"] = list(inter)
+            pooled = model.forward_head(final)
+        else:
+            pooled = model(x)
+        if "pooled" in parts:
+            out["pooled"] = pooled
+        if "cls4" in parts:
+            out["cls4"] = pooled
+    return out
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA, a no-op elsewhere (the frozen-feature and end-to-end passes)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+

@@ -38,6 +38,7 @@ __all__ = [
     "screw_targets",
     "screw_loss",
     "decode_screws",
+    "FrozenHead",
 ]
 
 
@@ -298,3 +299,23 @@ def decode_screws(outputs: dict[str, torch.Tensor], input_size: Sequence[int],
                            "score": float(score)})
         result.append(screws)
     return result
+
+
+class FrozenHead(nn.Module):
+    """A trained head with what it needs to be used again: the task, the features it reads, the input
+    size, the classes (region) and the screw score threshold. ``forward`` takes the features:
+    (B, D) for 'pooled'/'cls4', the list of maps for 'maps'."""
+
+    def __init__(self, task: str, head: nn.Module, features: str, size: int, arch: str,
+                 classes: Sequence[str] | None = None, threshold: float = 0.5, info: dict | None = None):
+        super().__init__()
+        self.task, self.head, self.features, self.size, self.arch = task, head, features, int(size), arch
+        self.classes = list(classes) if classes else None
+        self.threshold = float(threshold)
+        self.info = dict(info or {})
+
+    def forward(self, features):
+        if self.task == "metal":
+            return self.head(features, (self.size, self.size))
+        return self.head(features)
+

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
 
-from flows.home import configure
+from tasks.home import configure
 
 # never print local variables with a traceback: they can hold paths with patient names, or the secret
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
@@ -16,19 +17,62 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 catalog_app = typer.Typer(no_args_is_help=True, help="Query the dataset catalog (read-only, from its published snapshot).")
 app.add_typer(catalog_app, name="catalog")
 console = Console()
-HOME_OPTION = typer.Option(None, "--home", help="DAX home folder (default: $DAX_HOME or ./dax-home).")
+HOME_OPTION = typer.Option(None, "--home", envvar="DAX_HOME", help="DAX home folder (default: ./dax-home).")
+
+
+# The choices, as typer checks and lists them (tests/test_cli.py keeps them equal to the stages' own lists;
+# spelled here so that `dax --help` imports no stage).
+class Preset(str, Enum):
+    full = "full"
+    demo = "demo"
+    test = "test"
+
+
+class ImageFormat(str, Enum):
+    npy = "npy"
+    png = "png"
+
+
+class Runner(str, Enum):
+    process = "process"
+    dask = "dask"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Task(str, Enum):
+    region = "region"
+    metal = "metal"
+    screws = "screws"
+
+
+def _version(value: bool) -> None:
+    if value:
+        from tasks.version import code_version
+        typer.echo(code_version())
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print the version (and git commit in a checkout) and exit.")) -> None:
+    """DAX: C-arm X-ray DICOM to foundation models."""
 
 
 @contextmanager
 def user_errors():
     """Errors a user can fix (no secret, no snapshot yet, a busy catalog, a refused query, a source that
     is not a folder, a corpus made with other settings) as one clear line and exit code 2."""
-    from tasks.catalog import CatalogError
-    from tasks.deidentify import DeidError
-    from tasks.labels import LabelError
-    from tasks.predict import PredictError
-    from tasks.pretrain import ConfigError
-    from tasks.synthesize import CorpusMismatch
+    from tasks.ingest.catalog import CatalogError
+    from tasks.ingest.deidentify import DeidError
+    from tasks.ingest.labels import LabelError
+    from tasks.pretrain.main_dino import ConfigError
+    from tasks.release.predict import PredictError
+    from tasks.synth.corpus import CorpusMismatch
 
     try:
         yield
@@ -44,23 +88,22 @@ def synth(
     studies: int = typer.Option(200, help="Number of studies to generate (200 demo studies: about 2,000 images)."),
     seed: int = typer.Option(0, help="Corpus seed: the same seed gives the same bytes."),
     start: int = typer.Option(0, help="First study index (seed ranges let several runs build one corpus)."),
-    preset: str = typer.Option("demo", help="full (native detectors, 50-200 view sweeps), demo, or test."),
+    preset: Preset = typer.Option(Preset.demo, help="full (native detectors, 50-200 view sweeps), demo, or test."),
     batch_size: int = typer.Option(4, help="Studies per Prefect task run."),
     workers: int = typer.Option(2, help="Worker processes."),
     detector_scale: Optional[float] = typer.Option(None, help="Override the preset's detector scale."),
+    home: Optional[Path] = HOME_OPTION,
 ) -> None:
-    """Generate synthetic C-arm studies: DICOM export, labels.parquet and phi.parquet."""
-    configure()
+    """Generate synthetic C-arm studies: DICOM export, labels.parquet and phi.parquet (the run's Prefect state
+    goes to HOME)."""
+    configure(home)
     from prefect.task_runners import ProcessPoolTaskRunner
 
     from flows.synth import synth as synth_flow
-    from tasks.synth.study import PRESETS
 
-    if preset not in PRESETS:
-        raise typer.BadParameter(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     with user_errors():
         result = synth_flow.with_options(task_runner=ProcessPoolTaskRunner(max_workers=workers))(
-            out=str(out), studies=studies, seed=seed, start=start, preset=preset, batch_size=batch_size,
+            out=str(out), studies=studies, seed=seed, start=start, preset=preset.value, batch_size=batch_size,
             detector_scale=detector_scale,
         )
     console.print(f"[bold]{result['images']}[/] images in {result['files']} files "
@@ -75,7 +118,7 @@ def montage(
     real: bool = typer.Option(True, help="Add the real radiographs of pydicom-data and deid-data."),
 ) -> None:
     """One image per body region with its metal mask and screw points, beside real radiographs."""
-    from tasks.montage import make_montage
+    from tasks.synth.montage import make_montage
 
     console.print(f"montage written to {make_montage(corpus, out, include_real=real)}")
 
@@ -89,9 +132,9 @@ def ingest(
     frame_step: int = typer.Option(1, help="Keep every k-th frame of multi-frame files."),
     batch_size: int = typer.Option(32, help="Files per Prefect task run."),
     shard_mb: int = typer.Option(1000, help="Target shard size in MB."),
-    image_format: str = typer.Option("npy", help="npy (uint16, fast) or png (16-bit, ~20 % smaller, ~10x slower to write)."),
+    image_format: ImageFormat = typer.Option(ImageFormat.npy, help="npy (uint16, fast) or png (16-bit, ~20 % smaller, ~10x slower to write)."),
     workers: int = typer.Option(2, help="Worker processes."),
-    runner: str = typer.Option("process", help="process (a local pool) or dask (DAX_DASK_ADDRESS, else a local cluster)."),
+    runner: Runner = typer.Option(Runner.process, help="process (a local pool) or dask (DAX_DASK_ADDRESS, else a local cluster)."),
     retrain_after_images: int = typer.Option(1000, help="Emit dax.catalog.ready-for-retraining once this many images "
                                                         "are new since the last pretraining (0: never)."),
 ) -> None:
@@ -101,9 +144,9 @@ def ingest(
     from flows.runners import ingest_task_runner
 
     with user_errors():
-        result = ingest_flow.with_options(task_runner=ingest_task_runner(runner, workers))(
+        result = ingest_flow.with_options(task_runner=ingest_task_runner(runner.value, workers))(
             source=str(source), home=str(root), modalities=tuple(modality), max_size=max_size,
-            frame_step=frame_step, batch_size=batch_size, shard_target_mb=shard_mb, image_format=image_format,
+            frame_step=frame_step, batch_size=batch_size, shard_target_mb=shard_mb, image_format=image_format.value,
             retrain_after_images=retrain_after_images)
     console.print(f"{result['files']} files: [bold]{result['ingested']}[/] ingested ({result['images']} images in "
                   f"{result['shards']} shards), {result['duplicates']} duplicates, {result['skipped']} skipped, "
@@ -117,7 +160,7 @@ def locate(
 ) -> None:
     """Map a catalog hash back to its path on the source side (for operators; prints the path)."""
     from tasks.fileio import sha256_file
-    from tasks.triage import list_source
+    from tasks.ingest.triage import list_source
 
     wanted = sha256.lower()
     for relpath in list_source(source):
@@ -135,7 +178,7 @@ def catalog_sql(
     output: str = typer.Option("table", "--format", help="table, csv or json."),
 ) -> None:
     """Run a read-only query on the catalog snapshot."""
-    from tasks.catalog import query as run_query
+    from tasks.ingest.catalog import query as run_query
 
     with user_errors():
         typer.echo(run_query(configure(home), query, output))
@@ -147,7 +190,7 @@ def catalog_report(
     out: Optional[Path] = typer.Option(None, help="HTML file to write (default: HOME/catalog-report.html)."),
 ) -> None:
     """An HTML report of the catalog: counts by modality, device and date, quarantine reasons, runs."""
-    from tasks.catalog_report import write_report
+    from tasks.ingest.report import write_report
 
     root = configure(home)
     with user_errors():
@@ -179,7 +222,7 @@ def pretrain(
     where: Optional[str] = typer.Option(None, help="SQL condition on the catalog's images, e.g. \"modality = 'XA'\"."),
     home: Optional[Path] = HOME_OPTION,
     labels: Optional[Path] = typer.Option(None, help="labels.parquet of a synthetic corpus: enables the kNN monitor."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: Device = typer.Option(Device.auto, help="Where to compute."),
     nproc_per_node: int = typer.Option(1, "--nproc-per-node", help="Processes (GPUs) for DDP through torchrun."),
     resume: Optional[str] = typer.Option(None, help="Job to continue from its last checkpoint ('last' for the latest)."),
     epochs: Optional[int] = typer.Option(None, help="Override the config's epochs."),
@@ -193,14 +236,14 @@ def pretrain(
     overrides = {**_parse_settings(settings), "epochs": epochs}
     with user_errors():
         summary = pretrain_flow(config=config, where=where, home=str(root), labels=str(labels) if labels else None,
-                                device=device, nproc_per_node=nproc_per_node, resume=resume, overrides=overrides)
+                                device=device.value, nproc_per_node=nproc_per_node, resume=resume, overrides=overrides)
     _print_pretraining(summary)
 
 
 def _print_pretraining(summary: dict) -> None:
     from rich.table import Table
 
-    from tasks.pretrain import margin_text
+    from tasks.pretrain.monitor import margin_text
 
     console.print(f"pretraining [bold]{summary['status']}[/]: {summary['step']} of {summary['total_steps']} steps "
                   f"in {summary['seconds']:.0f} s (job {summary['job']}, MLflow run {summary['run_id']})")
@@ -225,11 +268,12 @@ def heads(
     backbone: str = typer.Option("models:/dax-backbone-vit_tiny_patch16@candidate", help="A registered backbone."),
     home: Optional[Path] = HOME_OPTION,
     seeds: int = typer.Option(3, help="Seeds per head (figures are mean and sd over them)."),
-    task: list[str] = typer.Option(["region", "metal", "screws"], help="Tasks (repeat the option)."),
-    size: int = typer.Option(224, help="Input size of the frozen backbone (letterboxed square)."),
+    task: list[Task] = typer.Option([t.value for t in Task], help="Tasks (repeat the option)."),
+    config: Optional[str] = typer.Option(None, help="A head config (demo) or a YAML file; default: the built-in budgets."),
+    size: Optional[int] = typer.Option(None, help="Input size of the frozen backbone (letterboxed square; default 224)."),
     where: Optional[str] = typer.Option(None, help="SQL condition on the catalog's images."),
     max_images: Optional[int] = typer.Option(None, help="Use at most this many labelled images."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: Device = typer.Option(Device.auto, help="Where to compute."),
     alias: str = typer.Option("candidate", help="Alias for the best head of each task."),
 ) -> None:
     """Heads on the frozen backbone and on its random-init twin, fanned out over tasks and seeds."""
@@ -237,8 +281,9 @@ def heads(
     from flows.heads import heads as heads_flow
 
     with user_errors():
-        summary = heads_flow(backbone=backbone, home=str(root), labels=str(labels), seeds=seeds, tasks=tuple(task),
-                             size=size, where=where, max_images=max_images, overrides={"device": device}, alias=alias)
+        summary = heads_flow(backbone=backbone, home=str(root), labels=str(labels), seeds=seeds,
+                             tasks=tuple(t.value for t in task), size=size, where=where, max_images=max_images,
+                             config=config, overrides={"device": device.value}, alias=alias)
     console.print(summary["markdown"], markup=False, highlight=False)
 
 
@@ -250,13 +295,13 @@ def predict(
     alias: str = typer.Option("champion", help="Alias of the backbone and heads to use (champion, candidate...)."),
     arch: str = typer.Option("vit_tiny_patch16", help="Architecture of the registered backbone."),
     backbone: Optional[str] = typer.Option(None, help="A backbone URI (default: models:/dax-backbone-ARCH@ALIAS)."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: Device = typer.Option(Device.auto, help="Where to compute."),
 ) -> None:
     """De-identify in memory, normalize, run backbone + heads; per file <sha16>.json, _mask.png, .png overlay."""
     root = configure(home)
-    from tasks.tracking import configure_tracking
+    from tasks.release.registry import configure_tracking
     configure_tracking(root)
-    from tasks.predict import predict as run_predict
+    from tasks.release.predict import predict as run_predict
 
     def report(i: int, entry: dict) -> None:   # files by position and hash only: paths can carry names
         if entry["status"] == "ok":
@@ -268,20 +313,83 @@ def predict(
 
     with user_errors():
         results = run_predict(files, out, backbone_uri=backbone or f"models:/dax-backbone-{arch}@{alias}", alias=alias,
-                              home=root, device=device,
+                              home=root, device=device.value,
                               on_result=report)
     if any(r["status"] != "ok" for r in results):
         raise typer.Exit(1)
 
 
-# Head budgets that fit the demo's 30 minutes on 2 cores (18 branches: 3 tasks x 3 seeds x 2 backbones).
-# The supervised end-to-end bound (training the backbone itself at 224 px) is left to `dax heads`, whose
-# defaults run it (10 epochs): in the demo it would cost more than the 30 minutes leave. The region
-# probes train on cached features, so they get their full budget (at 60 epochs they were undertrained:
-# region accuracy 5 points lower on both backbones).
-DEMO_HEADS = {"e2e_epochs": 0, "seg_epochs": 10, "screw_epochs": 15, "linear_epochs": 200, "mlp_epochs": 200,
-              "few_shot_epochs": 60}
-DEMO_HEADS_SIZE = 224   # 14 x 14 ViT-Ti/16 maps: at 128 px a screw (about 40 native px) is under one patch
+def _print_retrained(retrained: dict) -> None:
+    """One backbone's outcome of `retrain`: the heads' table, the kNN monitor, the promotion."""
+    from tasks.pretrain.monitor import margin_text
+
+    if "results_markdown" not in retrained:
+        console.print(f"{retrained['config']}: pretraining {retrained.get('status')}, nothing registered")
+        return
+    console.print(retrained["results_markdown"], markup=False, highlight=False)
+    knn = retrained.get("knn") or []
+    if knn:
+        thumbnails = retrained.get("knn_thumbnails")
+        console.print(f"kNN body-region accuracy during pretraining: random init {knn[0]['knn_accuracy']:.3f} -> "
+                      f"{knn[-1]['knn_accuracy']:.3f} after {knn[-1]['epoch']} epochs"
+                      + (f"; on 16x16 pixel thumbnails {thumbnails:.3f}" if thumbnails is not None else ""))
+        if retrained.get("knn_margin"):
+            console.print(f"kNN margin over random init: {margin_text(retrained['knn_margin'])}")
+    console.print(f"promotion: {retrained['backbone']} is now @{retrained['promotion']['alias']}")
+
+
+RETRAIN_CONFIGS = typer.Option(["demo-cpu"], "--config", help="Pretraining configs (repeat the option): named "
+                                                             "(demo-cpu, dax-vits16, dax-resnet50) or YAML files.")
+HEADS_CONFIG = typer.Option(None, "--heads-config", help="Head config (demo) or a YAML file; default: built-in budgets.")
+
+
+@app.command()
+def retrain(
+    labels: Optional[Path] = typer.Option(None, help="labels.parquet: enables the kNN monitor and the heads."),
+    config: list[str] = RETRAIN_CONFIGS,
+    where: Optional[str] = typer.Option(None, help="SQL condition on the catalog's images."),
+    home: Optional[Path] = HOME_OPTION,
+    device: Device = typer.Option(Device.auto, help="Where to compute."),
+    nproc_per_node: int = typer.Option(1, "--nproc-per-node", help="Processes (GPUs) for DDP through torchrun."),
+    seeds: int = typer.Option(3, help="Seeds per head."),
+    heads_config: Optional[str] = HEADS_CONFIG,
+) -> None:
+    """The `retrain` deployment's flow: per config, pretrain (or reuse a finished job), heads, promotion."""
+    root = configure(home)
+    _log_progress()
+    from flows.pipeline import retrain as retrain_flow
+
+    with user_errors():
+        outcome = retrain_flow(configs=config, where=where, home=str(root), labels=str(labels) if labels else None,
+                               device=device.value, nproc_per_node=nproc_per_node, seeds=seeds,
+                               heads_config=heads_config)
+    for retrained in outcome["retrained"]:
+        _print_retrained(retrained)
+
+
+@app.command("pipeline")
+def pipeline_command(
+    source: Path = typer.Argument(..., help="Folder of raw DICOM (a hospital export); it is only read."),
+    labels: Optional[Path] = typer.Option(None, help="labels.parquet: enables the kNN monitor and the heads."),
+    config: list[str] = RETRAIN_CONFIGS,
+    home: Optional[Path] = HOME_OPTION,
+    device: Device = typer.Option(Device.auto, help="Where to compute."),
+    nproc_per_node: int = typer.Option(1, "--nproc-per-node", help="Processes (GPUs) for DDP through torchrun."),
+    seeds: int = typer.Option(3, help="Seeds per head."),
+    heads_config: Optional[str] = HEADS_CONFIG,
+) -> None:
+    """The `pipeline` deployment's flow: ingest SOURCE, then retrain."""
+    root = configure(home)
+    _log_progress()
+    from flows.pipeline import pipeline
+
+    with user_errors():
+        outcome = pipeline(source=str(source), home=str(root), labels=str(labels) if labels else None, configs=config,
+                           device=device.value, nproc_per_node=nproc_per_node, seeds=seeds, heads_config=heads_config)
+    ingested = outcome["ingest"]
+    console.print(f"ingested {ingested['ingested']} of {ingested['files']} files ({ingested['quarantined']} quarantined)")
+    for retrained in outcome["retrained"]:
+        _print_retrained(retrained)
 
 
 @app.command()
@@ -293,66 +401,31 @@ def demo(
     """The whole pipeline on one machine, embedded: corpus, ingestion, DINO, heads, promotion, a prediction."""
     import os
     import secrets
-    import time
 
-    began = time.perf_counter()
     root = configure(home)
     if not os.environ.get("DAX_DEID_SECRET"):
         # a throw-away key for the demo's synthetic data, held in memory only (never stored or printed)
         os.environ["DAX_DEID_SECRET"] = secrets.token_hex(32)
         console.print("[dim]DAX_DEID_SECRET is not set: the demo uses a throw-away key for this run only[/]")
     _log_progress()
-    import duckdb
+    from flows.demo import demo as demo_flow
+    from tasks.release.registry import tracking_uri
 
-    from flows.pipeline import pipeline
-    from flows.synth import synth as synth_flow
-    from tasks.catalog_report import write_report
-    from tasks.montage import make_montage
-    from tasks.predict import predict as run_predict
-    from tasks.pretrain import margin_text
-    from tasks.tracking import tracking_uri
-
-    corpus = root / "corpus"
-    console.rule("1/5  synthetic C-arm corpus (resumes if already there)")
-    result = synth_flow(out=str(corpus), studies=studies, seed=0, preset="demo")
-    console.print(f"{result['corpus_images']} images under {corpus / 'dicom'}")
-    png = make_montage(corpus, root / "montage.png")
-    console.rule("2/5  the pipeline: ingest -> DINO pretraining -> heads (fan-out) -> promotion")
+    console.rule("the demo flow: corpus -> ingest -> DINO pretraining -> heads (fan-out) -> promotion -> a prediction")
     with user_errors():
-        outcome = pipeline(source=str(corpus / "dicom"), home=str(root), labels=str(corpus / "labels.parquet"),
-                           configs=["demo-cpu"], seeds=seeds, heads_size=DEMO_HEADS_SIZE, heads_overrides=DEMO_HEADS)
-    retrained = outcome["retrained"][0]
-    report = write_report(root, root / "catalog-report.html")
-    console.rule("3/5  a prediction on one image (de-identified in memory)")
-    labels = corpus / "labels.parquet"
-    # an intraoperative image with screws, as DAX's Figure 2; the path stays on this machine
-    path = duckdb.sql("SELECT path FROM read_parquet($p) WHERE modality = 'XA' AND len(screws) >= 2 "
-                      "AND frames = 1 ORDER BY sha256 LIMIT 1", params={"p": str(labels)}).fetchall()
-    path = path[0][0] if path else duckdb.sql("SELECT path FROM read_parquet($p) ORDER BY sha256 LIMIT 1",
-                                             params={"p": str(labels)}).fetchall()[0][0]
-    promoted = retrained["promotion"]["alias"]
-    predictions = run_predict([corpus / "dicom" / path], root / "predictions", alias=promoted, home=root,
-                              backbone_uri=f"{retrained['backbone']}")
-    overlay = predictions[0].get("overlay", "(refused: " + str(predictions[0].get("error")) + ")")
-    console.rule("4/5  results: frozen-backbone heads, pretrained vs random-init vs the DAX paper")
-    console.print(retrained["results_markdown"], markup=False, highlight=False)
-    knn = retrained.get("knn") or []
-    if knn:
-        thumbnails = retrained.get("knn_thumbnails")
-        console.print(f"kNN body-region accuracy during pretraining: random init {knn[0]['knn_accuracy']:.3f} -> "
-                      f"{knn[-1]['knn_accuracy']:.3f} after {knn[-1]['epoch']} epochs"
-                      + (f"; on 16x16 pixel thumbnails {thumbnails:.3f}" if thumbnails is not None else ""))
-        if retrained.get("knn_margin"):
-            console.print(f"kNN margin over random init: {margin_text(retrained['knn_margin'])}")
-    console.print(f"promotion: {retrained['backbone']} is now @{promoted}")
-    console.rule("5/5  where to look")
-    uri = tracking_uri(root)
-    console.print(f"MLflow UI:         mlflow ui --backend-store-uri {uri}\n"
-                  f"catalog report:    {report}\n"
+        outcome = demo_flow(home=str(root), studies=studies, seeds=seeds)
+    console.rule("results: frozen-backbone heads, pretrained vs random-init vs the DAX paper")
+    _print_retrained(outcome["retrained"])
+    prediction = outcome["prediction"]
+    overlay = prediction.get("overlay", "(refused: " + str(prediction.get("error")) + ")")
+    console.rule("where to look")
+    console.print(f"MLflow UI:         mlflow ui --backend-store-uri {tracking_uri(root)}\n"
+                  f"catalog report:    {outcome['report']}\n"
                   f"query the catalog: dax catalog sql \"SELECT * FROM runs\" --home {root}\n"
                   f"prediction:        {overlay}\n"
-                  f"montage:           {png}\n"
-                  f"took {time.perf_counter() - began:.0f} s", highlight=False)
+                  f"montage:           {outcome['montage']}\n"
+                  f"corpus:            {outcome['corpus_images']} images under {outcome['corpus']}\n"
+                  f"took {outcome['seconds']:.0f} s", highlight=False)
 
 
 if __name__ == "__main__":

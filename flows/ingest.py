@@ -16,19 +16,26 @@ from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
-from flows.home import configure
 from flows.runners import ingest_task_runner
-from tasks.catalog import Catalog
-from tasks.deidentify import DEFAULT_RECIPE, load_key
-from tasks.events import emit_ingest_events
 from tasks.fileio import sha256_file
-from tasks.ingest import IngestConfig, SurveyedFile, ingest_batch_task, survey_batch_task
-from tasks.normalize import NormalizeConfig
-from tasks.shards import remove_stale_temporaries
-from tasks.tracking import code_version
-from tasks.triage import DEFAULT_MODALITIES, list_source
+from tasks.home import configure
+from tasks.ingest.catalog import Catalog
+from tasks.ingest.deidentify import DEFAULT_RECIPE, load_key
+from tasks.ingest.events import emit_ingest_events
+from tasks.ingest.normalize import NormalizeConfig
+from tasks.ingest.shards import remove_stale_temporaries
+from tasks.ingest.steps import IngestConfig, ingest_batch_task, survey_batch_task
+from tasks.ingest.survey import SurveyedFile
+from tasks.ingest.triage import DEFAULT_MODALITIES, list_source
+from tasks.version import code_version
 
 SHARDS_DIR = "shards"
 

@@ -14,55 +14,15 @@
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NONE
+from prefect import flow, get_run_logger
 
 from flows.heads import heads
-from flows.home import configure
 from flows.ingest import ingest
 from flows.pretrain import pretrain
-from tasks.pretrain import load_config
-from tasks.pretrain_data import select_images
-from tasks.promotion import promote
-from tasks.tracking import configure_tracking
-
-
-def finished_job(root: Path, config_name: str, overrides: dict | None, where: str | None) -> dict | None:
-    """The registration of a finished pretraining job with this config and this data, if one exists."""
-    config = load_config(config_name, overrides).to_dict()
-    digest = select_images(root, where).digest
-    for prepared in sorted(root.glob("pretrain/*/prepare.json"), key=lambda p: p.stat().st_mtime, reverse=True):
-        job_dir = prepared.parent
-        result = job_dir / "registered.json"
-        if not result.is_file():
-            continue
-        job = json.loads((job_dir / "job.json").read_text())
-        if job["config"] == json.loads(json.dumps(config)) and json.loads(prepared.read_text()).get("query_digest") == digest:
-            return json.loads(result.read_text())
-    return None
-
-
-# what promotion compares: the registered heads' headline metrics, means over seeds on test patients
-PROMOTION_METRICS = [("region", "accuracy"), ("region", "f1"), ("metal", "dice"), ("screws", "f1"),
-                     ("screws", "head_l1_px"), ("screws", "tip_l1_px"), ("screws", "angle_deg")]
-
-
-def evaluation_scores(table: list[dict]) -> dict[str, float]:
-    rows = {(r["task"], r["metric"]): r for r in table}
-    return {f"{t}.{m}": rows[(t, m)]["pretrained_mean"] for t, m in PROMOTION_METRICS if (t, m) in rows}
-
-
-@task(name="promote", cache_policy=NONE)
-def promote_task(model: str, version: str, scores: dict, head_versions: dict) -> dict:
-    decision = promote(model, version, scores, head_versions)
-    create_markdown_artifact(decision.markdown(model, version), key="promotion",
-                             description=f"{model} version {version}: @{decision.alias}")
-    return {"model": model, "version": version, "alias": decision.alias, "previous_champion": decision.champion_version,
-            "rows": decision.rows}
+from tasks.home import configure
+from tasks.pretrain.steps import finished_job
+from tasks.release.promotion import promote_task
+from tasks.release.registry import configure_tracking
 
 
 @flow(name="retrain")
@@ -75,7 +35,8 @@ def retrain(
     nproc_per_node: int = 1,
     seeds: int = 3,
     overrides: dict | None = None,
-    heads_size: int = 160,
+    heads_size: int | None = 160,
+    heads_config: str | None = None,
     heads_overrides: dict | None = None,
 ) -> dict:
     """Pretrain one backbone per config on the catalog selection, train and evaluate its heads, promote."""
@@ -97,8 +58,8 @@ def retrain(
                 continue
         backbone_uri = f"models:/{registered['model']}/{registered['version']}"
         evaluation = heads(backbone=backbone_uri, home=str(root), labels=labels, seeds=seeds, size=heads_size,
-                           overrides=heads_overrides)
-        decision = promote_task(registered["model"], registered["version"], evaluation_scores(evaluation["table"]),
+                           config=heads_config, overrides=heads_overrides)
+        decision = promote_task(registered["model"], registered["version"], evaluation["table"],
                                 {h["model"]: h["version"] for h in evaluation["registered"].values()})
         outcomes.append({"config": config, "backbone": backbone_uri, "reused": bool(pretrained.get("reused")),
                          "knn": pretrained.get("knn"),
@@ -121,7 +82,8 @@ def pipeline(
     nproc_per_node: int = 1,
     seeds: int = 3,
     overrides: dict | None = None,
-    heads_size: int = 160,
+    heads_size: int | None = 160,
+    heads_config: str | None = None,
     heads_overrides: dict | None = None,
 ) -> dict:
     """Raw DICOM to a promoted backbone: ingest, then retrain (pretrain, heads, promotion)."""
@@ -129,5 +91,5 @@ def pipeline(
     ingested = ingest.with_options(retries=1)(source=source, home=str(root), retrain_after_images=0)
     retrained = retrain(configs=configs, where=where, home=str(root), labels=labels, device=device,
                         nproc_per_node=nproc_per_node, seeds=seeds, overrides=overrides, heads_size=heads_size,
-                        heads_overrides=heads_overrides)
+                        heads_config=heads_config, heads_overrides=heads_overrides)
     return {"ingest": ingested, **retrained}

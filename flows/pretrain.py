@@ -17,19 +17,18 @@ import mlflow
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows.home import configure
-from tasks.pretrain import load_config, margin_text
-from tasks.pretrain_steps import open_run_task, prepare_job_task, register_backbone_task, run_training_task
-from tasks.tracking import configure_tracking
-
-JOBS_DIR = "pretrain"
-
-
-def latest_job(root: Path) -> Path:
-    jobs = sorted((root / JOBS_DIR).glob("*/job.json"), key=lambda p: p.stat().st_mtime)
-    if not jobs:
-        raise FileNotFoundError("no pretraining job to resume under this home")
-    return jobs[-1].parent
+from tasks.home import configure
+from tasks.pretrain.main_dino import load_config
+from tasks.pretrain.steps import (
+    JOBS_DIR,
+    latest_job,
+    open_run_task,
+    prepare_job_task,
+    register_backbone_task,
+    run_training_task,
+    summary_markdown,
+)
+from tasks.release.registry import configure_tracking
 
 
 @flow(name="pretrain")
@@ -68,19 +67,5 @@ def pretrain(
     registered = register_backbone_task(job_dir) if result["status"] == "finished" else None
     summary = {"job": job_dir.name, "run_id": run_id, **result, "prepared": prepared, "registered": registered,
                "seconds": round(time.perf_counter() - began, 1)}
-    knn = result.get("knn") or []
-    lines = [f"# Pretraining {job_dir.name}", "", f"status **{result['status']}**, {result['step']} of "
-             f"{result['total_steps']} steps, {summary['seconds']} s, MLflow run `{run_id}`", ""]
-    if knn:
-        lines += ["| epoch | kNN accuracy (held-out patients) |", "|---|---|"]
-        lines += [f"| {k['epoch']} | {k['knn_accuracy']:.3f} |" for k in knn]
-        lines += ["", f"chance: {prepared.get('chance_uniform', 0):.3f} (uniform), "
-                      f"{prepared.get('chance_majority', 0):.3f} (majority class)"]
-        if "knn_thumbnails" in prepared:
-            lines[-1] += f"; the same kNN on 16x16 pixel thumbnails: {prepared['knn_thumbnails']:.3f}"
-        if result.get("knn_margin"):
-            lines += ["", f"margin over random init: {margin_text(result['knn_margin'])}"]
-    if registered:
-        lines += ["", f"registered `{registered['uri']}` (version {registered['version']})"]
-    create_markdown_artifact("\n".join(lines), key="pretrain-summary", description="DINO pretraining")
+    create_markdown_artifact(summary_markdown(summary), key="pretrain-summary", description="DINO pretraining")
     return summary

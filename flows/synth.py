@@ -9,10 +9,21 @@ from pathlib import Path
 from prefect import flow, unmapped
 from prefect.futures import as_completed
 from prefect.task_runners import ProcessPoolTaskRunner
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
+from tasks.synth.corpus import (
+    batch_ranges,
+    merge_parts_task,
+    prepare_corpus,
+    synthesize_batch_task,
+)
 from tasks.synth.study import PRESETS, with_overrides
-from tasks.synthesize import batch_ranges, merge_parts_task, prepare_corpus, synthesize_batch_task
 
 
 @flow(name="synth", task_runner=ProcessPoolTaskRunner(max_workers=2))

@@ -4,7 +4,7 @@ import tempfile
 
 _PREFECT_HOME = tempfile.mkdtemp(prefix="dax-test-prefect-")
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
-from flows.home import QUIET_DEFAULTS  # noqa: E402  (imports nothing heavy; before prefect)
+from tasks.home import QUIET_DEFAULTS  # noqa: E402  (imports nothing heavy; before prefect)
 
 for _name, _value in QUIET_DEFAULTS.items():   # no telemetry, no hub, a 120 s ephemeral-API start
     os.environ.setdefault(_name, _value)
@@ -71,7 +71,7 @@ import shutil  # noqa: E402
 @contextlib.contextmanager
 def heads_tracking(home):
     """MLflow pointed at ``home``'s store, and a de-identification secret, for the duration
-    (tasks.tracking keeps an MLFLOW_TRACKING_URI that is already set, maybe by another test's home)."""
+    (tasks.release.registry keeps an MLFLOW_TRACKING_URI that is already set, maybe by another test's home)."""
     import mlflow
 
     saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "DAX_DEID_SECRET")}

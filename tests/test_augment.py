@@ -11,7 +11,12 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from dax_models.augment import (
-    MultiCropConfig, XrayEvalTransform, XrayMultiCrop, _rotated_resized_crop, letterbox_geometry, minmax,
+    MultiCropConfig,
+    XrayEvalTransform,
+    XrayMultiCrop,
+    _rotated_resized_crop,
+    letterbox_geometry,
+    minmax,
     neglog,
 )
 

@@ -16,9 +16,16 @@ from deid.config import DeidRecipe
 from PIL import ImageFont
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSNearLossless
 
-from tasks import burned_in
-from tasks.burned_in import PixelVerdict, assess, black_level, clean, find_text_lines, load_rules
-from tasks.deidentify import DEFAULT_RECIPE
+from tasks.ingest import burned_in
+from tasks.ingest.burned_in import (
+    PixelVerdict,
+    assess,
+    black_level,
+    clean,
+    find_text_lines,
+    load_rules,
+)
+from tasks.ingest.deidentify import DEFAULT_RECIPE
 from tasks.synth import phi as synth_phi
 from tasks.synth.devices import _MIN_FONT_PX, DEVICE_MODELS, DeviceModel, text_mask
 from tasks.synth.dicom_writer import SeriesPlan, write_study

@@ -14,7 +14,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from tasks.catalog import (
+from tasks.ingest.catalog import (
     CATALOG_FILE,
     NO_SNAPSHOT_MESSAGE,
     SNAPSHOT_FILE,
@@ -26,7 +26,7 @@ from tasks.catalog import (
     query,
     scrub_reason,
 )
-from tasks.catalog_report import write_report
+from tasks.ingest.report import write_report
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_PYTHON = REPO / ".venv" / "bin" / "python"
@@ -192,7 +192,7 @@ def test_snapshot_read_from_another_process_while_writer_holds_catalog(home: Pat
         script = textwrap.dedent(f"""
             import json, duckdb
             from pathlib import Path
-            from tasks.catalog import query
+            from tasks.ingest.catalog import query
             home = Path({str(home)!r})
             # the plain read-only open the field notes describe, on the snapshot ...
             con = duckdb.connect(str(home / {SNAPSHOT_FILE!r}), read_only=True)
@@ -215,7 +215,7 @@ def test_snapshot_read_from_another_process_while_writer_holds_catalog(home: Pat
 
 def test_second_writer_gets_a_clear_error(home: Path):
     with Catalog.open(home):
-        script = ("from pathlib import Path; from tasks.catalog import Catalog, CatalogBusyError\n"
+        script = ("from pathlib import Path; from tasks.ingest.catalog import Catalog, CatalogBusyError\n"
                   f"try:\n    Catalog.open(Path({str(home)!r}))\nexcept CatalogBusyError as e:\n    print('BUSY', e)")
         done = subprocess.run([PYTHON, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
         assert "BUSY" in done.stdout and "another writer" in done.stdout, done.stderr

@@ -1,4 +1,4 @@
-"""Compiled deid plans (tasks/deid_plan.py): the fast engine of tasks.deidentify gives exactly what deid
+"""Compiled deid plans (tasks/deid_plan.py): the fast engine of tasks.ingest.deidentify gives exactly what deid
 gives, on every synthetic device model and on real files, and deid runs only for new structures."""
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from deid.dicom.parser import DicomParser
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.sequence import Sequence
 
-from tasks import deid_plan
-from tasks.deid_plan import PlanMismatch, RecipePlanner, structure_signature
-from tasks.deidentify import DEFAULT_RECIPE, DeidKey, _planner, deidentify
+from tasks.ingest import deid_plan
+from tasks.ingest.deid_plan import PlanMismatch, RecipePlanner, structure_signature
+from tasks.ingest.deidentify import DEFAULT_RECIPE, DeidKey, _planner, deidentify
 from tasks.synth.study import PRESETS, generate_study
 
 KEY = DeidKey(b"plan-test-secret-0123456789abcdef")

@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, XRayAngiographicImageStorage
 
-from tasks.deidentify import (
+from tasks.ingest.deidentify import (
     ACTION_KINDS,
     DEFAULT_RECIPE,
     SECRET_ENV_VAR,

@@ -24,7 +24,7 @@ from uuid import UUID, uuid4
 import pytest
 import yaml
 
-from tasks.events import INGEST_COMPLETED, READY_FOR_RETRAINING
+from tasks.ingest.events import INGEST_COMPLETED, READY_FOR_RETRAINING
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -221,7 +221,7 @@ def test_worker_runs_ingest_nightly_and_the_events_trigger_retrain(server, deplo
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.events.filters import EventFilter, EventNameFilter
 
-    from tasks.catalog import open_snapshot
+    from tasks.ingest.catalog import open_snapshot
     from tasks.synth.study import PRESETS, generate_study
 
     source, home = tmp_path / "export", tmp_path / "home"

@@ -15,14 +15,21 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from dax_models.backbones import create_backbone
+from dax_models.augment import Letterbox, mask_to_input, mask_to_native
+from dax_models.backbones import create_backbone, extract
 from dax_models.metrics import segmentation_metrics
-from tasks.head_data import Letterbox, load_head_dataset, mask_to_input, mask_to_native
-from tasks.head_training import (FeatureStore, HeadConfig, LiveFeatures, evaluate_screws, extract, fit_classifier,
-                                 fit_screw_head, fit_segmenter, predict_masks, predict_screws, run_task,
-                                 train_end_to_end)
-from tasks.labels import BODY_REGIONS
-
+from tasks.heads.data import load_head_dataset
+from tasks.heads.evaluation import evaluate_screws, predict_masks, predict_screws
+from tasks.heads.features import FeatureStore, LiveFeatures
+from tasks.heads.training import (
+    HeadConfig,
+    fit_classifier,
+    fit_screw_head,
+    fit_segmenter,
+    run_task,
+    train_end_to_end,
+)
+from tasks.label_schema import BODY_REGIONS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tests/conftest.py
 

@@ -25,7 +25,7 @@ import pytest
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import JPEG2000Lossless
 
-from tasks.shards import iter_shard
+from tasks.ingest.shards import iter_shard
 from tasks.synth.study import PRESETS, generate_study
 from tests.phi_search import files_under, phi_hits, phi_values
 

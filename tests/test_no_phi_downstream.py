@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from tasks.predict import predict
+from tasks.release.predict import predict
 from tests.phi_search import files_under, phi_hits, phi_values
 
 

@@ -1,4 +1,4 @@
-"""Pixel decoding, normalization and WebDataset shards (tasks.normalize, tasks.shards)."""
+"""Pixel decoding, normalization and WebDataset shards (tasks.ingest.normalize, tasks.ingest.shards)."""
 from __future__ import annotations
 
 import copy
@@ -15,13 +15,23 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, generate_frames
-from pydicom.uid import ExplicitVRLittleEndian, MPEG2MPML, RLELossless
+from pydicom.uid import MPEG2MPML, ExplicitVRLittleEndian, RLELossless
 
-from tasks.normalize import (
-    MAX_SIDE, OUTPUT_MAX, NormalizeConfig, PixelDataError, decode_frames, normalize,
+from tasks.ingest.normalize import (
+    MAX_SIDE,
+    OUTPUT_MAX,
+    NormalizeConfig,
+    PixelDataError,
+    decode_frames,
+    normalize,
 )
-from tasks.shards import (
-    TAR_MTIME, ShardSink, decode_image, encode_image, iter_shard, remove_stale_temporaries,
+from tasks.ingest.shards import (
+    TAR_MTIME,
+    ShardSink,
+    decode_image,
+    encode_image,
+    iter_shard,
+    remove_stale_temporaries,
 )
 from tasks.synth.devices import DEVICE_MODELS
 from tasks.synth.study import PRESETS, generate_study

@@ -15,10 +15,16 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from torch import nn
 
 from dax_models.backbones import Backbone
+from dax_models.heads import FrozenHead
 from tasks.fileio import sha256_file
-from tasks.head_training import FrozenHead
-from tasks.labels import BODY_REGIONS
-from tasks.predict import LoadedModels, PredictError, predict, predict_file, prepare_dicom
+from tasks.label_schema import BODY_REGIONS
+from tasks.release.predict import (
+    LoadedModels,
+    PredictError,
+    predict,
+    predict_file,
+    prepare_dicom,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tests/conftest.py
 
@@ -154,7 +160,8 @@ def test_predict_refuses_bad_files_and_still_writes_the_good_ones(heads_flow, he
     """The registered backbone and heads on real radiographs never ingested (pydicom-data's CR chest,
     deid-data's DX cat), next to a text file and a header without pixels, all with PHI in their names."""
     from pydicom.data import get_testdata_file
-    from tasks.montage import real_radiographs
+
+    from tasks.synth.montage import real_radiographs
 
     inputs = tmp_path / "in"
     inputs.mkdir()

@@ -13,10 +13,19 @@ import torch
 import torch.nn.functional as F
 
 from dax_models.backbones import ARCHITECTURES, create_backbone
-from dax_models.dino import (LARS, DINOHead, DINOLoss, MultiCropWrapper, clip_gradients, cosine_schedule, ema_update,
-                             teacher_temperature_schedule)
-from tasks.pretrain import CollapseMonitor, load_config, read_job, teacher_backbone
-from tasks.pretrain_data import SelectionError, select_images, train_loader
+from dax_models.dino import (
+    LARS,
+    DINOHead,
+    DINOLoss,
+    MultiCropWrapper,
+    clip_gradients,
+    cosine_schedule,
+    ema_update,
+    teacher_temperature_schedule,
+)
+from tasks.pretrain.data import SelectionError, select_images, train_loader
+from tasks.pretrain.main_dino import load_config, read_job, teacher_backbone
+from tasks.pretrain.monitor import CollapseMonitor
 
 TINY = {"knn_size": 48, "augment.global_size": 48, "augment.local_size": 32, "augment.local_crops": 2,
         "batch_size": 8, "workers": 1, "log_every": 1, "out_dim": 256, "head_hidden_dim": 128,
@@ -159,7 +168,7 @@ def test_collapse_monitor_needs_patience_steps_in_a_row():
 def test_the_thumbnail_reference_is_the_knn_on_shrunk_images():
     """Classes told apart only by where the bright blob lies: the 16 x 16 thumbnails' kNN gets them all;
     with the query labels rotated by one class it gets none; the thumbnails do not see fine texture."""
-    from tasks.pretrain import knn_thumbnails
+    from tasks.pretrain.monitor import knn_thumbnails
     g = torch.Generator().manual_seed(0)
 
     def images(labels: torch.Tensor) -> torch.Tensor:
@@ -183,7 +192,7 @@ def test_the_thumbnail_reference_is_the_knn_on_shrunk_images():
 
 
 def test_the_knn_margin_interval_resamples_patients_not_frames():
-    from tasks.pretrain import knn_margin, margin_text
+    from tasks.pretrain.monitor import knn_margin, margin_text
     # patient 0: a 50-frame sweep, every frame turned right; patients 1-5: two frames each, unchanged
     knn = {"query_patients": torch.tensor([0] * 50 + [p for p in range(1, 6) for _ in range(2)])}
     before, after = "0" * 50 + "01" * 5, "1" * 50 + "01" * 5
@@ -243,7 +252,7 @@ def _sum_and_noise(image):
 def test_the_loader_gives_exact_seeded_epochs_of_selected_images(small_corpus):
     selection = select_images(small_corpus.home)
     allowed = selection.without(selection.keys[::2])
-    from tasks.shards import iter_shard
+    from tasks.ingest.shards import iter_shard
     sums = {key: int(img.astype(np.int64).sum()) for path in allowed.shard_paths for key, img, _ in iter_shard(Path(path))}
     allowed_sums = {sums[k] for k in allowed.keys}
 
@@ -265,7 +274,7 @@ def test_the_loader_gives_exact_seeded_epochs_of_selected_images(small_corpus):
 # --- training -------------------------------------------------------------------------------------------
 
 def _job(small_corpus, name: str, overrides: dict, labels: bool = False) -> Path:
-    from tasks.pretrain_steps import prepare_job
+    from tasks.pretrain.steps import prepare_job
     config = load_config("demo-cpu", {**TINY, **overrides})
     job = small_corpus.tmp / "jobs" / name
     prepare_job(small_corpus.home, job, config, None, small_corpus.labels if labels else None, device="cpu")
@@ -277,7 +286,7 @@ def _losses(job: Path) -> list[float]:
 
 
 def test_a_killed_run_resumed_gives_the_same_loss_curve(small_corpus):
-    from tasks.pretrain_steps import run_training
+    from tasks.pretrain.steps import run_training
     settings = {"epochs": 2, "steps_per_epoch": 3, "checkpoint_every": 2, "drop_path_rate": 0.1}
     whole = _job(small_corpus, "whole", settings)
     assert run_training(whole)["status"] == "finished"
@@ -295,7 +304,7 @@ def test_a_killed_run_resumed_gives_the_same_loss_curve(small_corpus):
 
 
 def test_the_collapse_alarm_can_stop_a_run(small_corpus):
-    from tasks.pretrain_steps import run_training
+    from tasks.pretrain.steps import run_training
     job = _job(small_corpus, "collapse", {"epochs": 1, "steps_per_epoch": 4, "collapse_min_kl": 1e9,
                                           "collapse_patience": 2, "stop_on_collapse": True})
     result = run_training(job)
@@ -304,7 +313,7 @@ def test_the_collapse_alarm_can_stop_a_run(small_corpus):
 
 
 def test_ddp_with_two_cpu_processes_through_torchrun_finishes(small_corpus):
-    from tasks.pretrain_steps import run_training
+    from tasks.pretrain.steps import run_training
     job = _job(small_corpus, "ddp", {"epochs": 2, "steps_per_epoch": 3, "checkpoint_every": 3})
     result = run_training(job, nproc_per_node=2)
     assert result == {**result, "status": "finished", "world_size": 2, "step": 6}
@@ -317,9 +326,9 @@ def test_pretraining_learns_and_registers_a_loadable_backbone(small_corpus, tmp_
     """The flow end to end: loss falls, the kNN monitor runs, MLflow holds it all, the model loads back."""
     from mlflow.tracking import MlflowClient
 
-    from flows.home import configure
     from flows.pretrain import pretrain
-    from tasks.tracking import configure_tracking
+    from tasks.home import configure
+    from tasks.release.registry import configure_tracking
 
     root = configure(small_corpus.home)
     settings = {**TINY, "epochs": 6, "steps_per_epoch": 8, "batch_size": 16, "checkpoint_every": 16,
@@ -364,7 +373,7 @@ def test_pretraining_learns_and_registers_a_loadable_backbone(small_corpus, tmp_
     # a fresh process loads the registered backbone and computes the same features as the checkpoint
     x = torch.rand(3, 1, 64, 64)
     torch.save(x, tmp_path / "x.pt")
-    code = ("import sys, torch, mlflow; from tasks.tracking import configure_tracking; configure_tracking(sys.argv[1]);"
+    code = ("import sys, torch, mlflow; from tasks.release.registry import configure_tracking; configure_tracking(sys.argv[1]);"
             "m = mlflow.pytorch.load_model('models:/dax-backbone-vit_tiny_patch16@candidate').eval();"
             "torch.save(m(torch.load(sys.argv[2])).detach(), sys.argv[3])")
     subprocess.run([sys.executable, "-c", code, str(root), str(tmp_path / "x.pt"), str(tmp_path / "f.pt")],
@@ -381,7 +390,7 @@ def test_knn_accuracy_rises_above_the_random_init_backbone(knn_corpus):
     short run): the kNN monitor's body-region accuracy on held-out patients beats step 0, the same
     architecture at random init, by a clear margin (measured: 0.029 -> 0.103 -> 0.128 on 242 queries; the
     margin's 95 % interval over the 8 held-out patients +0.025 to +0.138)."""
-    from tasks.pretrain_steps import prepare_job, run_training
+    from tasks.pretrain.steps import prepare_job, run_training
     config = load_config("demo-cpu", {"epochs": 6, "steps_per_epoch": 20, "batch_size": 32, "lr": 0.004,
                                       "augment.local_crops": 2, "checkpoint_every": 1000, "knn_every": 3,
                                       "log_every": 10})

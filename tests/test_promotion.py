@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks.promotion import compare, lower_is_better, promote
+from tasks.release.promotion import compare, lower_is_better, promote
 
 
 def test_compare_knows_which_way_is_better():

@@ -7,7 +7,7 @@ flows/runners.py) and once with `--runner process` (ProcessPoolTaskRunner, 2 pro
 
 Every table is compared as content, minus what names the run (run_id, recorded_at). The shards are
 compared byte for byte (name, SHA-256, samples, bytes): they can be, because a shard's name comes from
-its batch's content (the SHA-256s of the batch's files, tasks/ingest.py:batch_prefix), the batches are
+its batch's content (the SHA-256s of the batch's files, tasks/ingest/steps.py:batch_prefix), the batches are
 cut by the flow in listing order before any runner sees them, each batch is written by one task into
 its own shards in file order, and the tar headers carry fixed mtime/owner/mode (tasks/shards.py). Which
 worker ran a batch, and in what order batches finished, changes only the order of catalog inserts.
@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.catalog import TABLES, open_snapshot
-from tasks.shards import iter_shard
+from tasks.ingest.catalog import TABLES, open_snapshot
+from tasks.ingest.shards import iter_shard
 from tasks.synth.study import PRESETS, generate_study
 
 DAX = str(Path(sys.executable).with_name("dax"))

@@ -2,11 +2,17 @@
 import numpy as np
 import pytest
 
-from tasks.synth.anatomy import (BONE_MATERIALS, attenuation_at, build_phantom, point_in_body, point_in_bone,
-                                 point_in_primitive)
+from tasks.label_schema import BODY_REGIONS
+from tasks.synth.anatomy import (
+    BONE_MATERIALS,
+    attenuation_at,
+    build_phantom,
+    point_in_body,
+    point_in_bone,
+    point_in_primitive,
+)
 from tasks.synth.implants import place_implants
 from tasks.synth.primitives import Box, Cylinder, Ellipsoid, line_integral
-from tasks.synth.scene import BODY_REGIONS
 
 TRUNK = {"skull", "cervical spine", "thorax", "lumbar spine", "pelvis and hip"}
 LIMB_REGIONS = {"femur", "knee", "lower leg", "ankle and foot", "shoulder and upper arm", "elbow-forearm-hand"}

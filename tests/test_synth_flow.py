@@ -10,9 +10,15 @@ import pydicom
 import pytest
 
 from flows.synth import synth
-from tasks.synth.scene import BODY_REGIONS
-from tasks.synth.study import PRESETS, generate_study, png_to_mask
-from tasks.synthesize import DICOM_DIR, batch_ranges, merge_parts, prepare_corpus, synthesize_batch
+from tasks.label_schema import BODY_REGIONS, png_to_mask
+from tasks.synth.corpus import (
+    DICOM_DIR,
+    batch_ranges,
+    merge_parts,
+    prepare_corpus,
+    synthesize_batch,
+)
+from tasks.synth.study import PRESETS, generate_study
 
 TEST = PRESETS["test"]
 
@@ -137,7 +143,7 @@ def test_batches_cover_the_range_exactly():
 
 
 def test_montage_draws_every_region(corpus, tmp_path):
-    from tasks.montage import make_montage
+    from tasks.synth.montage import make_montage
 
     png = make_montage(corpus, tmp_path / "montage.png")
     image = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(png))

@@ -14,9 +14,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from tasks.synth.primitives import (MU, Box, ClippedCylinder, ClippedEllipsoid, Cylinder, Ellipsoid, Primitive,
-                                    euler_rotation)
-from tasks.synth.scene import BODY_REGIONS, Phantom
+from tasks.label_schema import BODY_REGIONS
+from tasks.synth.primitives import (
+    MU,
+    Box,
+    ClippedCylinder,
+    ClippedEllipsoid,
+    Cylinder,
+    Ellipsoid,
+    Primitive,
+    euler_rotation,
+)
+from tasks.synth.scene import Phantom
 
 # materials that count as "bone" for point-in-bone checks
 BONE_MATERIALS = ("cortical", "cancellous", "marrow", "enamel")
@@ -1264,7 +1273,7 @@ assert set(_BUILDERS) == set(BODY_REGIONS)
 
 
 def build_phantom(region: str, rng: np.random.Generator) -> Phantom:
-    """A randomized phantom of ``region`` (one of ``scene.BODY_REGIONS``)."""
+    """A randomized phantom of ``region`` (one of ``tasks.label_schema.BODY_REGIONS``)."""
     try:
         builder = _BUILDERS[region]
     except KeyError:

@@ -28,7 +28,15 @@ from pydicom.uid import (
     XRayRadiofluoroscopicImageStorage,
 )
 
-from tasks.synth.devices import BurnedText, DeviceModel, PrivateTag, burn_in, encode_pixels, text_mask, window_for
+from tasks.synth.devices import (
+    BurnedText,
+    DeviceModel,
+    PrivateTag,
+    burn_in,
+    encode_pixels,
+    text_mask,
+    window_for,
+)
 from tasks.synth.phi import DAX_UID_ROOT, Patient, StudyContext, make_uid
 from tasks.synth.scene import Exposure
 
@@ -77,7 +85,7 @@ class SeriesPlan:
     exposures: list[Exposure]   # one per frame, acquisition order
     poses: list                 # one CArmPose per exposure
     multiframe: bool            # one multi-frame file, or one file per exposure
-    region: str                 # body-region label (scene.BODY_REGIONS); never written as such
+    region: str                 # body-region label (tasks.label_schema.BODY_REGIONS); never written as such
     laterality: str             # '', 'R', 'L'
     acquired_at: dt.datetime    # series start
     transfer_syntax: str = ""

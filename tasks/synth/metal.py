@@ -18,7 +18,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from tasks.synth.primitives import MU, Box, Cylinder, Ellipsoid, Primitive, rotation_from_axis
+from tasks.synth.primitives import (
+    MU,
+    Box,
+    Cylinder,
+    Ellipsoid,
+    Primitive,
+    rotation_from_axis,
+)
 from tasks.synth.scene import MetalObject, Screw
 
 _THREAD_RINGS_MAX = 7

@@ -13,21 +13,6 @@ import numpy as np
 
 from tasks.synth.primitives import Primitive
 
-# The 11 body-region class labels, exactly as every downstream stage spells them.
-BODY_REGIONS: tuple[str, ...] = (
-    "skull",
-    "cervical spine",
-    "thorax",
-    "lumbar spine",
-    "pelvis and hip",
-    "femur",
-    "knee",
-    "lower leg",
-    "ankle and foot",
-    "shoulder and upper arm",
-    "elbow-forearm-hand",
-)
-
 
 @dataclass
 class Phantom:

@@ -8,14 +8,13 @@ so study ``index`` is the same whichever batch, worker or run produces it.
 from __future__ import annotations
 
 import datetime as dt
-import io
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from tasks.fileio import sha256_file
+from tasks.label_schema import BODY_REGIONS, mask_to_png
 from tasks.synth.anatomy import build_phantom
 from tasks.synth.devices import DeviceModel, devices_for
 from tasks.synth.dicom_writer import FileRecord, SeriesPlan, write_study
@@ -23,7 +22,7 @@ from tasks.synth.geometry import jitter_pose, random_pose, sweep_poses
 from tasks.synth.implants import place_implants
 from tasks.synth.phi import make_patient, make_study
 from tasks.synth.render import central_transmission, render
-from tasks.synth.scene import BODY_REGIONS, Exposure
+from tasks.synth.scene import Exposure
 
 C_ARM_MODALITIES = ("XA", "RF")
 RADIOGRAPH_MODALITIES = ("DX", "CR")
@@ -216,17 +215,6 @@ def _label_row(record: FileRecord, digest: str, frame: int, plan: SeriesPlan, ex
         "burned_in_text": record.burned_in_text,
         "burned_in_declared": record.burned_in_declared,
     }
-
-
-def mask_to_png(mask: np.ndarray) -> bytes:
-    """A boolean mask as a 1-bit PNG (a few kB at 1k x 1k)."""
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(mask, dtype=bool)).save(buffer, format="PNG", optimize=False)
-    return buffer.getvalue()
-
-
-def png_to_mask(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data))).astype(bool)
 
 
 def with_overrides(config: SynthConfig, **overrides) -> SynthConfig:

@@ -1,6 +1,7 @@
 """Pipeline steps of the ingest flow, as plain functions and their Prefect tasks.
 
-    survey_batch   hash each file, peek at its header: the flow drops what the catalog already holds
+    survey_batch   hash each file, peek at its header (tasks.ingest.survey): the flow drops what the catalog
+                   already holds
     ingest_batch   per file: read -> triage -> burned-in text -> de-identify -> normalize -> shard
 
 Both take a batch of files (never one task per file: Prefect strains at thousands of task runs) and
@@ -16,16 +17,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pydicom
 from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
-from tasks.burned_in import assess, black_level, clean
-from tasks.deidentify import DEFAULT_RECIPE, DeidKey, deidentify, load_key
-from tasks.normalize import NormalizeConfig, PixelDataError, decode_frames, normalize
-from tasks.shards import ShardSink
-from tasks.fileio import sha256_file
-from tasks.triage import DEFAULT_MODALITIES, Rejected, check_header, read_dicom
+from tasks.ingest.burned_in import assess, black_level, clean
+from tasks.ingest.deidentify import DEFAULT_RECIPE, DeidKey, deidentify, load_key
+from tasks.ingest.normalize import (
+    NormalizeConfig,
+    PixelDataError,
+    decode_frames,
+    normalize,
+)
+from tasks.ingest.shards import ShardSink
+from tasks.ingest.survey import SurveyedFile, instance_key, survey_batch
+from tasks.ingest.triage import DEFAULT_MODALITIES, Rejected, check_header, read_dicom
 
 
 @dataclass(frozen=True)
@@ -35,17 +40,9 @@ class IngestConfig:
     image_format: str = "npy"                  # uint16 .npy (fast), or "png" (16-bit, ~20 % smaller)
     shard_target_bytes: int = 1_000_000_000
     recipe: str = str(DEFAULT_RECIPE)
-    # folder of deid plans shared by worker processes and runs (tasks.deid_plan.PlanStore; the flow
+    # folder of deid plans shared by worker processes and runs (tasks.ingest.deid_plan.PlanStore; the flow
     # uses HOME/cache/deid-plans); None: each worker records its own plans with deid
     plan_cache: str | None = None
-
-
-@dataclass(frozen=True)
-class SurveyedFile:
-    relpath: str          # stays on the ingestion side: never logged, never cataloged
-    sha256: str
-    size: int
-    instance_key: str | None  # keyed pseudonym of the SOP Instance UID, when the header is readable
 
 
 @dataclass
@@ -54,27 +51,6 @@ class BatchOutcome:
     images: list[dict]
     shards: list[dict]
     seconds: float
-
-
-def instance_key(key: DeidKey, sop_instance_uid: str) -> str:
-    return key.pseudonym("instance", sop_instance_uid)
-
-
-def survey_batch(source: Path, relpaths: list[str]) -> list[SurveyedFile]:
-    """Hash every file and read the SOP Instance UID from its header (pixel data not read)."""
-    key = load_key()
-    surveyed = []
-    for relpath in relpaths:
-        path = Path(source, relpath)
-        uid = None
-        try:
-            header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
-            uid = str(header.get("SOPInstanceUID", "") or "") or None
-        except Exception:  # noqa: BLE001 - any unreadable file is triaged properly by ingest_batch
-            pass
-        surveyed.append(SurveyedFile(relpath, sha256_file(path), path.stat().st_size,
-                                     instance_key(key, uid) if uid else None))
-    return surveyed
 
 
 def batch_prefix(files: list[SurveyedFile]) -> str:

@@ -14,7 +14,15 @@ import json
 import math
 from dataclasses import dataclass
 
-__all__ = ["Decision", "compare", "lower_is_better", "promote"]
+from prefect import task
+from prefect.cache_policies import NONE
+
+__all__ = ["PROMOTION_METRICS", "Decision", "compare", "evaluation_scores", "lower_is_better", "promote",
+           "promote_task"]
+
+# what promotion compares: the registered heads' headline metrics, means over seeds on test patients
+PROMOTION_METRICS = [("region", "accuracy"), ("region", "f1"), ("metal", "dice"), ("screws", "f1"),
+                     ("screws", "head_l1_px"), ("screws", "tip_l1_px"), ("screws", "angle_deg")]
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 
@@ -81,3 +89,23 @@ def promote(name: str, version: str, scores: dict[str, float], heads: dict[str, 
     for head_name, head_version in (heads or {}).items():
         client.set_registered_model_alias(head_name, alias, head_version)
     return Decision(alias, rows, str(current.version) if current is not None else None)
+
+
+def evaluation_scores(table: list[dict]) -> dict[str, float]:
+    """The promotion scores of a heads results table (``tasks.heads.results``): pretrained means."""
+    rows = {(r["task"], r["metric"]): r for r in table}
+    return {f"{t}.{m}": rows[(t, m)]["pretrained_mean"] for t, m in PROMOTION_METRICS if (t, m) in rows}
+
+
+def promote_and_report(model: str, version: str, table: list[dict], head_versions: dict) -> dict:
+    """Promote a backbone on its heads' results table; the comparison as the Prefect artifact ``promotion``."""
+    from prefect.artifacts import create_markdown_artifact
+
+    decision = promote(model, version, evaluation_scores(table), head_versions)
+    create_markdown_artifact(decision.markdown(model, version), key="promotion",
+                             description=f"{model} version {version}: @{decision.alias}")
+    return {"model": model, "version": version, "alias": decision.alias, "previous_champion": decision.champion_version,
+            "rows": decision.rows}
+
+
+promote_task = task(promote_and_report, name="promote", cache_policy=NONE)

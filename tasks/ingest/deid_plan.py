@@ -45,10 +45,10 @@ from functools import lru_cache
 from importlib.metadata import version as _version
 from pathlib import Path
 
+import deid.dicom.parser as _deid_parser
 from deid.config import DeidRecipe
 from deid.dicom.actions import deid_funcs as DEID_FUNCS
 from deid.dicom.fields import DicomField, _get_fields_inner
-import deid.dicom.parser as _deid_parser
 from deid.dicom.parser import DicomParser
 from deid.dicom.tags import add_tag, get_private, get_tag
 from deid.utils import parse_value

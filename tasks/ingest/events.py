@@ -12,7 +12,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from tasks.catalog import open_snapshot
+from tasks.ingest.catalog import open_snapshot
 
 __all__ = ["INGEST_COMPLETED", "READY_FOR_RETRAINING", "catalog_resource", "emit_ingest_events",
            "images_since_pretraining"]

@@ -20,9 +20,11 @@ import pyarrow.parquet as pq  # noqa: E402
 import pydicom  # noqa: E402
 from pydicom.pixels import apply_modality_lut, apply_voi_lut  # noqa: E402
 
-from tasks.synth.scene import BODY_REGIONS  # noqa: E402
-from tasks.synth.study import png_to_mask  # noqa: E402
-from tasks.synthesize import DICOM_DIR  # noqa: E402
+from tasks.label_schema import (
+    BODY_REGIONS,  # noqa: E402
+    png_to_mask,  # noqa: E402
+)
+from tasks.synth.corpus import DICOM_DIR  # noqa: E402
 
 
 def display_frame(ds: pydicom.Dataset, frame: int = 0) -> np.ndarray:

@@ -1,7 +1,7 @@
 """DINO pretraining on the shard store: the whole training loop in one file, as DINO's ``main_dino.py``.
 
 One entry point for every scale: ``train(job_dir)`` runs in the calling process (CPU, one GPU), and
-``python -m tasks.pretrain JOB_DIR`` is what ``torchrun --nproc_per_node N`` starts on every rank
+``python -m tasks.pretrain.main_dino JOB_DIR`` is what ``torchrun --nproc_per_node N`` starts on every rank
 (DDP: gloo on CPU, NCCL on GPUs). The job folder holds ``job.json`` (config, selection, device, MLflow
 run id), ``keys.txt`` (the selected image keys) and, when labels were given, ``knn.pt`` (the kNN
 monitor's bank and queries); training writes ``checkpoints/last.pt`` (atomically, every
@@ -40,6 +40,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
+from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
@@ -50,17 +51,26 @@ from torch import nn
 
 from dax_models.augment import MultiCropConfig, XrayMultiCrop
 from dax_models.backbones import ARCHITECTURES, Backbone, create_backbone
-from dax_models.dino import (LARS, DINOHead, DINOLoss, MultiCropWrapper, cancel_last_layer_gradients,
-                             clip_gradients, cosine_schedule, ema_update, param_groups,
-                             teacher_temperature_schedule)
-from dax_models.metrics import knn_classify
-from tasks.pretrain_data import Selection, train_loader
+from dax_models.dino import (
+    LARS,
+    DINOHead,
+    DINOLoss,
+    MultiCropWrapper,
+    cancel_last_layer_gradients,
+    clip_gradients,
+    cosine_schedule,
+    ema_update,
+    param_groups,
+    teacher_temperature_schedule,
+)
+from tasks.pretrain.data import Selection, train_loader
+from tasks.pretrain.monitor import CollapseMonitor, hits_bits, knn_margin, knn_monitor
 
 log = logging.getLogger("dax.pretrain")
 
 __all__ = ["CONFIG_DIR", "ConfigError", "PretrainConfig", "TrainingCollapsed", "load_config", "main", "train", "write_job"]
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "deployments" / "pretrain"
+CONFIG_DIR = Path(str(files("deployments") / "pretrain"))   # package data: found in any install, editable or not
 CHECKPOINT = "last.pt"
 
 
@@ -263,86 +273,6 @@ def _any_rank(flag: bool, d: Dist) -> bool:
 
 # --- monitoring -----------------------------------------------------------------------------------------
 
-class CollapseMonitor:
-    """Counts consecutive steps with KL or teacher batch entropy below threshold."""
-
-    def __init__(self, min_kl: float, min_entropy: float, patience: int):
-        self.min_kl, self.min_entropy, self.patience = min_kl, min_entropy, patience
-        self.low_steps = 0
-        self.fired_at: int | None = None
-
-    def update(self, step: int, stats: dict[str, float]) -> bool:
-        """True on the step the alarm fires."""
-        low = stats["kl"] < self.min_kl or stats["teacher_batch_entropy"] < self.min_entropy
-        self.low_steps = self.low_steps + 1 if low else 0
-        if self.low_steps >= self.patience and self.fired_at is None:
-            self.fired_at = step
-            return True
-        return False
-
-
-@torch.no_grad()
-def features(backbone: nn.Module, images: torch.Tensor, device: torch.device, batch: int = 64) -> torch.Tensor:
-    was_training = backbone.training
-    backbone.eval()
-    out = [backbone(images[i:i + batch].to(device, dtype=torch.float32)).float().cpu()
-           for i in range(0, len(images), batch)]
-    backbone.train(was_training)
-    return torch.cat(out)
-
-
-def knn_hits(bank: torch.Tensor, queries: torch.Tensor, knn: dict) -> torch.Tensor:
-    """Whether DINO's kNN (k=20, T=0.07, cosine) gets each query right, given bank and query features."""
-    predictions = knn_classify(bank, knn["bank_labels"], queries, num_classes=len(knn["classes"]), k=20,
-                               temperature=0.07)
-    return predictions == knn["query_labels"]
-
-
-def knn_monitor(backbone: nn.Module, knn: dict, device: torch.device) -> torch.Tensor:
-    """The kNN monitor's verdict on each held-out query for ``backbone`` (bool, one per query)."""
-    return knn_hits(features(backbone, knn["bank"], device), features(backbone, knn["queries"], device), knn)
-
-
-def knn_margin(knn: dict, before: str, after: str, samples: int = 2000, seed: int = 0) -> dict:
-    """``after`` minus ``before`` kNN accuracy (per-query hits as "0"/"1" strings, e.g. random init and
-    the last epoch), with a 95 % interval from resampling the held-out patients with replacement (a
-    paired bootstrap: frames of one patient are not independent). An interval that holds 0 is no
-    clear margin."""
-    patients = knn["query_patients"].numpy()
-    diff = np.frombuffer(after.encode(), np.uint8).astype(float) - np.frombuffer(before.encode(), np.uint8)
-    count = np.bincount(patients).astype(float)
-    gained = np.bincount(patients, weights=diff)
-    draws = np.random.default_rng(seed).integers(0, len(count), (samples, len(count)))
-    low, high = np.percentile(gained[draws].sum(1) / count[draws].sum(1), [2.5, 97.5])
-    return {"margin": float(diff.mean()), "low": float(low), "high": float(high), "patients": len(count)}
-
-
-MARGIN_MIN_PATIENTS = 5    # fewer, and resampling them says little about the next patients
-
-
-def margin_verdict(margin: dict) -> str:
-    """"clear" when ``knn_margin``'s interval lies above 0, "below random init" when below it."""
-    if margin["patients"] < MARGIN_MIN_PATIENTS:
-        return "too few held-out patients to tell"
-    return "clear" if margin["low"] > 0 else ("below random init" if margin["high"] < 0 else "not clear")
-
-
-def margin_text(margin: dict) -> str:
-    """``knn_margin``'s result in words, as the summaries print it."""
-    return (f"{margin['margin']:+.3f} (95 % interval over {margin['patients']} held-out patients "
-            f"{margin['low']:+.3f} to {margin['high']:+.3f}: {margin_verdict(margin)})")
-
-
-def _bits(hits: torch.Tensor) -> str:
-    return "".join("1" if h else "0" for h in hits.tolist())
-
-
-def knn_thumbnails(knn: dict, side: int = 16) -> float:
-    """The same kNN on the images themselves, shrunk to ``side`` x ``side`` pixels: the reference a
-    backbone has to beat to have learned more than the coarse layout of the image."""
-    def thumbnails(images: torch.Tensor) -> torch.Tensor:
-        return nn.functional.adaptive_avg_pool2d(images.float(), side).flatten(1)
-    return float(knn_hits(thumbnails(knn["bank"]), thumbnails(knn["queries"]), knn).float().mean())
 
 
 # --- building the models --------------------------------------------------------------------------------
@@ -454,7 +384,7 @@ def train(job_dir: Path) -> dict:
     ckpt_dir.mkdir(exist_ok=True)
     logger = None
     if d.main and job.get("run_id"):
-        from tasks.tracking import RunLogger
+        from tasks.release.registry import RunLogger
         logger = RunLogger(job["run_id"])
 
     precision = config.precision if config.precision != "auto" else ("bf16" if d.device.type == "cuda" else "fp32")
@@ -508,7 +438,7 @@ def train(job_dir: Path) -> dict:
         """Run the kNN monitor on the teacher now; record it (with its per-query hits) in the history."""
         hits = knn_monitor(teacher.backbone, knn, d.device)
         accuracy = float(hits.float().mean())
-        knn_history.append({"step": step, "epoch": epoch, "knn_accuracy": accuracy, "hits": _bits(hits)})
+        knn_history.append({"step": step, "epoch": epoch, "knn_accuracy": accuracy, "hits": hits_bits(hits)})
         return accuracy
 
     if d.main and knn is not None and step == 0:
@@ -608,10 +538,10 @@ def teacher_backbone(job_dir: Path) -> Backbone:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tasks.pretrain JOB_DIR``: one rank of a (torchrun) pretraining job."""
+    """``python -m tasks.pretrain.main_dino JOB_DIR``: one rank of a (torchrun) pretraining job."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m tasks.pretrain JOB_DIR", file=sys.stderr)
+        print("usage: python -m tasks.pretrain.main_dino JOB_DIR", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s rank" + os.environ.get("RANK", "0") + " %(message)s")
     result = train(Path(args[0]))

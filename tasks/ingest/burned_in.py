@@ -43,7 +43,7 @@ from deid.dicom.pixels.detect import has_burned_pixels
 from pydicom.dataset import FileDataset, FileMetaDataset
 from scipy import ndimage
 
-from tasks.deidentify import DEFAULT_RECIPE
+from tasks.ingest.deidentify import DEFAULT_RECIPE
 
 FILTER_SECTION = "dax_burned_in_text"
 

@@ -29,8 +29,8 @@ import torch
 import webdataset as wds
 from webdataset.filters import _shuffle
 
-from tasks.catalog import CatalogError, check_read_only, open_snapshot
-from tasks.shards import IMAGE_FORMATS, decode_image, iter_shard
+from tasks.ingest.catalog import CatalogError, check_read_only, open_snapshot
+from tasks.ingest.shards import IMAGE_FORMATS, decode_image, iter_shard
 
 __all__ = ["Selection", "SelectionError", "read_samples", "select_images", "train_loader"]
 

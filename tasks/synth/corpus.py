@@ -150,3 +150,15 @@ def _write_atomic(path: Path, data: bytes) -> None:
 # Prefect tasks: one task run per batch of studies, never per file (Prefect strains at thousands).
 synthesize_batch_task = task(synthesize_batch, name="synthesize-batch", task_run_name="studies-{first}-{last}")
 merge_parts_task = task(merge_parts, name="merge-label-tables")
+
+
+def demo_image(corpus: Path) -> Path:
+    """One image of the corpus to predict on, as DAX's Figure 2: an intraoperative XA image with two or more
+    screws (else the first file). The path stays on this machine: it carries the corpus' planted PHI."""
+    import duckdb
+
+    labels = {"p": str(Path(corpus) / "labels.parquet")}
+    found = duckdb.sql("SELECT path FROM read_parquet($p) WHERE modality = 'XA' AND len(screws) >= 2 "
+                       "AND frames = 1 ORDER BY sha256 LIMIT 1", params=labels).fetchall()
+    found = found or duckdb.sql("SELECT path FROM read_parquet($p) ORDER BY sha256 LIMIT 1", params=labels).fetchall()
+    return Path(corpus) / DICOM_DIR / found[0][0]

@@ -1,4 +1,13 @@
-"""MLflow, embedded by default: a SQLite store and an artifact folder under the DAX home.
+"""The one MLflow module: where the store is, what models are called, how they are found and logged.
+
+Every model DAX makes is registered here, under one of three names:
+
+    dax-backbone-<arch>          a DINO-pretrained backbone (``backbone_model``)
+    dax-head-<task>-<arch>       a head trained on a frozen backbone (``head_model``; tagged dax.backbone)
+    models:/<name>@<alias>       aliases: candidate (new), champion / challenger (``tasks.release.promotion``)
+
+MLflow runs live in the experiments ``dax-pretrain`` and ``dax-heads``. The store is embedded by default:
+a SQLite store and an artifact folder under the DAX home.
 
 ``MLFLOW_TRACKING_URI`` wins when it is set (an MLflow server past one machine); otherwise the store
 is ``sqlite:///$DAX_HOME/mlflow.db`` and experiments keep their artifacts in
@@ -10,12 +19,36 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import time
 from pathlib import Path
 
-__all__ = ["RunLogger", "code_version", "git_commit", "configure_tracking", "ensure_experiment", "tracking_uri",
-           "log_torch_model", "PIP_REQUIREMENTS"]
+__all__ = ["DEFAULT_BACKBONE", "HEADS_EXPERIMENT", "PIP_REQUIREMENTS", "PRETRAIN_EXPERIMENT", "RunLogger",
+           "backbone_model", "backbone_uri", "configure_tracking", "ensure_experiment", "head_model", "head_uri",
+           "alias_best_heads", "log_torch_model", "resolve_model", "tracking_uri"]
+
+PRETRAIN_EXPERIMENT = "dax-pretrain"
+HEADS_EXPERIMENT = "dax-heads"
+
+
+def backbone_model(arch: str) -> str:
+    """The registered name of a DINO backbone of architecture ``arch``."""
+    return f"dax-backbone-{arch}"
+
+
+def head_model(task: str, arch: str) -> str:
+    """The registered name of a ``task`` head trained on a backbone of architecture ``arch``."""
+    return f"dax-head-{task}-{arch}"
+
+
+def backbone_uri(arch: str, alias: str) -> str:
+    return f"models:/{backbone_model(arch)}@{alias}"
+
+
+def head_uri(task: str, arch: str, alias: str) -> str:
+    return f"models:/{head_model(task, arch)}@{alias}"
+
+
+DEFAULT_BACKBONE = backbone_uri("vit_tiny_patch16", "candidate")   # what `dax pretrain` makes by default
 
 # Passing requirements skips MLflow's slow inference (field notes); the models need this code installed.
 PIP_REQUIREMENTS = ["torch==2.14.1", "torchvision==0.29.1", "timm>=1.0,<1.1", "dax"]
@@ -56,6 +89,46 @@ def ensure_experiment(name: str, home: Path) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
+def resolve_model(uri: str) -> tuple[str, str]:
+    """(registered model name, version) of ``models:/<name>@<alias>`` or ``models:/<name>/<version>``."""
+    from mlflow.tracking import MlflowClient
+
+    if not uri.startswith("models:/"):
+        raise ValueError("give a registered model URI: models:/<name>@<alias> or models:/<name>/<version>")
+    rest = uri[len("models:/"):]
+    client = MlflowClient()
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        return name, str(client.get_model_version_by_alias(name, alias).version)
+    name, _, version = rest.rpartition("/")
+    if not name or not version.isdigit():
+        raise ValueError(f"cannot read a model name and version from {uri!r}")
+    client.get_model_version(name, version)   # raises when it does not exist
+    return name, version
+
+
+def alias_best_heads(branches: list[dict], tasks: tuple[str, ...], alias: str) -> dict[str, dict]:
+    """Per task, ``alias`` on the registered head of the pretrained seed with the best validation score
+    (ties: the lower seed); ``branches`` are the heads flow's branch results. Returns task -> head."""
+    import math
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    registered = {}
+    for task in tasks:
+        candidates = [r for r in branches if r["role"] == "pretrained" and r["task"] == task and r["version"]]
+        if not candidates:
+            continue
+        best = max(candidates, key=lambda r: (r["val_score"] if math.isfinite(r["val_score"]) else -math.inf,
+                                              -r["seed"]))
+        client.set_registered_model_alias(best["model"], alias, best["version"])
+        registered[task] = {"model": best["model"], "version": best["version"], "seed": best["seed"],
+                            "alias": alias, "uri": f"models:/{best['model']}@{alias}",
+                            "versions": sorted((r["version"] for r in candidates), key=int)}
+    return registered
+
+
 class _DropPickleCaution(logging.Filter):
     """Drops MLflow's per-call caution about pickled models: DAX logs pickles on purpose (its own modules,
     not torch.export programs; field notes), says so once in the README, and logs a model per head."""
@@ -78,30 +151,6 @@ def log_torch_model(model, name: str, registered_model_name: str, metadata: dict
                                         registered_model_name=registered_model_name, metadata=metadata)
     finally:
         logger.removeFilter(caution)
-
-
-def git_commit() -> str | None:
-    """The git commit of the code that runs, with '+dirty' for uncommitted changes; None outside a checkout."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return commit + ("+dirty" if dirty else "")
-
-
-def code_version() -> str:
-    """'dax <package version> (<commit>)': what the catalog's runs and the MLflow runs record."""
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        package = version("dax")
-    except PackageNotFoundError:
-        package = "unknown"
-    commit = git_commit()
-    return f"dax {package}" + (f" ({commit[:12]}{'+dirty' if commit.endswith('+dirty') else ''})" if commit else "")
 
 
 class RunLogger:

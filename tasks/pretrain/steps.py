@@ -2,10 +2,10 @@
 
     prepare_job: catalog query -> selection; labels -> the kNN monitor's held-out images; job folder
     open_run: the MLflow run (params, config, query, dataset input with the manifest digest, commit)
-    run_training: the loop in this process, or ``torchrun --nproc_per_node N -m tasks.pretrain JOB``
+    run_training: the loop in this process, or ``torchrun --nproc_per_node N -m tasks.pretrain.main_dino JOB``
     register_backbone: the final teacher backbone -> ``dax-backbone-<arch>@candidate``; attention maps
 
-Held-out images: when labels are given, the patients of the ``test`` split (tasks.labels) are removed
+Held-out images: when labels are given, the patients of the ``test`` split (tasks.ingest.labels) are removed
 from the pretraining selection; the kNN monitor classifies them against a bank of ``train``-split
 images, and the heads are evaluated on the same patients later.
 """
@@ -25,18 +25,32 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from dax_models.augment import XrayEvalTransform
-from tasks.events import catalog_images
-from tasks.labels import BODY_REGIONS, load_labels
-from tasks.pretrain import PretrainConfig, knn_thumbnails, read_job, teacher_backbone, train, write_job
-from tasks.pretrain_data import Selection, read_samples, select_images
-from tasks.tracking import code_version, ensure_experiment, git_commit, log_torch_model
+from tasks.ingest.events import catalog_images
+from tasks.ingest.labels import load_labels
+from tasks.label_schema import BODY_REGIONS
+from tasks.pretrain.data import Selection, read_samples, select_images
+from tasks.pretrain.main_dino import (
+    PretrainConfig,
+    load_config,
+    read_job,
+    teacher_backbone,
+    train,
+    write_job,
+)
+from tasks.pretrain.monitor import knn_thumbnails, margin_text
+from tasks.release.registry import (
+    PRETRAIN_EXPERIMENT,
+    backbone_model,
+    ensure_experiment,
+    log_torch_model,
+)
+from tasks.version import code_version, git_commit
 
 log = logging.getLogger("dax.pretrain")
 
-__all__ = ["EXPERIMENT", "attention_figure", "eval_images", "open_run", "prepare_job", "register_backbone",
+__all__ = ["attention_figure", "eval_images", "open_run", "prepare_job", "register_backbone",
            "run_training"]
 
-EXPERIMENT = "dax-pretrain"
 
 
 def _spread(keys: list[str], limit: int) -> list[str]:
@@ -107,7 +121,7 @@ def open_run(home: Path, job_dir: Path, run_name: str | None = None) -> str:
 
     job, config, selection = read_job(job_dir)
     prepared = json.loads((job_dir / "prepare.json").read_text())
-    experiment = ensure_experiment(EXPERIMENT, home)
+    experiment = ensure_experiment(PRETRAIN_EXPERIMENT, home)
     with mlflow.start_run(experiment_id=experiment, run_name=run_name or f"{config.name}-{config.arch}") as run:
         flat = {k: v for k, v in config.to_dict().items() if k != "augment"}
         flat.update({f"augment.{k}": v for k, v in config.to_dict()["augment"].items()})
@@ -139,11 +153,10 @@ def run_training(job_dir: Path, nproc_per_node: int = 1, resume: bool = False, s
     if nproc_per_node <= 1:
         return train(job_dir)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}",
-               "-m", "tasks.pretrain", str(job_dir)]
+               "-m", "tasks.pretrain.main_dino", str(job_dir)]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     with open(job_dir / "torchrun.log", "w") as out:
-        completed = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                   cwd=Path(__file__).resolve().parents[1])
+        completed = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     if completed.returncode != 0:
         tail = (job_dir / "torchrun.log").read_text().splitlines()[-15:]
         raise RuntimeError("torchrun failed (exit %d):\n%s" % (completed.returncode, "\n".join(tail)))
@@ -187,7 +200,7 @@ def register_backbone(job_dir: Path, alias: str = "candidate") -> dict:
     job, config, selection = read_job(job_dir)
     result = json.loads((job_dir / "result.json").read_text())
     backbone = teacher_backbone(job_dir)
-    name = f"dax-backbone-{config.arch}"
+    name = backbone_model(config.arch)
     client = MlflowClient()
     with mlflow.start_run(run_id=job["run_id"]):
         info = log_torch_model(
@@ -224,7 +237,7 @@ def register_backbone(job_dir: Path, alias: str = "candidate") -> dict:
 
 
 def _first_rows(selection: Selection, n: int) -> list[tuple[str, str]]:
-    from tasks.catalog import open_snapshot
+    from tasks.ingest.catalog import open_snapshot
     home = Path(selection.shard_dir).parent
     con = open_snapshot(home)
     try:
@@ -233,6 +246,53 @@ def _first_rows(selection: Selection, n: int) -> list[tuple[str, str]]:
                        params={"keys": keys}).fetchall()
     finally:
         con.close()
+
+
+# --- jobs under the home -----------------------------------------------------------------------------
+JOBS_DIR = "pretrain"
+
+
+def latest_job(root: Path) -> Path:
+    jobs = sorted((root / JOBS_DIR).glob("*/job.json"), key=lambda p: p.stat().st_mtime)
+    if not jobs:
+        raise FileNotFoundError("no pretraining job to resume under this home")
+    return jobs[-1].parent
+
+
+def summary_markdown(summary: dict) -> str:
+    """The ``pretrain-summary`` artifact: status, kNN per epoch beside its yardsticks, the registration."""
+    job, run_id, result, prepared, registered = (summary["job"], summary["run_id"], summary, summary["prepared"],
+                                                 summary["registered"])
+    knn = result.get("knn") or []
+    lines = [f"# Pretraining {job}", "", f"status **{result['status']}**, {result['step']} of "
+             f"{result['total_steps']} steps, {summary['seconds']} s, MLflow run `{run_id}`", ""]
+    if knn:
+        lines += ["| epoch | kNN accuracy (held-out patients) |", "|---|---|"]
+        lines += [f"| {k['epoch']} | {k['knn_accuracy']:.3f} |" for k in knn]
+        lines += ["", f"chance: {prepared.get('chance_uniform', 0):.3f} (uniform), "
+                      f"{prepared.get('chance_majority', 0):.3f} (majority class)"]
+        if "knn_thumbnails" in prepared:
+            lines[-1] += f"; the same kNN on 16x16 pixel thumbnails: {prepared['knn_thumbnails']:.3f}"
+        if result.get("knn_margin"):
+            lines += ["", f"margin over random init: {margin_text(result['knn_margin'])}"]
+    if registered:
+        lines += ["", f"registered `{registered['uri']}` (version {registered['version']})"]
+    return "\n".join(lines)
+
+
+def finished_job(root: Path, config_name: str, overrides: dict | None, where: str | None) -> dict | None:
+    """The registration of a finished pretraining job with this config and this data, if one exists."""
+    config = load_config(config_name, overrides).to_dict()
+    digest = select_images(root, where).digest
+    for prepared in sorted((root / JOBS_DIR).glob("*/prepare.json"), key=lambda p: p.stat().st_mtime, reverse=True):
+        job_dir = prepared.parent
+        result = job_dir / "registered.json"
+        if not result.is_file():
+            continue
+        job = json.loads((job_dir / "job.json").read_text())
+        if job["config"] == json.loads(json.dumps(config)) and json.loads(prepared.read_text()).get("query_digest") == digest:
+            return json.loads(result.read_text())
+    return None
 
 
 # --- Prefect tasks --------------------------------------------------------------------------------------

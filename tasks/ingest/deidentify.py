@@ -39,8 +39,8 @@ from pydicom.dataset import FileDataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 
-from tasks.deid_plan import PlanMismatch, PlanStore, RecipePlanner
 from tasks.fileio import sha256_file
+from tasks.ingest.deid_plan import PlanMismatch, PlanStore, RecipePlanner
 
 DEFAULT_RECIPE = Path(str(files("deployments") / "deid" / "dax-basic-profile.recipe"))
 SECRET_BLOCK = "dax-deid-secret"
@@ -240,12 +240,12 @@ def deidentify(ds: pydicom.Dataset, key: DeidKey, recipe: Path = DEFAULT_RECIPE,
     serves the rare start-over with deid, which needs a pristine data set.
 
     With ``plan_cache`` (a directory), plans are also read from and written to disk there, shared by
-    every process and run (``tasks.deid_plan.PlanStore``; keyed by the recipe file's sha256).
+    every process and run (``tasks.ingest.deid_plan.PlanStore``; keyed by the recipe file's sha256).
 
     The recipe's header actions are applied as deid's ``DicomParser(...).parse(remove_private=True)``
     applies them: with ``engine="deid"`` by deid itself on every dataset (the reference); with
     ``engine="plan"`` (the default) by a replay of what deid did to the first dataset of the same
-    structure (``tasks.deid_plan``; deid runs, and records, on each new structure). Both give the same
+    structure (``tasks.ingest.deid_plan``; deid runs, and records, on each new structure). Both give the same
     dataset. Then private elements, overlays, curves and icons still present are stripped, the file
     meta is aligned, and the safety net checks every element against the allow-lists above.
     """

@@ -17,15 +17,12 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from tasks.catalog import open_snapshot
+from tasks.ingest.catalog import open_snapshot
+from tasks.label_schema import LABEL_COLUMNS
 
-__all__ = ["BODY_REGIONS", "LabelError", "SPLITS", "load_labels", "patient_split"]
-
-# The generator's names, in its order: class index i is BODY_REGIONS[i].
-from tasks.synth.scene import BODY_REGIONS  # noqa: E402
+__all__ = ["LabelError", "SPLITS", "load_labels", "patient_split"]
 
 SPLITS = {"train": 0.7, "val": 0.1, "test": 0.2}
-LABEL_COLUMNS = ("region", "laterality", "has_metal", "metal_pixels", "metal_mask_png", "screws", "burned_in_text")
 
 
 class LabelError(ValueError):

@@ -1,15 +1,15 @@
 """`dax predict`: the registered backbone and heads on DICOM files that were never ingested.
 
 Per file, everything in memory, as ingestion does it (``tasks.ingest.prepare_file``): read
-(``tasks.triage.read_dicom``), decode the stored pixels (``tasks.normalize.decode_frames``), check
-and clean burned-in text (``tasks.burned_in``; an image that needs a pixel review is refused, as
-ingestion quarantines it), de-identify (``tasks.deidentify.deidentify`` with the key of ``load_key()``),
-normalize (``tasks.normalize.normalize``, the ingest default long side 1024). The source file is only
+(``tasks.ingest.triage.read_dicom``), decode the stored pixels (``tasks.ingest.normalize.decode_frames``), check
+and clean burned-in text (``tasks.ingest.burned_in``; an image that needs a pixel review is refused, as
+ingestion quarantines it), de-identify (``tasks.ingest.deidentify.deidentify`` with the key of ``load_key()``),
+normalize (``tasks.ingest.normalize.normalize``, the ingest default long side 1024). The source file is only
 read; no raw or de-identified DICOM, path or header value is written or logged.
 
 Then one frame (``frame``, default the first) goes through ``XrayEvalTransform`` at the heads' size,
 the backbone runs once, and each head's output is mapped back to the ORIGINAL DICOM pixel grid
-(Rows x Columns) by the letterbox's inverse (``tasks.head_data.Letterbox``): normalize's resize and
+(Rows x Columns) by the letterbox's inverse (``dax_models.augment.Letterbox``): normalize's resize and
 the letterbox's resize and padding are undone.
 
 Outputs, named by the first 16 hex digits of the file's SHA-256, NOT by the input's file name
@@ -36,15 +36,20 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from dax_models.augment import XrayEvalTransform
+from dax_models.augment import Letterbox, XrayEvalTransform, mask_to_native
+from dax_models.backbones import extract, resolve_device
 from dax_models.heads import decode_screws
-from tasks.head_data import Letterbox, mask_to_native
-from tasks.head_training import extract, resolve_device, resolve_model
+from tasks.home import dax_home
+from tasks.release.registry import (
+    DEFAULT_BACKBONE,
+    configure_tracking,
+    head_uri,
+    resolve_model,
+)
 
 __all__ = ["DEFAULT_BACKBONE", "LoadedModels", "PredictError", "Prepared", "load_models", "predict", "predict_file",
            "prepare_dicom"]
 
-DEFAULT_BACKBONE = "models:/dax-backbone-vit_tiny_patch16@candidate"
 TASKS = ("region", "metal", "screws")
 INGEST_MAX_SIZE = 1024          # the ingest flow's default long side
 
@@ -72,9 +77,6 @@ def load_models(backbone_uri: str | None = None, head_uris: dict[str, str] | Non
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from flows.home import dax_home
-    from tasks.tracking import configure_tracking
-
     configure_tracking(dax_home(home))
     dev = resolve_device(device)
     name, version = resolve_model(backbone_uri or DEFAULT_BACKBONE)
@@ -83,7 +85,7 @@ def load_models(backbone_uri: str | None = None, head_uris: dict[str, str] | Non
     client = MlflowClient()
     heads = {}
     for task in tasks:
-        uri = (head_uris or {}).get(task) or f"models:/dax-head-{task}-{backbone.arch}@{alias}"
+        uri = (head_uris or {}).get(task) or head_uri(task, backbone.arch, alias)
         try:
             head_name, head_version = resolve_model(uri)
         except Exception as error:  # noqa: BLE001 - MLflow raises several types for "not found"
@@ -112,11 +114,16 @@ class Prepared:
 def prepare_dicom(path: Path, frame: int = 0, max_size: int = INGEST_MAX_SIZE, key=None,
                   plan_cache: Path | None = None) -> Prepared:
     """Read, check, de-identify and normalize one DICOM file in memory, as ingestion does."""
-    from tasks.burned_in import assess, black_level, clean
-    from tasks.deidentify import DEFAULT_RECIPE, load_key
-    from tasks.deidentify import deidentify as deidentify_dataset
-    from tasks.normalize import NormalizeConfig, PixelDataError, decode_frames, normalize
-    from tasks.triage import Rejected, read_dicom
+    from tasks.ingest.burned_in import assess, black_level, clean
+    from tasks.ingest.deidentify import DEFAULT_RECIPE, load_key
+    from tasks.ingest.deidentify import deidentify as deidentify_dataset
+    from tasks.ingest.normalize import (
+        NormalizeConfig,
+        PixelDataError,
+        decode_frames,
+        normalize,
+    )
+    from tasks.ingest.triage import Rejected, read_dicom
 
     try:
         ds = read_dicom(Path(path))
@@ -259,12 +266,11 @@ def predict(files: Iterable[str | Path], out_dir: str | Path, backbone_uri: str 
     Returns one entry per input, in order: ``{"input": i, "status": "ok", "name": <sha16>, ...}`` or
     ``{"input": i, "status": "error", "name": <sha16 or None>, "error": <one line>}`` (``i`` counts
     from 1; no path is echoed). ``on_result(i, entry)`` is called as each file finishes. The
-    de-identification key comes from ``tasks.deidentify.load_key()`` (DAX_DEID_SECRET or the
+    de-identification key comes from ``tasks.ingest.deidentify.load_key()`` (DAX_DEID_SECRET or the
     Prefect Secret block), as for ingestion.
     """
-    from flows.home import dax_home
-    from tasks.deidentify import load_key
     from tasks.fileio import sha256_file
+    from tasks.ingest.deidentify import load_key
 
     key = load_key()              # fails early and clearly without a secret
     models = load_models(backbone_uri, head_uris, alias, tasks, home, device)

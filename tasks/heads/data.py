@@ -12,7 +12,7 @@ are reported) by one affine map per axis (``Letterbox``):
 * new_h / rows + top; ``rows`` cancels). Coordinates are continuous pixel coordinates with pixel edges
 at integers (x = column, y = row), as ``letterbox_geometry`` and the generator's screws use them.
 
-``load_head_dataset`` reads the labels (``tasks.labels.load_labels``), then the images shard by shard
+``load_head_dataset`` reads the labels (``tasks.ingest.labels.load_labels``), then the images shard by shard
 into preallocated tensors: memory is N x S x S x (2 bytes image + 1 byte mask), known in advance and
 refused above ``max_bytes``; nothing else of size N x S x S is ever held.
 """
@@ -25,101 +25,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from dax_models.augment import XrayEvalTransform, letterbox_geometry
-from tasks.labels import BODY_REGIONS, load_labels
-from tasks.pretrain_data import read_samples
+from dax_models.augment import Letterbox, XrayEvalTransform, mask_to_input
+from tasks.ingest.labels import load_labels
+from tasks.label_schema import BODY_REGIONS
+from tasks.pretrain.data import read_samples
 
-__all__ = ["HeadDataset", "Letterbox", "load_head_dataset", "mask_to_input", "mask_to_native"]
+__all__ = ["HeadDataset", "load_head_dataset"]
 
 DEFAULT_MAX_BYTES = 8 << 30
-
-
-@dataclass(frozen=True)
-class Letterbox:
-    """The map between NATIVE pixel coordinates (h x w) and the S x S letterboxed input."""
-
-    native_h: int
-    native_w: int
-    size: int
-    new_h: int
-    new_w: int
-    top: int
-    left: int
-
-    @classmethod
-    def of(cls, native_h: int, native_w: int, size: int) -> "Letterbox":
-        """The geometry ``XrayEvalTransform(size)`` gives an image whose native grid is h x w.
-
-        The stored image has the native aspect ratio (ingestion keeps it, up to rounding), so the
-        letterbox computed on the native size is the one computed on the stored size (checked in
-        ``load_head_dataset``).
-        """
-        new_h, new_w, top, left = letterbox_geometry(int(native_h), int(native_w), int(size))
-        return cls(int(native_h), int(native_w), int(size), new_h, new_w, top, left)
-
-    @classmethod
-    def for_stored(cls, native_h: int, native_w: int, stored_h: int, stored_w: int, size: int) -> "Letterbox":
-        """The geometry of an image stored at (stored_h, stored_w) (resized from the native grid at
-        ingestion, aspect kept up to rounding) and letterboxed to ``size`` by ``XrayEvalTransform``:
-        the square's content is what the stored image became, its extent maps onto the native grid."""
-        new_h, new_w, top, left = letterbox_geometry(int(stored_h), int(stored_w), int(size))
-        return cls(int(native_h), int(native_w), int(size), new_h, new_w, top, left)
-
-    @property
-    def scale(self) -> tuple[float, float]:
-        """(sx, sy): input pixels per native pixel along x (columns) and y (rows)."""
-        return self.new_w / self.native_w, self.new_h / self.native_h
-
-    def to_input(self, points: np.ndarray) -> np.ndarray:
-        """(..., 2) native (x, y) -> input (x, y)."""
-        p = np.asarray(points, dtype=np.float64)
-        sx, sy = self.scale
-        return np.stack([p[..., 0] * sx + self.left, p[..., 1] * sy + self.top], axis=-1)
-
-    def to_native(self, points: np.ndarray) -> np.ndarray:
-        """(..., 2) input (x, y) -> native (x, y): the inverse of ``to_input``."""
-        p = np.asarray(points, dtype=np.float64)
-        sx, sy = self.scale
-        return np.stack([(p[..., 0] - self.left) / sx, (p[..., 1] - self.top) / sy], axis=-1)
-
-    def screws_to_native(self, screws: np.ndarray) -> np.ndarray:
-        """(K, 4) [hx, hy, tx, ty] input -> native (extra columns, e.g. a score, are kept)."""
-        s = np.asarray(screws, dtype=np.float64).reshape(-1, np.shape(screws)[-1] if np.size(screws) else 4)
-        out = s.copy()
-        out[:, 0:2] = self.to_native(s[:, 0:2])
-        out[:, 2:4] = self.to_native(s[:, 2:4])
-        return out
-
-    def screws_to_input(self, screws: np.ndarray) -> np.ndarray:
-        s = np.asarray(screws, dtype=np.float64).reshape(-1, np.shape(screws)[-1] if np.size(screws) else 4)
-        out = s.copy()
-        out[:, 0:2] = self.to_input(s[:, 0:2])
-        out[:, 2:4] = self.to_input(s[:, 2:4])
-        return out
-
-    def as_row(self) -> list[int]:
-        return [self.native_h, self.native_w, self.size, self.new_h, self.new_w, self.top, self.left]
-
-
-def mask_to_input(mask: np.ndarray, box: Letterbox) -> torch.Tensor:
-    """A NATIVE (h, w) bool mask -> (S, S) bool in the letterbox (area-weighted resize, > 0.5)."""
-    m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
-    if m.shape[-2:] != (box.native_h, box.native_w):
-        raise ValueError(f"mask is {tuple(m.shape[-2:])}, native grid is {(box.native_h, box.native_w)}")
-    small = F.interpolate(m, size=(box.new_h, box.new_w), mode="bilinear", antialias=True, align_corners=False)
-    out = torch.zeros(box.size, box.size, dtype=torch.bool)
-    out[box.top:box.top + box.new_h, box.left:box.left + box.new_w] = small[0, 0] > 0.5
-    return out
-
-
-def mask_to_native(probability: torch.Tensor, box: Letterbox, threshold: float = 0.5) -> np.ndarray:
-    """An (S, S) probability map of the input -> NATIVE (h, w) bool mask (padding cut, bilinear resize)."""
-    p = probability.float().reshape(box.size, box.size)
-    inner = p[box.top:box.top + box.new_h, box.left:box.left + box.new_w][None, None]
-    native = F.interpolate(inner, size=(box.native_h, box.native_w), mode="bilinear", align_corners=False)
-    return (native[0, 0] > threshold).numpy()
 
 
 @dataclass
@@ -135,7 +49,7 @@ class HeadDataset:
     - ``boxes``: per image the ``Letterbox`` (input <-> native);
     - ``mask_pngs``: per image the NATIVE metal mask as the label file's PNG bytes (None: no mask),
       decoded only where metrics are computed at native resolution (``native_mask``);
-    - ``splits``: 'train' / 'val' / 'test' (by patient, ``tasks.labels.patient_split``).
+    - ``splits``: 'train' / 'val' / 'test' (by patient, ``tasks.ingest.labels.patient_split``).
     """
 
     size: int
@@ -156,7 +70,7 @@ class HeadDataset:
 
     def native_mask(self, i: int) -> np.ndarray:
         """The NATIVE (h, w) bool metal mask of image ``i`` (all False when it has none)."""
-        from tasks.synth.study import png_to_mask
+        from tasks.label_schema import png_to_mask
         raw = self.mask_pngs[i] if self.mask_pngs else None
         if not raw:
             return np.zeros((self.boxes[i].native_h, self.boxes[i].native_w), dtype=bool)
@@ -194,7 +108,7 @@ def load_head_dataset(home: Path, labels_path: Path, size: int = 224, where: str
     ``max_images`` keeps an evenly spread subset (deterministic); ``max_bytes`` bounds the memory of
     the image and mask tensors (a clear error, not an out-of-memory kill).
     """
-    from tasks.synth.study import png_to_mask
+    from tasks.label_schema import png_to_mask
 
     columns = ("region", "metal_mask_png", "screws") if masks else ("region", "screws")
     rows = load_labels(Path(home), Path(labels_path), columns, where).to_pylist()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.catalog import fetch, open_snapshot, snapshot_path
+from tasks.ingest.catalog import fetch, open_snapshot, snapshot_path
 
 REPORT_FILE = "catalog-report.html"
 

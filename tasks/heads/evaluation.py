@@ -1,0 +1,134 @@
+"""Evaluation of the heads on held-out patients, at NATIVE resolution (where the labels live).
+
+- ``metal``: Dice and IoU of the prediction cut out of the letterbox and resized to the detector grid,
+  averaged over test images that show metal; ``dice_all`` over every test image.
+- ``screws``: predictions mapped back to NATIVE pixels, then DAX's metrics (``screw_metrics``): mean L1
+  (Manhattan) error of matched heads and tips, mean head->tip angle error, precision/recall/F1.
+  Matching gate: a prediction matches a true screw only when its mean endpoint L1 error,
+  (L1(head) + L1(tip)) / 2, is at most ``gate`` (5 %) of the image's native long side
+  (49 px at DAX's 976 px): a detection that far off is a false positive plus a false negative,
+  not a localisation error that would swamp the L1 means. Images are grouped by native long side
+  for the gate and the groups pooled (sums of TP/FP/FN, L1 and angle means weighted by matches).
+- ``region``: softmax probabilities of a classifier head (``classifier_probabilities``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from dax_models.augment import Letterbox, mask_to_native
+from dax_models.heads import decode_screws
+from dax_models.metrics import detection_scores, screw_metrics, segmentation_metrics
+from tasks.heads.data import HeadDataset
+
+__all__ = ["batches", "classifier_probabilities", "evaluate_screws", "native_screw_metrics",
+           "native_segmentation_metrics", "predict_masks", "predict_screws"]
+
+
+def batches(idx: np.ndarray, batch_size: int, generator: torch.Generator | None) -> list[np.ndarray]:
+    """Shuffled near-equal batches (never a batch of 1 when there are 2 or more samples: BatchNorm)."""
+    idx = np.asarray(idx)
+    if generator is not None:
+        idx = idx[torch.randperm(len(idx), generator=generator).numpy()]
+    count = max(1, math.ceil(len(idx) / batch_size))
+    return [b for b in np.array_split(idx, count) if len(b)]
+
+
+def classifier_probabilities(head: nn.Module, source, part: str, idx: np.ndarray, device,
+                         batch_size: int = 1024) -> np.ndarray:
+    """Softmax probabilities (n, C) of ``head`` on rows ``idx``."""
+    was_training = head.training
+    head.eval()
+    out = []
+    with torch.no_grad():
+        for b in batches(idx, batch_size, None):
+            out.append(torch.softmax(head(source.get(part, b, device)).float(), dim=1).cpu())
+    head.train(was_training)
+    return torch.cat(out).numpy() if out else np.zeros((0, 0))
+
+
+def predict_masks(decoder: nn.Module, source, idx: np.ndarray, size: int, device, batch_size: int = 32) -> torch.Tensor:
+    """Metal probabilities (n, S, S) float32 on CPU."""
+    decoder.eval()
+    out = []
+    with torch.no_grad():
+        for b in batches(idx, batch_size, None):
+            out.append(torch.sigmoid(decoder(source.get("maps", b, device), (size, size))[:, 0].float()).cpu())
+    return torch.cat(out) if out else torch.zeros(0, size, size)
+
+
+def predict_screws(head: nn.Module, source, idx: np.ndarray, size: int, device, threshold: float = 0.05,
+                   max_screws: int = 20, batch_size: int = 32) -> list[list[dict]]:
+    """Per image the decoded screws in INPUT pixels (score >= ``threshold``), best first."""
+    head.eval()
+    result: list[list[dict]] = []
+    with torch.no_grad():
+        for b in batches(idx, batch_size, None):
+            out = head(source.get("maps", b, device))
+            result += decode_screws({k: v.float().cpu() for k, v in out.items()}, (size, size),
+                                    max_screws=max_screws, threshold=threshold)
+    return result
+
+
+def native_segmentation_metrics(probabilities: torch.Tensor, data: HeadDataset, idx: Sequence[int]) -> dict:
+    """Dice and IoU at NATIVE resolution: over test images with metal ('dice', 'iou'), and over all."""
+    per_image = []
+    for p, i in zip(probabilities, idx):
+        pred = mask_to_native(p, data.boxes[i])
+        truth = data.native_mask(i)
+        m = segmentation_metrics(torch.from_numpy(pred), torch.from_numpy(truth))
+        per_image.append((bool(truth.any()), m["dice"], m["iou"]))
+    with_metal = [(d, j) for has, d, j in per_image if has]
+    mean = (lambda v: float(np.mean(v)) if len(v) else float("nan"))
+    return {"dice": mean([d for d, _ in with_metal]), "iou": mean([j for _, j in with_metal]),
+            "dice_all": mean([d for _, d, _ in per_image]), "iou_all": mean([j for _, _, j in per_image]),
+            "test_with_metal": len(with_metal)}
+
+
+def native_screw_metrics(predictions: Sequence[Sequence[dict]], data: HeadDataset, idx: Sequence[int],
+                         score_threshold: float = 0.5, gate: float = 0.05) -> dict:
+    """DAX's screw metrics at NATIVE resolution for images ``idx`` (predictions in INPUT pixels).
+
+    Each image's predictions are mapped back with its ``Letterbox``; images are grouped by native long
+    side so the gate is ``gate`` x long side in each group; groups are pooled (module docstring).
+    """
+    groups: dict[int, tuple[list, list]] = {}
+    for pred, i in zip(predictions, idx):
+        box: Letterbox = data.boxes[i]
+        rows = np.asarray([[*p["head"], *p["tip"], p["score"]] for p in pred], dtype=np.float64).reshape(-1, 5)
+        native = box.screws_to_native(rows) if len(rows) else rows
+        side = max(box.native_h, box.native_w)
+        groups.setdefault(side, ([], []))
+        groups[side][0].append(native)
+        groups[side][1].append(data.native_screws[i])
+    tp = fp = fn = n_pred = n_true = 0
+    sums = {"head_l1_px": 0.0, "tip_l1_px": 0.0, "angle_deg": 0.0}
+    weights = dict.fromkeys(sums, 0)
+    for side, (preds, truths) in sorted(groups.items()):
+        m = screw_metrics(preds, truths, score_threshold=score_threshold, max_distance=gate * side)
+        tp, fp, fn = tp + m["tp"], fp + m["fp"], fn + m["fn"]
+        n_pred, n_true = n_pred + m["num_pred"], n_true + m["num_true"]
+        for key in sums:
+            if m["tp"] and not math.isnan(m[key]):
+                sums[key] += m[key] * m["tp"]
+                weights[key] += m["tp"]
+    precision, recall, f1 = detection_scores(tp, n_pred, n_true)
+    result = {key: (sums[key] / weights[key] if weights[key] else float("nan")) for key in sums}
+    result.update(precision=float(precision), recall=float(recall), f1=float(f1), tp=int(tp), fp=int(fp), fn=int(fn),
+                  num_pred=int(n_pred), num_true=int(n_true), num_images=len(idx))
+    return result
+
+
+def evaluate_screws(predictions, data: HeadDataset, idx, gate: float, thresholds=None) -> tuple[float, dict]:
+    """The score threshold with the best F1 (ties: the higher threshold) and its metrics."""
+    best_t, best = 0.5, None
+    for t in thresholds if thresholds is not None else np.round(np.arange(0.1, 0.91, 0.1), 2):
+        m = native_screw_metrics(predictions, data, idx, score_threshold=float(t), gate=gate)
+        if best is None or m["f1"] >= best["f1"]:
+            best_t, best = float(t), m
+    return best_t, best
+

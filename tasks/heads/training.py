@@ -1,0 +1,432 @@
+"""Heads on a FROZEN backbone, trained on cached features (``tasks.heads.features``).
+
+Tasks, each trained on the ``train`` split, selected on ``val`` (best epoch by the task's score;
+the screw score threshold) and reported on ``test`` (splits by patient, ``tasks.ingest.labels``);
+metrics in ``tasks.heads.evaluation``:
+
+- ``region``: linear head on the last-4 CLS (ViT; pooled for ResNets), the registered head;
+  linear head on ``pooled``; MLP head on ``pooled``; weighted kNN (k=20, T=0.07, DINO's);
+  few-shot linear probes on 1, 5 and 10 training images per class; a small supervised end-to-end
+  run (the same architecture, initialised from this backbone, trained end to end with a linear
+  head: from the random-init twin it is the supervised baseline). Accuracy, macro P/R/F1.
+- ``metal``: ``SegmentationDecoder`` over the 4 levels, upsampled to the input; BCE + soft Dice.
+- ``screws``: CenterNet-style ``ScrewHead`` (midpoint heatmap + offset + head/tip vectors); the score
+  threshold is the one with the best F1 on validation images.
+
+Randomness: each (task, seed) run seeds its own ``torch.Generator`` for data order, few-shot
+picks and augmentation; heads are initialised under a lock with the global RNG forked and seeded,
+so concurrent branches (the flow's thread pool) stay reproducible.
+"""
+from __future__ import annotations
+
+import copy
+import threading
+from dataclasses import asdict, dataclass, field, fields
+from importlib.resources import files
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from dax_models.backbones import Backbone, autocast, resolve_device
+from dax_models.heads import (
+    FrozenHead,
+    LinearHead,
+    MLPHead,
+    ScrewHead,
+    SegmentationDecoder,
+    screw_loss,
+    screw_targets,
+)
+from dax_models.metrics import (
+    classification_metrics,
+    knn_classify,
+    segmentation_metrics,
+)
+from tasks.heads.data import HeadDataset
+from tasks.heads.evaluation import (
+    batches,
+    classifier_probabilities,
+    evaluate_screws,
+    native_screw_metrics,
+    native_segmentation_metrics,
+    predict_masks,
+    predict_screws,
+)
+
+__all__ = ["TASKS", "HeadConfig", "load_head_config", "TaskResult", "fit_classifier", "fit_screw_head", "fit_segmenter", "run_task",
+           "seeded", "train_end_to_end"]
+
+TASKS = ("region", "metal", "screws")
+_RNG_LOCK = threading.Lock()
+
+
+@dataclass
+class HeadConfig:
+    """Budgets and settings of the heads (small by default: they train on cached features)."""
+
+    size: int = 224                   # evaluation input size S (letterboxed)
+    feature_batch: int = 64           # images per backbone pass
+    batch_size: int = 256             # classification heads (features)
+    dense_batch: int = 32             # segmentation and screw heads
+    linear_epochs: int = 200          # cheap on cached features; at 60 the demo's region probes were undertrained
+    linear_lr: float = 1e-3
+    mlp_epochs: int = 200
+    mlp_hidden: int = 512
+    seg_epochs: int = 40
+    seg_lr: float = 1e-3
+    seg_hidden: int = 64
+    screw_epochs: int = 60
+    screw_lr: float = 1e-3
+    screw_hidden: int = 64
+    screw_gate: float = 0.05          # matching gate: fraction of the native long side (module doc)
+    weight_decay: float = 1e-4
+    eval_every: int = 5               # epochs between validation checks (best epoch kept)
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    few_shot: tuple[int, ...] = (1, 5, 10)
+    few_shot_epochs: int = 100
+    e2e_epochs: int = 10              # supervised end-to-end baseline (0: skipped)
+    e2e_lr: float = 3e-4
+    e2e_batch: int = 32
+    device: str = "auto"
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "HeadConfig":
+        data = dict(data or {})
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown head settings: {', '.join(sorted(unknown))}")
+        if "few_shot" in data:
+            data["few_shot"] = tuple(int(n) for n in data["few_shot"])
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+CONFIG_DIR = Path(str(files("deployments") / "heads"))   # package data: found in any install
+
+
+def load_head_config(name_or_path: str | None = None, overrides: dict | None = None) -> HeadConfig:
+    """A named config from ``deployments/heads/`` (``demo``), a YAML file, or the defaults (None), with
+    ``overrides`` on top (None values ignored)."""
+    data: dict = {}
+    if name_or_path:
+        path = Path(name_or_path)
+        if not path.suffix:
+            path = CONFIG_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+            raise FileNotFoundError(f"no head config {name_or_path!r} (named configs: {known})")
+        data = yaml.safe_load(path.read_text()) or {}
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return HeadConfig.from_dict(data)
+
+
+def seeded(seed: int, make: Callable[[], nn.Module]) -> nn.Module:
+    """Build a module with the global RNG seeded, without disturbing other threads' randomness."""
+    with _RNG_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return make()
+
+
+def fit_classifier(source, part: str, train_idx: np.ndarray, labels: torch.Tensor, num_classes: int,
+                   kind: str = "linear", epochs: int = 100, lr: float = 1e-3, weight_decay: float = 1e-4,
+                   batch_size: int = 256, seed: int = 0, val_idx: np.ndarray | None = None, eval_every: int = 5,
+                   hidden: int = 512, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """A linear or MLP head (standardised inputs) on feature ``part``; AdamW, cross-entropy.
+
+    With ``val_idx``, the state with the best validation accuracy (checked every ``eval_every``
+    epochs and at the end) is kept. Returns (head in eval mode, {"val_accuracy", "epoch", "loss"}).
+    """
+    device = torch.device(device)
+    generator = torch.Generator().manual_seed(seed)
+    dim = int(source.get(part, train_idx[:1]).shape[1])
+    make = (lambda: LinearHead(dim, num_classes, standardize=True)) if kind == "linear" else \
+        (lambda: MLPHead(dim, num_classes, hidden=hidden, standardize=True))
+    head = seeded(seed, make).to(device)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    y = labels.long()
+    best = {"val_accuracy": float("nan"), "epoch": epochs, "loss": float("nan")}
+    best_state = None
+    for epoch in range(1, epochs + 1):
+        for b in batches(train_idx, batch_size, generator):
+            if len(b) < 2 and len(train_idx) >= 2:
+                continue
+            logits = head(source.get(part, b, device))
+            loss = F.cross_entropy(logits, y[b].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            best["last_loss"] = float(loss.detach())
+        if val_idx is not None and len(val_idx) and (epoch % eval_every == 0 or epoch == epochs):
+            accuracy = float((classifier_probabilities(head, source, part, val_idx, device).argmax(1)
+                              == y[val_idx].numpy()).mean())
+            if best_state is None or accuracy > best["val_accuracy"]:
+                best.update(val_accuracy=accuracy, epoch=epoch, loss=best.get("last_loss", float("nan")))
+                best_state = copy.deepcopy(head.state_dict())
+    if best_state is not None:
+        head.load_state_dict(best_state)
+    else:
+        best.update(epoch=epochs, loss=best.get("last_loss", float("nan")))
+    return head.eval(), best
+
+
+def _dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    p = torch.sigmoid(logits).flatten(1)
+    t = target.flatten(1)
+    inter = (p * t).sum(1)
+    return (1 - (2 * inter + 1) / (p.sum(1) + t.sum(1) + 1)).mean()
+
+
+def fit_segmenter(source, train_idx: np.ndarray, masks: torch.Tensor, size: int, epochs: int = 40, lr: float = 1e-3,
+                  weight_decay: float = 1e-4, batch_size: int = 32, hidden: int = 64, seed: int = 0,
+                  val_idx: np.ndarray | None = None, eval_every: int = 5,
+                  device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """``SegmentationDecoder`` on the cached maps; BCE + soft Dice; best validation Dice kept."""
+    device = torch.device(device)
+    generator = torch.Generator().manual_seed(seed)
+    decoder = seeded(seed, lambda: SegmentationDecoder(source.map_channels, hidden=hidden)).to(device)
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=lr, weight_decay=weight_decay)
+    best, best_state = {"val_dice": float("nan"), "epoch": epochs}, None
+    # selection only on validation images that show metal (empty ones reward predicting nothing)
+    with_metal = [int(i) for i in (val_idx if val_idx is not None else []) if bool(masks[i].any())]
+    for epoch in range(1, epochs + 1):
+        decoder.train()
+        for b in batches(train_idx, batch_size, generator):
+            if len(b) < 2 and len(train_idx) >= 2:
+                continue
+            logits = decoder(source.get("maps", b, device), (size, size))
+            target = masks[b].to(device, dtype=torch.float32)[:, None]
+            loss = F.binary_cross_entropy_with_logits(logits, target) + _dice_loss(logits, target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        if with_metal and (epoch % eval_every == 0 or epoch == epochs):
+            probs = predict_masks(decoder, source, np.asarray(with_metal), size, device)
+            score = segmentation_metrics(probs > 0.5, masks[with_metal])["dice"]
+            if best_state is None or score > best["val_dice"]:
+                best.update(val_dice=score, epoch=epoch)
+                best_state = copy.deepcopy(decoder.state_dict())
+    if best_state is not None:
+        decoder.load_state_dict(best_state)
+    return decoder.eval(), best
+
+
+def _map_size(source, idx) -> tuple[int, int]:
+    maps = source.get("maps", np.asarray(idx[:1]))
+    return tuple(max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1]))
+
+
+def fit_screw_head(source, train_idx: np.ndarray, screws: Sequence[np.ndarray], size: int, epochs: int = 60,
+                   lr: float = 1e-3, weight_decay: float = 1e-4, batch_size: int = 32, hidden: int = 64, seed: int = 0,
+                   val_idx: np.ndarray | None = None, val_score: Callable[[list[list[dict]]], float] | None = None,
+                   eval_every: int = 5, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """``ScrewHead`` on the cached maps with ``screw_targets`` / ``screw_loss`` (screws in INPUT pixels).
+
+    ``val_score(predictions on val_idx)`` picks the best epoch (e.g. F1 at native resolution).
+    """
+    device = torch.device(device)
+    generator = torch.Generator().manual_seed(seed)
+    head = seeded(seed, lambda: ScrewHead(source.map_channels, hidden=hidden)).to(device)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    map_size = _map_size(source, train_idx)
+    targets = screw_targets([screws[i] for i in train_idx], (size, size), map_size)
+    row_of = {int(i): r for r, i in enumerate(train_idx)}
+    best, best_state = {"val_score": float("nan"), "epoch": epochs}, None
+    # selection only when validation images show screws (else predicting nothing scores best)
+    if val_idx is None or not any(len(screws[i]) for i in val_idx):
+        val_idx = None
+    for epoch in range(1, epochs + 1):
+        head.train()
+        for b in batches(train_idx, batch_size, generator):
+            if len(b) < 2 and len(train_idx) >= 2:
+                continue
+            rows = torch.as_tensor([row_of[int(i)] for i in b])
+            out = head(source.get("maps", b, device))
+            loss = screw_loss(out, {k: v[rows] for k, v in targets.items()})
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        checking = epoch % eval_every == 0 or epoch == epochs
+        if val_idx is not None and len(val_idx) and val_score is not None and checking:
+            score = val_score(predict_screws(head, source, val_idx, size, device))
+            if best_state is None or score > best["val_score"]:
+                best.update(val_score=score, epoch=epoch)
+                best_state = copy.deepcopy(head.state_dict())
+    if best_state is not None:
+        head.load_state_dict(best_state)
+    return head.eval(), best
+
+
+def train_end_to_end(backbone: Backbone, data: HeadDataset, train_idx, val_idx, test_idx, epochs: int, lr: float,
+                     batch_size: int, seed: int, device, eval_every: int = 1, return_model: bool = False,
+                     augment: bool = True):
+    """Supervised upper bound: a copy of ``backbone`` + a linear head trained end to end on regions
+    (AdamW, random flips with ``augment``); best validation epoch; test accuracy and macro P/R/F1.
+    With ``return_model``: (metrics, the trained backbone copy in eval mode, on CPU)."""
+    device = torch.device(device)
+    generator = torch.Generator().manual_seed(seed)
+    num_classes = len(data.classes)
+    net = copy.deepcopy(backbone).to(device).train()
+    head = seeded(seed, lambda: LinearHead(net.embed_dim, num_classes)).to(device)
+    optimizer = torch.optim.AdamW(list(net.parameters()) + list(head.parameters()), lr=lr, weight_decay=0.05)
+    y = data.regions
+
+    def predict(idx) -> np.ndarray:
+        net.eval()
+        out = []
+        with torch.no_grad():
+            for b in batches(np.asarray(idx), 64, None):
+                out.append(head(net(data.images[b].to(device, dtype=torch.float32))).argmax(1).cpu())
+        net.train()
+        return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
+
+    best, best_state = -1.0, None
+    for epoch in range(1, epochs + 1):
+        for b in batches(np.asarray(train_idx), batch_size, generator):
+            x = data.images[b].to(device, dtype=torch.float32)
+            if augment:
+                flips = torch.rand(len(b), 2, generator=generator)
+                x = torch.where((flips[:, 0] < 0.5).view(-1, 1, 1, 1).to(device), x.flip(-1), x)
+                x = torch.where((flips[:, 1] < 0.5).view(-1, 1, 1, 1).to(device), x.flip(-2), x)
+            with autocast(device):
+                loss = F.cross_entropy(head(net(x)).float(), y[b].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        if val_idx is not None and len(val_idx) and (epoch % eval_every == 0 or epoch == epochs):
+            accuracy = float((predict(val_idx) == y[val_idx].numpy()).mean())
+            if accuracy > best:
+                best = accuracy
+                best_state = (copy.deepcopy(net.state_dict()), copy.deepcopy(head.state_dict()))
+    if best_state is not None:
+        net.load_state_dict(best_state[0])
+        head.load_state_dict(best_state[1])
+    metrics = classification_metrics(predict(test_idx), y[test_idx], num_classes)
+    result = {"accuracy": metrics["accuracy"], "precision": metrics["precision"], "recall": metrics["recall"],
+              "f1": metrics["f1"], "val_accuracy": best if best_state is not None else float("nan")}
+    return (result, net.eval().cpu()) if return_model else result
+
+
+@dataclass
+class TaskResult:
+    """What one (backbone, task, seed) run produced: test metrics, the validation score it was selected
+    on, the head to register, figures and extra data for the report (confusion matrix)."""
+
+    task: str
+    seed: int
+    metrics: dict[str, float]
+    val_score: float
+    head: FrozenHead | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _few_shot_indices(labels: np.ndarray, train_idx: np.ndarray, n: int, generator: torch.Generator) -> np.ndarray:
+    picked = []
+    for c in np.unique(labels[train_idx]):
+        members = train_idx[labels[train_idx] == c]
+        order = torch.randperm(len(members), generator=generator).numpy()
+        picked.extend(members[order[:n]].tolist())
+    return np.asarray(sorted(picked), dtype=np.int64)
+
+
+def run_task(task: str, seed: int, data: HeadDataset, store, config: HeadConfig, arch: str,
+             backbone: Backbone | None = None) -> TaskResult:
+    """Train and evaluate one task with one seed on cached features (``store``); see the module doc.
+
+    ``backbone`` is needed only for the region task's end-to-end baseline (skipped when None or
+    ``config.e2e_epochs`` is 0).
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+    device = resolve_device(config.device)
+    train, val, test = data.indices("train"), data.indices("val"), data.indices("test")
+    if not len(train) or not len(test):
+        raise ValueError(f"the {task} task needs training and test images (got {len(train)} and {len(test)}): "
+                         "label more patients")
+    size = data.size
+    if task == "region":
+        return _run_region(seed, data, store, config, arch, backbone, train, val, test, device)
+    if task == "metal":
+        decoder, info = fit_segmenter(store, train, data.masks, size, epochs=config.seg_epochs, lr=config.seg_lr,
+                                      weight_decay=config.weight_decay, batch_size=config.dense_batch,
+                                      hidden=config.seg_hidden, seed=seed, val_idx=val, eval_every=config.eval_every,
+                                      device=device)
+        probs = predict_masks(decoder, store, test, size, device)
+        metrics = native_segmentation_metrics(probs, data, test)
+        metrics["dice_input"] = segmentation_metrics(probs > 0.5, data.masks[test])["dice"]
+        head = FrozenHead("metal", decoder.cpu(), "maps", size, arch, info={"best_epoch": info["epoch"]})
+        return TaskResult("metal", seed, metrics, float(info["val_dice"]), head,
+                          {"probabilities": probs, "test_idx": test})
+    # screws
+    gate = config.screw_gate
+
+    def val_f1(predictions):
+        return evaluate_screws(predictions, data, val, gate)[1]["f1"]
+
+    screw_head, info = fit_screw_head(store, train, data.screws, size, epochs=config.screw_epochs, lr=config.screw_lr,
+                                      weight_decay=config.weight_decay, batch_size=config.dense_batch,
+                                      hidden=config.screw_hidden, seed=seed, val_idx=val, val_score=val_f1,
+                                      eval_every=config.eval_every, device=device)
+    # the score threshold: best F1 on validation images, on the training images when val shows no screw
+    pick = val if any(len(data.screws[i]) for i in val) else train
+    threshold, val_metrics = evaluate_screws(predict_screws(screw_head, store, pick, size, device), data, pick, gate)
+    if pick is train:
+        val_metrics = {"f1": float("nan")}
+    predictions = predict_screws(screw_head, store, test, size, device)
+    metrics = native_screw_metrics(predictions, data, test, score_threshold=threshold, gate=gate)
+    metrics["score_threshold"] = threshold
+    head = FrozenHead("screws", screw_head.cpu(), "maps", size, arch, threshold=threshold,
+                      info={"best_epoch": info["epoch"], "gate": gate})
+    return TaskResult("screws", seed, metrics, float(val_metrics["f1"]), head,
+                      {"predictions": predictions, "test_idx": test})
+
+
+def _run_region(seed, data, store, config, arch, backbone, train, val, test, device) -> TaskResult:
+    num_classes = len(data.classes)
+    labels = data.regions
+    # ViTs: DINO's last-4-blocks CLS probe; ResNets (cls4 == pooled): the pooled features
+    primary = "cls4" if store.get("cls4", train[:1]).shape[1] != store.get("pooled", train[:1]).shape[1] else "pooled"
+    common = dict(weight_decay=config.weight_decay, batch_size=config.batch_size, eval_every=config.eval_every,
+                  device=device)
+
+    def fit(part, kind, idx, epochs, s=seed):
+        return fit_classifier(store, part, idx, labels, num_classes, kind=kind, epochs=epochs, lr=config.linear_lr,
+                              seed=s, val_idx=val, hidden=config.mlp_hidden, **common)
+
+    def test_metrics(head, part):
+        probs = classifier_probabilities(head, store, part, test, device)
+        return classification_metrics(probs.argmax(1), labels[test], num_classes)
+
+    head, info = fit(primary, "linear", train, config.linear_epochs)
+    main = test_metrics(head, primary)
+    metrics = {k: main[k] for k in ("accuracy", "precision", "recall", "f1")}
+    if primary != "pooled":
+        pooled_head, _ = fit("pooled", "linear", train, config.linear_epochs)
+        metrics["linear_pooled_accuracy"] = test_metrics(pooled_head, "pooled")["accuracy"]
+    mlp, _ = fit("pooled", "mlp", train, config.mlp_epochs)
+    metrics["mlp_accuracy"] = test_metrics(mlp, "pooled")["accuracy"]
+    knn = knn_classify(store.get("pooled", train), labels[train], store.get("pooled", test), num_classes,
+                       k=config.knn_k, temperature=config.knn_temperature)
+    metrics["knn_accuracy"] = float((knn.cpu() == labels[test]).float().mean())
+    generator = torch.Generator().manual_seed(10_000 + seed)
+    for n in config.few_shot:
+        shots = _few_shot_indices(labels.numpy(), train, n, generator)
+        few, _ = fit(primary, "linear", shots, config.few_shot_epochs)
+        metrics[f"fewshot{n}_accuracy"] = test_metrics(few, primary)["accuracy"]
+    if backbone is not None and config.e2e_epochs > 0:
+        e2e = train_end_to_end(backbone, data, train, val, test, config.e2e_epochs, config.e2e_lr, config.e2e_batch,
+                               seed, device)
+        metrics["e2e_accuracy"] = e2e["accuracy"]
+    frozen = FrozenHead("region", head.cpu(), primary, data.size, arch, classes=data.classes,
+                        info={"best_epoch": info["epoch"]})
+    return TaskResult("region", seed, metrics, float(info["val_accuracy"]), frozen,
+                      {"confusion_matrix": main["confusion_matrix"]})
+
