@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from tasks.home import configure
+from tasks.release.registry import DEFAULT_BACKBONE, backbone_uri
 
 # never print local variables with a traceback: they can hold paths with patient names, or the secret
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
@@ -48,6 +49,18 @@ class Task(str, Enum):
     region = "region"
     metal = "metal"
     screws = "screws"
+
+
+# options that several commands share
+DEVICE_OPTION = typer.Option(Device.auto, help="Where to compute.")
+NPROC_OPTION = typer.Option(1, "--nproc-per-node", help="Processes (GPUs) for DDP through torchrun.")
+WHERE_OPTION = typer.Option(None, help="SQL condition on the catalog's images, e.g. \"modality = 'XA'\".")
+SEEDS_OPTION = typer.Option(3, help="Seeds per head (figures are mean and sd over them).")
+LABELS_OPTION = typer.Option(None, help="labels.parquet of a synthetic corpus: enables the kNN monitor "
+                                          "(and the heads, where they run).")
+RETRAIN_CONFIGS = typer.Option(["demo-cpu"], "--config", help="Pretraining configs (repeat the option): named "
+                                                             "(demo-cpu, dax-vits16, dax-resnet50) or YAML files.")
+HEADS_CONFIG = typer.Option(None, "--heads-config", help="Head config (demo) or a YAML file; default: built-in budgets.")
 
 
 def _version(value: bool) -> None:
@@ -219,11 +232,11 @@ def _parse_settings(settings: list[str]) -> dict:
 @app.command()
 def pretrain(
     config: str = typer.Option("demo-cpu", help="A named config (demo-cpu, dax-vits16, dax-resnet50) or a YAML file."),
-    where: Optional[str] = typer.Option(None, help="SQL condition on the catalog's images, e.g. \"modality = 'XA'\"."),
+    where: Optional[str] = WHERE_OPTION,
     home: Optional[Path] = HOME_OPTION,
-    labels: Optional[Path] = typer.Option(None, help="labels.parquet of a synthetic corpus: enables the kNN monitor."),
-    device: Device = typer.Option(Device.auto, help="Where to compute."),
-    nproc_per_node: int = typer.Option(1, "--nproc-per-node", help="Processes (GPUs) for DDP through torchrun."),
+    labels: Optional[Path] = LABELS_OPTION,
+    device: Device = DEVICE_OPTION,
+    nproc_per_node: int = NPROC_OPTION,
     resume: Optional[str] = typer.Option(None, help="Job to continue from its last checkpoint ('last' for the latest)."),
     epochs: Optional[int] = typer.Option(None, help="Override the config's epochs."),
     settings: list[str] = typer.Option([], "--set", help="Override any config setting: KEY=VALUE (augment.local_crops=4)."),
@@ -265,15 +278,15 @@ def _print_pretraining(summary: dict) -> None:
 @app.command()
 def heads(
     labels: Path = typer.Option(..., help="labels.parquet of the corpus (region, metal masks, screws)."),
-    backbone: str = typer.Option("models:/dax-backbone-vit_tiny_patch16@candidate", help="A registered backbone."),
+    backbone: str = typer.Option(DEFAULT_BACKBONE, help="A registered backbone."),
     home: Optional[Path] = HOME_OPTION,
-    seeds: int = typer.Option(3, help="Seeds per head (figures are mean and sd over them)."),
+    seeds: int = SEEDS_OPTION,
     task: list[Task] = typer.Option([t.value for t in Task], help="Tasks (repeat the option)."),
-    config: Optional[str] = typer.Option(None, help="A head config (demo) or a YAML file; default: the built-in budgets."),
-    size: Optional[int] = typer.Option(None, help="Input size of the frozen backbone (letterboxed square; default 224)."),
-    where: Optional[str] = typer.Option(None, help="SQL condition on the catalog's images."),
+    config: Optional[str] = typer.Option(None, help="A head config (demo) or a YAML file; default: built-in budgets."),
+    size: Optional[int] = typer.Option(None, help="Input size of the frozen backbone (letterboxed square; default 224)"),
+    where: Optional[str] = WHERE_OPTION,
     max_images: Optional[int] = typer.Option(None, help="Use at most this many labelled images."),
-    device: Device = typer.Option(Device.auto, help="Where to compute."),
+    device: Device = DEVICE_OPTION,
     alias: str = typer.Option("candidate", help="Alias for the best head of each task."),
 ) -> None:
     """Heads on the frozen backbone and on its random-init twin, fanned out over tasks and seeds."""
@@ -295,7 +308,7 @@ def predict(
     alias: str = typer.Option("champion", help="Alias of the backbone and heads to use (champion, candidate...)."),
     arch: str = typer.Option("vit_tiny_patch16", help="Architecture of the registered backbone."),
     backbone: Optional[str] = typer.Option(None, help="A backbone URI (default: models:/dax-backbone-ARCH@ALIAS)."),
-    device: Device = typer.Option(Device.auto, help="Where to compute."),
+    device: Device = DEVICE_OPTION,
 ) -> None:
     """De-identify in memory, normalize, run backbone + heads; per file <sha16>.json, _mask.png, .png overlay."""
     root = configure(home)
@@ -312,7 +325,7 @@ def predict(
             console.print(f"[red]file {i}: refused:[/] {entry['error']}", highlight=False)
 
     with user_errors():
-        results = run_predict(files, out, backbone_uri=backbone or f"models:/dax-backbone-{arch}@{alias}", alias=alias,
+        results = run_predict(files, out, backbone_uri=backbone or backbone_uri(arch, alias), alias=alias,
                               home=root, device=device.value,
                               on_result=report)
     if any(r["status"] != "ok" for r in results):
@@ -338,20 +351,15 @@ def _print_retrained(retrained: dict) -> None:
     console.print(f"promotion: {retrained['backbone']} is now @{retrained['promotion']['alias']}")
 
 
-RETRAIN_CONFIGS = typer.Option(["demo-cpu"], "--config", help="Pretraining configs (repeat the option): named "
-                                                             "(demo-cpu, dax-vits16, dax-resnet50) or YAML files.")
-HEADS_CONFIG = typer.Option(None, "--heads-config", help="Head config (demo) or a YAML file; default: built-in budgets.")
-
-
 @app.command()
 def retrain(
-    labels: Optional[Path] = typer.Option(None, help="labels.parquet: enables the kNN monitor and the heads."),
+    labels: Optional[Path] = LABELS_OPTION,
     config: list[str] = RETRAIN_CONFIGS,
-    where: Optional[str] = typer.Option(None, help="SQL condition on the catalog's images."),
+    where: Optional[str] = WHERE_OPTION,
     home: Optional[Path] = HOME_OPTION,
-    device: Device = typer.Option(Device.auto, help="Where to compute."),
-    nproc_per_node: int = typer.Option(1, "--nproc-per-node", help="Processes (GPUs) for DDP through torchrun."),
-    seeds: int = typer.Option(3, help="Seeds per head."),
+    device: Device = DEVICE_OPTION,
+    nproc_per_node: int = NPROC_OPTION,
+    seeds: int = SEEDS_OPTION,
     heads_config: Optional[str] = HEADS_CONFIG,
 ) -> None:
     """The `retrain` deployment's flow: per config, pretrain (or reuse a finished job), heads, promotion."""
@@ -370,12 +378,12 @@ def retrain(
 @app.command("pipeline")
 def pipeline_command(
     source: Path = typer.Argument(..., help="Folder of raw DICOM (a hospital export); it is only read."),
-    labels: Optional[Path] = typer.Option(None, help="labels.parquet: enables the kNN monitor and the heads."),
+    labels: Optional[Path] = LABELS_OPTION,
     config: list[str] = RETRAIN_CONFIGS,
     home: Optional[Path] = HOME_OPTION,
-    device: Device = typer.Option(Device.auto, help="Where to compute."),
-    nproc_per_node: int = typer.Option(1, "--nproc-per-node", help="Processes (GPUs) for DDP through torchrun."),
-    seeds: int = typer.Option(3, help="Seeds per head."),
+    device: Device = DEVICE_OPTION,
+    nproc_per_node: int = NPROC_OPTION,
+    seeds: int = SEEDS_OPTION,
     heads_config: Optional[str] = HEADS_CONFIG,
 ) -> None:
     """The `pipeline` deployment's flow: ingest SOURCE, then retrain."""
@@ -387,7 +395,8 @@ def pipeline_command(
         outcome = pipeline(source=str(source), home=str(root), labels=str(labels) if labels else None, configs=config,
                            device=device.value, nproc_per_node=nproc_per_node, seeds=seeds, heads_config=heads_config)
     ingested = outcome["ingest"]
-    console.print(f"ingested {ingested['ingested']} of {ingested['files']} files ({ingested['quarantined']} quarantined)")
+    console.print(f"ingested {ingested['ingested']} of {ingested['files']} files "
+                  f"({ingested['quarantined']} quarantined)")
     for retrained in outcome["retrained"]:
         _print_retrained(retrained)
 
@@ -396,7 +405,7 @@ def pipeline_command(
 def demo(
     home: Optional[Path] = HOME_OPTION,
     studies: int = typer.Option(200, help="Studies in the demo corpus (about 2,700 images)."),
-    seeds: int = typer.Option(3, help="Seeds per head."),
+    seeds: int = SEEDS_OPTION,
 ) -> None:
     """The whole pipeline on one machine, embedded: corpus, ingestion, DINO, heads, promotion, a prediction."""
     import os

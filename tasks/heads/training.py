@@ -22,8 +22,6 @@ from __future__ import annotations
 import copy
 import threading
 from dataclasses import asdict, dataclass, field, fields
-from importlib.resources import files
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -47,6 +45,7 @@ from dax_models.metrics import (
     knn_classify,
     segmentation_metrics,
 )
+from deployments import find_config
 from tasks.heads.data import HeadDataset
 from tasks.heads.evaluation import (
     batches,
@@ -58,8 +57,8 @@ from tasks.heads.evaluation import (
     predict_screws,
 )
 
-__all__ = ["TASKS", "HeadConfig", "load_head_config", "TaskResult", "fit_classifier", "fit_screw_head", "fit_segmenter", "run_task",
-           "seeded", "train_end_to_end"]
+__all__ = ["TASKS", "HeadConfig", "TaskResult", "fit_classifier", "fit_screw_head", "fit_segmenter", "load_head_config",
+           "run_task", "seeded", "train_end_to_end"]
 
 TASKS = ("region", "metal", "screws")
 _RNG_LOCK = threading.Lock()
@@ -110,21 +109,12 @@ class HeadConfig:
         return asdict(self)
 
 
-CONFIG_DIR = Path(str(files("deployments") / "heads"))   # package data: found in any install
-
-
 def load_head_config(name_or_path: str | None = None, overrides: dict | None = None) -> HeadConfig:
     """A named config from ``deployments/heads/`` (``demo``), a YAML file, or the defaults (None), with
     ``overrides`` on top (None values ignored)."""
-    data: dict = {}
+    data = {}
     if name_or_path:
-        path = Path(name_or_path)
-        if not path.suffix:
-            path = CONFIG_DIR / f"{name_or_path}.yaml"
-        if not path.is_file():
-            known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-            raise FileNotFoundError(f"no head config {name_or_path!r} (named configs: {known})")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(find_config("heads", name_or_path, "head config").read_text()) or {}
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return HeadConfig.from_dict(data)
 

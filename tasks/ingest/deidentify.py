@@ -30,7 +30,6 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
-from importlib.resources import files
 from pathlib import Path
 
 import pydicom
@@ -39,10 +38,11 @@ from pydicom.dataset import FileDataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 
+from deployments import SHIPPED
 from tasks.fileio import sha256_file
 from tasks.ingest.deid_plan import PlanMismatch, PlanStore, RecipePlanner
 
-DEFAULT_RECIPE = Path(str(files("deployments") / "deid" / "dax-basic-profile.recipe"))
+DEFAULT_RECIPE = SHIPPED / "deid" / "dax-basic-profile.recipe"
 SECRET_BLOCK = "dax-deid-secret"
 SECRET_ENV_VAR = "DAX_DEID_SECRET"
 MIN_SECRET_BYTES = 16

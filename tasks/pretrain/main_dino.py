@@ -40,7 +40,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
-from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
@@ -63,14 +62,14 @@ from dax_models.dino import (
     param_groups,
     teacher_temperature_schedule,
 )
+from deployments import find_config
 from tasks.pretrain.data import Selection, train_loader
 from tasks.pretrain.monitor import CollapseMonitor, hits_bits, knn_margin, knn_monitor
 
 log = logging.getLogger("dax.pretrain")
 
-__all__ = ["CONFIG_DIR", "ConfigError", "PretrainConfig", "TrainingCollapsed", "load_config", "main", "train", "write_job"]
+__all__ = ["ConfigError", "PretrainConfig", "TrainingCollapsed", "load_config", "main", "train", "write_job"]
 
-CONFIG_DIR = Path(str(files("deployments") / "pretrain"))   # package data: found in any install, editable or not
 CHECKPOINT = "last.pt"
 
 
@@ -159,12 +158,10 @@ class PretrainConfig:
 
 def load_config(name_or_path: str, overrides: dict | None = None) -> PretrainConfig:
     """A named config from ``deployments/pretrain/`` or a YAML file, with ``overrides`` on top."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = CONFIG_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-        raise ConfigError(f"no pretraining config {name_or_path!r} (named configs: {known})")
+    try:
+        path = find_config("pretrain", name_or_path, "pretraining config")
+    except FileNotFoundError as error:
+        raise ConfigError(str(error)) from None
     data = yaml.safe_load(path.read_text()) or {}
     data.setdefault("name", path.stem)
     for key, value in (overrides or {}).items():

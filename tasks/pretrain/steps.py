@@ -261,11 +261,9 @@ def latest_job(root: Path) -> Path:
 
 def summary_markdown(summary: dict) -> str:
     """The ``pretrain-summary`` artifact: status, kNN per epoch beside its yardsticks, the registration."""
-    job, run_id, result, prepared, registered = (summary["job"], summary["run_id"], summary, summary["prepared"],
-                                                 summary["registered"])
-    knn = result.get("knn") or []
-    lines = [f"# Pretraining {job}", "", f"status **{result['status']}**, {result['step']} of "
-             f"{result['total_steps']} steps, {summary['seconds']} s, MLflow run `{run_id}`", ""]
+    prepared, registered, knn = summary["prepared"], summary["registered"], summary.get("knn") or []
+    lines = [f"# Pretraining {summary['job']}", "", f"status **{summary['status']}**, {summary['step']} of "
+             f"{summary['total_steps']} steps, {summary['seconds']} s, MLflow run `{summary['run_id']}`", ""]
     if knn:
         lines += ["| epoch | kNN accuracy (held-out patients) |", "|---|---|"]
         lines += [f"| {k['epoch']} | {k['knn_accuracy']:.3f} |" for k in knn]
@@ -273,8 +271,8 @@ def summary_markdown(summary: dict) -> str:
                       f"{prepared.get('chance_majority', 0):.3f} (majority class)"]
         if "knn_thumbnails" in prepared:
             lines[-1] += f"; the same kNN on 16x16 pixel thumbnails: {prepared['knn_thumbnails']:.3f}"
-        if result.get("knn_margin"):
-            lines += ["", f"margin over random init: {margin_text(result['knn_margin'])}"]
+        if summary.get("knn_margin"):
+            lines += ["", f"margin over random init: {margin_text(summary['knn_margin'])}"]
     if registered:
         lines += ["", f"registered `{registered['uri']}` (version {registered['version']})"]
     return "\n".join(lines)

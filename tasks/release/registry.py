@@ -18,6 +18,7 @@ process opened (the torchrun ranks, the Prefect tasks), by run id, in batches.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -110,8 +111,6 @@ def resolve_model(uri: str) -> tuple[str, str]:
 def alias_best_heads(branches: list[dict], tasks: tuple[str, ...], alias: str) -> dict[str, dict]:
     """Per task, ``alias`` on the registered head of the pretrained seed with the best validation score
     (ties: the lower seed); ``branches`` are the heads flow's branch results. Returns task -> head."""
-    import math
-
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
