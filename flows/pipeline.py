@@ -5,24 +5,37 @@
 
 - ``ingest`` is idempotent and crash-safe (a rerun adds nothing; a killed run leaves nothing partial),
   so it is retried as a whole.
-- ``pretrain`` is skipped when a finished job with the same config and the same data (manifest digest
-  of the catalog selection) already registered a backbone: a rerun reuses it instead of training
-  again; interrupted jobs are resumed with ``dax pretrain --resume``.
+- ``pretrain`` runs inside a cached Prefect task: the cache key is the config and the data
+  (``tasks.pretrain.steps.pretraining_cache_key``), so a rerun on the same data reuses the backbone a
+  finished run registered instead of training again. A run that registered nothing fails the task and is
+  never cached; interrupted jobs are resumed with ``dax pretrain --resume``.
 - ``promote`` compares the new backbone's evaluation table with the current ``@champion`` and sets
   ``@champion`` (match or beat) or ``@challenger`` on the backbone and its heads, with the comparison
   as a Prefect artifact.
 """
 from __future__ import annotations
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
 
 from flows.heads import heads
 from flows.ingest import ingest
 from flows.pretrain import pretrain
 from tasks.home import configure
-from tasks.pretrain.steps import finished_job
+from tasks.pretrain.steps import PretrainingUnfinished, pretraining_cache_key
 from tasks.release.promotion import promote_task
 from tasks.release.registry import configure_tracking
+
+
+@task(name="pretrained-backbone", cache_key_fn=pretraining_cache_key, persist_result=True)
+def pretrained_backbone(config: str, home: str, where: str | None, labels: str | None, device: str,
+                        nproc_per_node: int, overrides: dict | None) -> dict:
+    """The pretrain flow's summary, cached on config and data; raises (so nothing is cached) when the run
+    registered no backbone."""
+    summary = pretrain(config=config, where=where, home=home, labels=labels, device=device,
+                       nproc_per_node=nproc_per_node, overrides=overrides)
+    if not summary.get("registered"):
+        raise PretrainingUnfinished(summary)
+    return summary
 
 
 @flow(name="retrain")
@@ -45,23 +58,26 @@ def retrain(
     logger = get_run_logger()
     outcomes = []
     for config in configs:
-        registered = finished_job(root, config, overrides, where)
-        if registered:
-            logger.info("%s: a finished job already trained on this data (%s): reusing it", config, registered["uri"])
-            pretrained = {"registered": registered, "reused": True}
-        else:
-            pretrained = pretrain(config=config, where=where, home=str(root), labels=labels, device=device,
-                                  nproc_per_node=nproc_per_node, overrides=overrides)
-            registered = pretrained.get("registered")
-            if not registered:
-                outcomes.append({"config": config, "status": pretrained["status"]})
-                continue
+        state = pretrained_backbone(config, str(root), where, labels, device, nproc_per_node, overrides,
+                                    return_state=True)
+        if state.is_failed():
+            error = state.result(raise_on_failure=False)
+            if not isinstance(error, PretrainingUnfinished):
+                raise error
+            outcomes.append({"config": config, "status": error.summary["status"]})
+            continue
+        pretrained = state.result()
+        reused = state.name == "Cached"
+        if reused:
+            logger.info("%s: a finished run already trained on this data: reusing %s", config,
+                        pretrained["registered"]["uri"])
+        registered = pretrained["registered"]
         backbone_uri = f"models:/{registered['model']}/{registered['version']}"
         evaluation = heads(backbone=backbone_uri, home=str(root), labels=labels, seeds=seeds, size=heads_size,
                            config=heads_config, overrides=heads_overrides)
         decision = promote_task(registered["model"], registered["version"], evaluation["table"],
                                 {h["model"]: h["version"] for h in evaluation["registered"].values()})
-        outcomes.append({"config": config, "backbone": backbone_uri, "reused": bool(pretrained.get("reused")),
+        outcomes.append({"config": config, "backbone": backbone_uri, "reused": reused,
                          "knn": pretrained.get("knn"),
                          "knn_thumbnails": pretrained.get("prepared", {}).get("knn_thumbnails"),
                          "knn_margin": pretrained.get("knn_margin"),

@@ -93,21 +93,29 @@ def heads_tracking(home):
         mlflow.set_registry_uri(uris[1])
 
 
+# demo-cpu cut to seconds: 1 epoch of 3 steps of 8 images at 64 / 32 px
+TINY_DINO = {"epochs": 1, "steps_per_epoch": 3, "batch_size": 8, "augment.global_size": 64, "augment.local_size": 32,
+             "augment.local_crops": 2, "knn_size": 64, "workers": 0}
+
+
+def home_with_catalog_of(corpus, home: Path) -> Path:
+    """A new home holding ``corpus``'s catalog and shards (its own MLflow store and pretraining jobs)."""
+    home.mkdir(parents=True)
+    for name in ("catalog.duckdb", "catalog-snapshot.duckdb"):
+        shutil.copy2(corpus.home / name, home / name)
+    shutil.copytree(corpus.home / "shards", home / "shards")
+    return home
+
+
 @pytest.fixture(scope="session")
 def heads_corpus(small_corpus, tmp_path_factory) -> SimpleNamespace:
     """``small_corpus``'s images in a home of their own, with models:/dax-backbone-vit_tiny_patch16@candidate
     from a 1-epoch, 3-step DINO pretraining (the flow, as a user runs it)."""
-    home = tmp_path_factory.mktemp("heads") / "home"
-    home.mkdir()
-    for name in ("catalog.duckdb", "catalog-snapshot.duckdb"):
-        shutil.copy2(small_corpus.home / name, home / name)
-    shutil.copytree(small_corpus.home / "shards", home / "shards")
+    home = home_with_catalog_of(small_corpus, tmp_path_factory.mktemp("heads") / "home")
     from flows.pretrain import pretrain
     with heads_tracking(home):
         result = pretrain(config="demo-cpu", home=str(home), labels=str(small_corpus.labels), device="cpu",
-                          overrides={"epochs": 1, "steps_per_epoch": 3, "batch_size": 8, "augment.global_size": 64,
-                                     "augment.local_size": 32, "augment.local_crops": 2, "knn_size": 64,
-                                     "workers": 0})
+                          overrides=TINY_DINO)
     return SimpleNamespace(home=home, labels=small_corpus.labels, corpus=small_corpus.labels.parent,
                            backbone=result["registered"]["uri"], backbone_version=result["registered"]["version"])
 

@@ -11,6 +11,7 @@ images, and the heads are evaluated on the same patients later.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from dax_models.augment import XrayEvalTransform
+from tasks.fileio import sha256_file
 from tasks.ingest.events import catalog_images
 from tasks.ingest.labels import load_labels
 from tasks.label_schema import BODY_REGIONS
@@ -278,19 +280,25 @@ def summary_markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def finished_job(root: Path, config_name: str, overrides: dict | None, where: str | None) -> dict | None:
-    """The registration of a finished pretraining job with this config and this data, if one exists."""
-    config = load_config(config_name, overrides).to_dict()
-    digest = select_images(root, where).digest
-    for prepared in sorted((root / JOBS_DIR).glob("*/prepare.json"), key=lambda p: p.stat().st_mtime, reverse=True):
-        job_dir = prepared.parent
-        result = job_dir / "registered.json"
-        if not result.is_file():
-            continue
-        job = json.loads((job_dir / "job.json").read_text())
-        if job["config"] == json.loads(json.dumps(config)) and json.loads(prepared.read_text()).get("query_digest") == digest:
-            return json.loads(result.read_text())
-    return None
+class PretrainingUnfinished(RuntimeError):
+    """A pretraining that registered nothing (stopped, collapsed): never reused by the cache."""
+
+    def __init__(self, summary: dict):
+        super().__init__(f"pretraining {summary.get('status')}: nothing registered")
+        self.summary = summary
+
+
+def pretraining_cache_key(_context, parameters: dict) -> str:
+    """Prefect's cache key of a pretraining: the home, the resolved config (overrides applied), the manifest
+    digest of the catalog selection and the label file's hash (its test patients are held out). The same
+    key means the same training data and settings, so a finished job's backbone is reused."""
+    root = Path(parameters["home"])
+    labels = parameters.get("labels")
+    identity = {"home": str(root.resolve()),
+                "config": load_config(parameters["config"], parameters.get("overrides")).to_dict(),
+                "data": select_images(root, parameters.get("where")).digest,
+                "labels": sha256_file(Path(labels)) if labels else None}
+    return "dax-pretrain-" + hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
 
 
 # --- Prefect tasks --------------------------------------------------------------------------------------
