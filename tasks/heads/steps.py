@@ -19,6 +19,7 @@ from tasks.heads.data import HeadDataset
 from tasks.heads.features import FeatureStore, compute_features
 from tasks.heads.figures import task_figures
 from tasks.heads.training import HeadConfig, run_task
+from tasks.release.registry import head_model, log_torch_model
 
 __all__ = ["branch_task", "features_task", "train_branch"]
 
@@ -34,8 +35,6 @@ def train_branch(role: str, task: str, seed: int, data: HeadDataset, stores: dic
     ``name/version``) when ``role`` is 'pretrained' and ``register``. Returns metrics and the version."""
     import mlflow
     from mlflow.tracking import MlflowClient
-
-    from tasks.release.registry import head_model, log_torch_model
 
     store = FeatureStore.open(Path(stores[role]))
     if store is None:

@@ -82,7 +82,7 @@ class HeadConfig:
     screw_epochs: int = 60
     screw_lr: float = 1e-3
     screw_hidden: int = 64
-    screw_gate: float = 0.05          # matching gate: fraction of the native long side (module doc)
+    screw_gate: float = 0.05          # matching gate: fraction of the native long side (tasks.heads.evaluation)
     weight_decay: float = 1e-4
     eval_every: int = 5               # epochs between validation checks (best epoch kept)
     knn_k: int = 20
