@@ -10,6 +10,8 @@ set -euo pipefail
 
 PREFECT="${PREFECT:-prefect}"
 
-for pool in dax-cpu dax-gpu; do
-    "$PREFECT" --no-prompt work-pool create "$pool" --type process --overwrite
-done
+"$PREFECT" --no-prompt work-pool create dax-cpu --type process --overwrite
+# one training at a time on the GPU pool (the retrain deployments share the GPUs of its machine):
+# raise it with `prefect work-pool set-concurrency-limit dax-gpu N` when N GPU machines serve the pool
+"$PREFECT" --no-prompt work-pool create dax-gpu --type process --overwrite
+"$PREFECT" --no-prompt work-pool set-concurrency-limit dax-gpu "${DAX_GPU_POOL_CONCURRENCY:-1}"

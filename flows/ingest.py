@@ -1,8 +1,12 @@
 """Flow `ingest`: raw C-arm DICOM to de-identified, normalized WebDataset shards cataloged in DuckDB.
 
-    open the catalog (the only writer)  ->  survey: hash + header peek (mapped over batches)
-    ->  plan: drop what the catalog already holds  ->  ingest batches (mapped): triage, burned-in text,
-    de-identify, normalize, shard  ->  record each batch in one transaction  ->  publish the snapshot
+    open the catalog (the only writer)  ->  list: stat every file, skip those a survey saw unchanged
+    ->  survey: hash + header peek (mapped over batches)  ->  plan: drop what the catalog already holds
+    ->  ingest batches (mapped): triage, burned-in text, de-identify, normalize, shard
+    ->  record each batch in one transaction  ->  publish the snapshot  ->  events
+
+`nightly` is the same flow with retries, for the scheduled deployment: a run is idempotent and
+crash-safe (a rerun adds nothing; a killed run leaves nothing partial), so it is retried whole.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from deployments.connect import SOURCE_VARIABLE
 from flows.runners import ingest_task_runner
 from tasks.fileio import sha256_file
 from tasks.home import configure
@@ -33,11 +38,13 @@ from tasks.ingest.events import emit_ingest_events
 from tasks.ingest.normalize import NormalizeConfig
 from tasks.ingest.shards import remove_stale_temporaries
 from tasks.ingest.steps import IngestConfig, ingest_batch_task, survey_batch_task
-from tasks.ingest.survey import SurveyedFile
-from tasks.ingest.triage import DEFAULT_MODALITIES, list_source
+from tasks.ingest.survey import ListedFile, SurveyedFile, list_files
+from tasks.ingest.triage import DEFAULT_MODALITIES
 from tasks.version import code_version
 
 SHARDS_DIR = "shards"
+SUMMARY_COUNTS = ("files", "unchanged", "surveyed", "ingested", "duplicates", "skipped", "quarantined", "images",
+                  "shards")
 
 
 @flow(name="ingest", task_runner=ingest_task_runner())
@@ -50,10 +57,17 @@ def ingest(
     batch_size: int = 32,
     shard_target_mb: int = 1000,
     image_format: str = "npy",
+    rehash: bool = False,
     retrain_after_images: int = 1000,
+    quarantine_alert_share: float = 0.05,
 ) -> dict:
-    """Ingest every file under ``source`` into ``home`` (default: $DAX_HOME or ./dax-home)."""
+    """Ingest every file under ``source`` into ``home`` (default: $DAX_HOME or ./dax-home).
+
+    A file whose path, size and mtime a previous survey saw is skipped unread; ``rehash`` reads them all."""
     began = time.perf_counter()
+    if not source:
+        raise ValueError(f"no ingestion source: pass one, or set the Prefect Variable {SOURCE_VARIABLE} "
+                         "(`dax connect --source FOLDER`) before `prefect deploy`")
     root = configure(home)
     shard_dir = root / SHARDS_DIR
     shard_dir.mkdir(parents=True, exist_ok=True)
@@ -68,57 +82,75 @@ def ingest(
         catalog.start_run(run_id, str(flow_run.id or ""), code_version(), sha256_file(Path(config.recipe)), key.fingerprint,
                           {"modalities": list(modalities), "max_size": max_size, "frame_step": frame_step,
                            "batch_size": batch_size, "shard_target_mb": shard_target_mb, "image_format": image_format,
+                           "rehash": rehash,
                            "source_fingerprint": hashlib.sha256(str(Path(source).resolve()).encode()).hexdigest()[:16]})
         removed = remove_orphans(shard_dir, catalog.shard_names())
-        relpaths = list(list_source(Path(source)))
-        logger.info("%d files in the source; %d stale or orphan shard files removed", len(relpaths), removed)
+        listed = list_files(Path(source), key)
+        to_survey = listed if rehash else unchanged_dropped(catalog, listed)
+        logger.info("%d files in the source, %d unchanged since a previous survey (not read); %d stale or orphan "
+                    "shard files removed", len(listed), len(listed) - len(to_survey), removed)
 
         with _progress() as progress:
-            surveyed = survey(Path(source), relpaths, batch_size, progress)
-            counts = Counter(files=len(relpaths))
+            surveyed = survey(Path(source), to_survey, batch_size, progress)
+            counts = Counter(files=len(listed), unchanged=len(listed) - len(to_survey), surveyed=len(surveyed))
             bar = progress.add_task("ingest", total=len(surveyed))
             pending = surveyed
             while pending:  # a wave per copy of an instance: a later copy is a duplicate only if one got in
                 todo, duplicates, already, pending = plan(catalog, pending)
-                catalog.record_batch([row | {"run_id": run_id} for row in duplicates], [], [])
-                counts.update(duplicates=len(duplicates) + already)
-                progress.update(bar, advance=len(duplicates) + already)
+                catalog.record_batch([duplicate_row(item, run_id) for item in duplicates], [], [],
+                                     files=[item.source_file_row(run_id) for item in duplicates + already])
+                counts.update(duplicates=len(duplicates) + len(already))
+                progress.update(bar, advance=len(duplicates) + len(already))
                 batches = _chunks(todo, batch_size)
                 futures = ingest_batch_task.map(unmapped(Path(source)), unmapped(shard_dir), batches,
                                                 unmapped(run_id), unmapped(config))
                 for future in as_completed(futures):
                     outcome = future.result()
-                    catalog.record_batch(outcome.sources, outcome.images, outcome.shards)
+                    catalog.record_batch(outcome.sources, outcome.images, outcome.shards, files=outcome.files)
                     counts.update(Counter(row["status"] for row in outcome.sources))
                     counts.update(images=len(outcome.images), shards=len(outcome.shards))
                     progress.update(bar, advance=len(outcome.sources))
-        summary = {name: int(counts[name]) for name in
-                   ("files", "ingested", "duplicates", "skipped", "quarantined", "images", "shards")}
+        summary = {name: int(counts[name]) for name in SUMMARY_COUNTS}
         catalog.finish_run(run_id, "completed", summary, time.perf_counter() - began)
         reasons = catalog.reasons(run_id)
         snapshot = catalog.publish_snapshot()
 
     logger.info("ingested %(ingested)d files (%(images)d images, %(shards)d shards); %(duplicates)d duplicates, "
-                "%(skipped)d skipped, %(quarantined)d quarantined", summary)
-    events = emit_ingest_events(root, summary, retrain_after_images)
+                "%(skipped)d skipped, %(quarantined)d quarantined; %(unchanged)d unchanged, not read", summary)
+    events = emit_ingest_events(root, summary, retrain_after_images, quarantine_alert_share, reasons)
+    if events["quarantine_alert"]:
+        logger.warning("%d of the %d files read were quarantined (alert above %.0f %%): see the reasons below or "
+                       "`dax catalog report`", summary["quarantined"], summary["surveyed"], 100 * quarantine_alert_share)
     create_markdown_artifact(key="ingest-summary", markdown=_summary_markdown(summary, reasons),
                              description="What this ingestion run did (counts and reasons only: no PHI)")
     return summary | {"run_id": run_id, "snapshot": str(snapshot), "seconds": round(time.perf_counter() - began, 2),
-                      "ready_for_retraining": events["ready_for_retraining"]}
+                      "ready_for_retraining": events["ready_for_retraining"],
+                      "quarantine_alert": events["quarantine_alert"]}
 
 
-def survey(source: Path, relpaths: list[str], batch_size: int, progress: Progress) -> list[SurveyedFile]:
-    """Hash every file (in parallel batches); results in listing order."""
-    bar = progress.add_task("survey", total=len(relpaths))
-    batches = _chunks(relpaths, batch_size)
+# the scheduled deployment's entry point (prefect.yaml): transient failures (a lost worker, a busy catalog,
+# a share that hiccuped) are retried whole, which costs little as unchanged files are not read again
+nightly = ingest.with_options(retries=2, retry_delay_seconds=300)
+
+
+def unchanged_dropped(catalog: Catalog, listed: list[ListedFile]) -> list[ListedFile]:
+    """The listed files without those a survey saw with the same path, size and mtime (never read)."""
+    unchanged = catalog.unchanged_files([(f.path_key, f.size, f.mtime_ns) for f in listed])
+    return [f for f in listed if f.path_key not in unchanged]
+
+
+def survey(source: Path, files: list[ListedFile], batch_size: int, progress: Progress) -> list[SurveyedFile]:
+    """Hash the files (in parallel batches); results in listing order."""
+    bar = progress.add_task("survey", total=len(files))
+    batches = _chunks(files, batch_size)
     futures = survey_batch_task.map(unmapped(source), batches)
     for future in as_completed(futures):
         progress.update(bar, advance=len(future.result()))
     return [item for future in futures for item in future.result()]
 
 
-def plan(catalog: Catalog, surveyed: list[SurveyedFile]) -> tuple[list, list[dict], int, list]:
-    """Split surveyed files into (work now, new duplicate rows, files already cataloged, work for later).
+def plan(catalog: Catalog, surveyed: list[SurveyedFile]) -> tuple[list, list, list, list]:
+    """Split surveyed files into (work now, duplicates, files already cataloged, work for later).
 
     Identity is the file's SHA-256; a file with new bytes whose SOP instance is already ingested (the
     same image exported again, say in another transfer syntax) is a duplicate too: no image is stored
@@ -127,24 +159,27 @@ def plan(catalog: Catalog, surveyed: list[SurveyedFile]) -> tuple[list, list[dic
     """
     known_files = catalog.known_sha256(f.sha256 for f in surveyed)
     known_instances = catalog.known_instance_keys(f.instance_key for f in surveyed if f.instance_key)
-    todo, duplicates, later, already = [], [], [], 0
+    todo, duplicates, later, already = [], [], [], []
     seen_files: set[str] = set()
     trying: set[str] = set()
     for item in surveyed:
         if item.sha256 in known_files or item.sha256 in seen_files:
-            already += 1
+            already.append(item)
             continue
         seen_files.add(item.sha256)
         if item.instance_key in known_instances:
-            duplicates.append({"sha256": item.sha256, "size_bytes": item.size, "status": "duplicate",
-                               "instance_key": item.instance_key, "samples": 0,
-                               "reason": "same SOP instance as an already ingested file (re-export)"})
+            duplicates.append(item)
         elif item.instance_key and item.instance_key in trying:
             later.append(item)
         else:
             trying.add(item.instance_key)
             todo.append(item)
     return todo, duplicates, already, later
+
+
+def duplicate_row(item: SurveyedFile, run_id: str) -> dict:
+    return {"sha256": item.sha256, "size_bytes": item.size, "status": "duplicate", "instance_key": item.instance_key,
+            "samples": 0, "run_id": run_id, "reason": "same SOP instance as an already ingested file (re-export)"}
 
 
 def remove_orphans(shard_dir: Path, cataloged: set[str]) -> int:
@@ -167,10 +202,9 @@ def _progress() -> Progress:
 
 
 def _summary_markdown(summary: dict, reasons: list[tuple[str, str, int]]) -> str:
-    lines = ["# Ingestion run", "", "| files | ingested | duplicates | skipped | quarantined | images | shards |",
-             "| --- | --- | --- | --- | --- | --- | --- |",
-             "| " + " | ".join(str(summary[k]) for k in ("files", "ingested", "duplicates", "skipped", "quarantined",
-                                                         "images", "shards")) + " |"]
+    lines = ["# Ingestion run", "", "| " + " | ".join(SUMMARY_COUNTS) + " |",
+             "| " + " | ".join("---" for _ in SUMMARY_COUNTS) + " |",
+             "| " + " | ".join(str(summary[k]) for k in SUMMARY_COUNTS) + " |"]
     if reasons:
         lines += ["", "| status | reason | files |", "| --- | --- | --- |"]
         lines += [f"| {status} | {reason} | {count} |" for status, reason, count in reasons]

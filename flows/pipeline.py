@@ -52,7 +52,10 @@ def retrain(
     heads_config: str | None = None,
     heads_overrides: dict | None = None,
 ) -> dict:
-    """Pretrain one backbone per config on the catalog selection, train and evaluate its heads, promote."""
+    """Pretrain one backbone per config on the catalog selection, train and evaluate its heads, promote.
+
+    Without ``labels`` (a site with no annotations yet) the backbones are pretrained and registered
+    ``@candidate``, and heads and promotion are skipped."""
     root = configure(home)
     configure_tracking(root)
     logger = get_run_logger()
@@ -73,6 +76,12 @@ def retrain(
                         pretrained["registered"]["uri"])
         registered = pretrained["registered"]
         backbone_uri = f"models:/{registered['model']}/{registered['version']}"
+        if labels is None:
+            logger.info("%s: no labels given: heads and promotion skipped; %s is registered @candidate", config,
+                        backbone_uri)
+            outcomes.append({"config": config, "backbone": backbone_uri, "reused": reused,
+                             "knn": pretrained.get("knn"), "heads": None, "promotion": None})
+            continue
         evaluation = heads(backbone=backbone_uri, home=str(root), labels=labels, seeds=seeds, size=heads_size,
                            config=heads_config, overrides=heads_overrides)
         decision = promote_task(registered["model"], registered["version"], evaluation["table"],

@@ -34,3 +34,30 @@ def configure(home: str | os.PathLike | None = None) -> Path:
         os.environ.setdefault(name, value)
     os.environ.setdefault("PREFECT_HOME", str(root / "prefect"))
     return root
+
+
+HOME_ID_FILE = "home-id"
+
+
+def home_id(root: str | os.PathLike) -> str:
+    """This home's id: 16 random hex digits made on first use and kept in ``HOME/home-id``.
+
+    Events name their home by it (``dax.home.<id>``), so a deployment's trigger can listen to one home
+    only: a staging home on the same Prefect server never starts production's retraining. Random, not a
+    digest of the path: two machines may mount different homes at the same path.
+    """
+    path = Path(root) / HOME_ID_FILE
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{HOME_ID_FILE}.{os.getpid()}.{os.urandom(4).hex()}")
+    tmp.write_text(os.urandom(8).hex() + "\n")
+    try:
+        os.link(tmp, path)    # atomic and exclusive: of two first users, one id wins, whole
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+    return path.read_text().strip()

@@ -281,8 +281,8 @@ def test_a_second_run_adds_nothing(ingested, tmp_path):
              for table in ("sources", "images", "shards")}
     assert after == before
     assert sorted(p.name for p in (home / "shards").glob("*.tar")) == shards_before
-    last = catalog_rows(home, "SELECT ingested, duplicates, files FROM runs ORDER BY started_at DESC LIMIT 1")[0]
-    assert last["ingested"] == 0 and last["duplicates"] == last["files"]
+    last = catalog_rows(home, "SELECT ingested, unchanged, surveyed, files FROM runs ORDER BY started_at DESC LIMIT 1")[0]
+    assert last["ingested"] == 0 and last["unchanged"] == last["files"] and last["surveyed"] == 0  # none read
 
 
 def _content(home: Path) -> dict:

@@ -41,14 +41,15 @@ from tasks.fileio import fsync_directory
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 CATALOG_FILE = "catalog.duckdb"
 SNAPSHOT_FILE = "catalog-snapshot.duckdb"
 _SNAPSHOT_TMP_PREFIX = ".catalog-snapshot."
 _SNAPSHOT_TMP_SUFFIX = ".tmp.duckdb"
 NO_SNAPSHOT_MESSAGE = "no catalog snapshot yet: run `dax ingest` first"
 STATUSES = ("ingested", "duplicate", "skipped", "quarantined")
-COUNT_COLUMNS = ("files", "ingested", "duplicates", "skipped", "quarantined", "images", "shards")
+COUNT_COLUMNS = ("files", "unchanged", "surveyed", "ingested", "duplicates", "skipped", "quarantined", "images",
+                 "shards")
 FORMATS = ("table", "csv", "json")
 
 # --- schema --------------------------------------------------------------------------------------------
@@ -101,6 +102,18 @@ TABLES: dict[str, tuple[tuple[str, str, str], ...]] = {
         ("bytes", "BIGINT", ""),
         ("run_id", "VARCHAR", "NOT NULL"),
     ),
+    # What the survey saw at a source path, so that a nightly run skips a file it saw before without reading
+    # it: a row per (path, size, mtime) surveyed, never updated (a changed file adds a row; the old one stays
+    # for audit). The path itself is never stored: ``path_key`` is a keyed fingerprint ("DAX-" + 16 hex of
+    # an HMAC of the resolved path), like the other pseudonyms.
+    "source_files": (
+        ("path_key", "VARCHAR", "NOT NULL"),
+        ("size_bytes", "BIGINT", "NOT NULL"),
+        ("mtime_ns", "BIGINT", "NOT NULL"),
+        ("sha256", "VARCHAR", "NOT NULL"),
+        ("run_id", "VARCHAR", "NOT NULL"),
+        ("recorded_at", "TIMESTAMP", ""),
+    ),
     "runs": (
         ("run_id", "VARCHAR", "PRIMARY KEY"),
         ("flow_run_id", "VARCHAR", ""),
@@ -112,6 +125,8 @@ TABLES: dict[str, tuple[tuple[str, str, str], ...]] = {
         ("secret_fingerprint", "VARCHAR", ""),
         ("parameters", "JSON", ""),
         ("files", "BIGINT", ""),
+        ("unchanged", "BIGINT", ""),      # skipped unread: path, size and mtime as a catalog row has them
+        ("surveyed", "BIGINT", ""),       # read and hashed by the survey
         ("ingested", "BIGINT", ""),
         ("duplicates", "BIGINT", ""),
         ("skipped", "BIGINT", ""),
@@ -158,6 +173,7 @@ class ReadOnlyQueryError(CatalogError, PermissionError):
 
 # --- PHI guards ----------------------------------------------------------------------------------------
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_PATH_KEY = re.compile(r"DAX-[0-9a-f]{16}")
 _QUOTED_PATH = re.compile(r"""(['"])[^'"\n]*[/\\][^'"\n]*\1""")
 _TOKEN = re.compile(r"""[^\s'"`()\[\]{},;]+""")
 _PATH_START = re.compile(r"^(?:[/\\]|~[/\\]|\.{1,2}[/\\]|[A-Za-z]:[/\\]|file:/)")
@@ -313,6 +329,10 @@ def _guard(table: str, rows: Sequence[Mapping[str, Any]]) -> list[dict]:
         elif table == "shards":
             _check_sha256(table, "sha256", row.get("sha256"))
             _check_bare_name(table, "name", row.get("name"))
+        elif table == "source_files":
+            _check_sha256(table, "sha256", row.get("sha256"))
+            if not _PATH_KEY.fullmatch(str(row.get("path_key"))):
+                raise ValueError("source_files.path_key must be a keyed fingerprint, never a path")
         checked.append(row)
     return checked
 
@@ -369,6 +389,8 @@ class Catalog:
             for statement in DDL:
                 con.execute(statement)
             con.execute("ALTER TABLE sources ADD COLUMN IF NOT EXISTS instance_key VARCHAR")  # pre-release files
+            for column in ("unchanged", "surveyed"):                                           # schema 1
+                con.execute(f"ALTER TABLE runs ADD COLUMN IF NOT EXISTS {column} BIGINT")
             con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
             con.commit()
         except BaseException:
@@ -439,6 +461,24 @@ class Catalog:
             con.unregister(name)
         return {row[0] for row in rows}
 
+    def unchanged_files(self, files: Sequence[tuple[str, int, int]]) -> set[str]:
+        """The path keys among ``files`` ((path_key, size_bytes, mtime_ns)) that a survey saw before with the
+        same size and mtime: the file is what it was then, and its outcome is in the catalog (one join)."""
+        if not files:
+            return set()
+        keys, sizes, mtimes = zip(*files)
+        probe = pa.table({"path_key": pa.array(keys, pa.string()), "size_bytes": pa.array(sizes, pa.int64()),
+                          "mtime_ns": pa.array(mtimes, pa.int64())})
+        name = f"_dax_probe_{uuid.uuid4().hex}"
+        con = self._connection
+        con.register(name, probe)
+        try:
+            rows = con.execute(f"SELECT DISTINCT p.path_key FROM {name} p SEMI JOIN source_files f "
+                               "USING (path_key, size_bytes, mtime_ns)").fetchall()
+        finally:
+            con.unregister(name)
+        return {row[0] for row in rows}
+
     def reasons(self, run_id: str) -> list[tuple[str, str, int]]:
         """(status, reason, files) for the files of a run that were not ingested, most frequent first."""
         return [tuple(r) for r in self._connection.execute(
@@ -450,13 +490,18 @@ class Catalog:
         return {row[0] for row in self._connection.execute("SELECT name FROM shards").fetchall()}
 
     # writes
-    def record_batch(self, sources: list[dict], images: list[dict], shards: list[dict]) -> None:
-        """Insert one batch's rows in one transaction: all of them, or none (the error is raised)."""
+    def record_batch(self, sources: list[dict], images: list[dict], shards: list[dict],
+                     files: Sequence[dict] = ()) -> None:
+        """Insert one batch's rows in one transaction: all of them, or none (the error is raised).
+
+        ``files`` are the batch's `source_files` rows: written with the outcome they stand for, so a file is
+        never skipped as unchanged unless its outcome is in the catalog."""
         now = _utcnow()
         tables = {
             "sources": _arrow_rows("sources", _guard("sources", sources), {"recorded_at": now}),
             "shards": _arrow_rows("shards", _guard("shards", shards)),
             "images": _arrow_rows("images", _guard("images", images)),
+            "source_files": _arrow_rows("source_files", _guard("source_files", files), {"recorded_at": now}),
         }
         self._insert_in_transaction(tables)
 

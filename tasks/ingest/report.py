@@ -79,7 +79,7 @@ SELECT count(DISTINCT patient_key) AS patients,
 FROM images""", note="Counted over pseudonymous keys; the catalog holds no original identifiers."),
     Section("runs", "Runs", """\
 SELECT run_id, status, started_at, finished_at, round(seconds, 1) AS seconds,
-       files, ingested, duplicates, skipped, quarantined, images, shards,
+       files, unchanged, surveyed, ingested, duplicates, skipped, quarantined, images, shards,
        code_version, recipe_sha256, secret_fingerprint
 FROM runs
 ORDER BY started_at, run_id""", note="Times are UTC."),

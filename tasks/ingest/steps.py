@@ -1,7 +1,7 @@
 """Pipeline steps of the ingest flow, as plain functions and their Prefect tasks.
 
     survey_batch   hash each file, peek at its header (tasks.ingest.survey): the flow drops what the catalog
-                   already holds
+                   already holds (files unchanged since a previous survey never reach it: tasks.ingest.survey)
     ingest_batch   per file: read -> triage -> burned-in text -> de-identify -> normalize -> shard
 
 Both take a batch of files (never one task per file: Prefect strains at thousands of task runs) and
@@ -51,6 +51,7 @@ class BatchOutcome:
     images: list[dict]
     shards: list[dict]
     seconds: float
+    files: list[dict] = field(default_factory=list)   # `source_files` rows: what the next survey skips
 
 
 def batch_prefix(files: list[SurveyedFile]) -> str:
@@ -84,7 +85,7 @@ def ingest_batch(source: Path, shard_dir: Path, files: list[SurveyedFile], run_i
     for image in images:
         image["shard"] = shard_of[image["key"]]
     return BatchOutcome(sources, images, [s.__dict__ | {"run_id": run_id} for s in shards],
-                        time.perf_counter() - began)
+                        time.perf_counter() - began, [item.source_file_row(run_id) for item in files if item.path_key])
 
 
 def _shard_of_keys(shards, images) -> dict[str, str]:
