@@ -22,6 +22,8 @@ test: setup
 bench: setup
 	$(VENV)/bin/python benchmarks/synth.py
 	$(VENV)/bin/python benchmarks/ingest.py
+	$(VENV)/bin/python benchmarks/nightly.py
+	$(VENV)/bin/python benchmarks/startup.py
 	$(VENV)/bin/python benchmarks/pretrain.py
 	$(VENV)/bin/python benchmarks/heads.py --quick
 

@@ -28,6 +28,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from benchmarks_md import write_section
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DAX_DEID_SECRET", "benchmark-secret-0123456789abcdef")
@@ -37,7 +39,9 @@ configure(Path(tempfile.gettempdir()) / "dax-benchmark-home")  # quiet defaults:
 
 import pydicom  # noqa: E402
 
+from tasks.ingest.deidentify import load_key  # noqa: E402
 from tasks.ingest.steps import IngestConfig, ingest_batch, survey_batch  # noqa: E402
+from tasks.ingest.survey import list_files  # noqa: E402
 from tasks.ingest.triage import list_source  # noqa: E402
 from tasks.synth.study import PRESETS, generate_study  # noqa: E402
 
@@ -113,8 +117,10 @@ def dax_steps(source: str, relpaths: list[str], shard_dir: str, batch: int = 32)
     its shards), shared by its worker processes, as one `dax ingest` run on a new home would."""
     config = IngestConfig(plan_cache=str(Path(shard_dir) / "plans"))
     began = time.perf_counter()
-    for i in range(0, len(relpaths), batch):
-        surveyed = survey_batch(Path(source), relpaths[i: i + batch])
+    wanted = set(relpaths)
+    listed = [item for item in list_files(Path(source), load_key()) if item.relpath in wanted]
+    for i in range(0, len(listed), batch):
+        surveyed = survey_batch(Path(source), listed[i: i + batch])
         ingest_batch(Path(source), Path(shard_dir), surveyed, "benchmark", config)
     return time.perf_counter() - began, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -215,11 +221,8 @@ def main() -> None:
 
 
 def update_benchmarks_md(table: str, corpus: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text()
-    begin, end = "<!-- ingest:begin -->", "<!-- ingest:end -->"
-    block = f"{begin}\nMeasured on {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}; corpus: {corpus}.\n\n{table}\n{end}"
-    path.write_text(text[: text.index(begin)] + block + text[text.index(end) + len(end):])
+    write_section("ingest", "Ingestion (`benchmarks/ingest.py`)",
+                  f"Measured on {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}; corpus: {corpus}.\n\n{table}")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks_md import write_section
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 ARCHS = ("vit_tiny_patch16", "resnet18")
@@ -136,14 +138,9 @@ def main() -> None:
 
 
 def update_benchmarks_md(table: str, setup: str, command: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text()
-    begin, end = "<!-- pretrain:begin -->", "<!-- pretrain:end -->"
-    block = (f"{begin}\nMeasured on {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}; {setup}.\n"
-             f"Command: `{command}`\n\n{table}\n{end}")
-    if begin not in text:
-        text += f"\n## Pretraining (`benchmarks/pretrain.py`)\n\n{begin}\n{end}\n"
-    path.write_text(text[: text.index(begin)] + block + text[text.index(end) + len(end):])
+    write_section("pretrain", "Pretraining (`benchmarks/pretrain.py`)",
+                  f"Measured on {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}; {setup}.\n"
+                  f"Command: `{command}`\n\n{table}")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from benchmarks_md import write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -136,12 +137,9 @@ def main() -> None:
 
 
 def update_benchmarks_md(table: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text()
-    begin, end = "<!-- synth:begin -->", "<!-- synth:end -->"
     machine = f"{os.cpu_count()} cores, Python {sys.version.split()[0]}, numpy {np.__version__}"
-    block = f"{begin}\nMeasured on {machine}, {time.strftime('%Y-%m-%d')}.\n\n{table}\n{end}"
-    path.write_text(text[: text.index(begin)] + block + text[text.index(end) + len(end):])
+    write_section("synth", "Synthetic corpus generation (`benchmarks/synth.py`)",
+                  f"Measured on {machine}, {time.strftime('%Y-%m-%d')}.\n\n{table}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """`dax`: the command-line door to the pipeline's flows."""
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
@@ -76,21 +77,34 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
     """DAX: C-arm X-ray DICOM to foundation models."""
 
 
+# The stages' errors a user can fix, by module: looked up only once an error is raised, and only in modules
+# already imported (an error whose module was never imported cannot have been raised). Importing them
+# up front cost a command 4 to 11 s (torchvision via tasks.pretrain.main_dino; BENCHMARKS.md, start-up).
+USER_ERRORS = {
+    "tasks.ingest.catalog": "CatalogError",
+    "tasks.ingest.deidentify": "DeidError",
+    "tasks.ingest.labels": "LabelError",
+    "tasks.pretrain.main_dino": "ConfigError",
+    "tasks.release.predict": "PredictError",
+    "tasks.synth.corpus": "CorpusMismatch",
+}
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    loaded = (sys.modules.get(module) for module in USER_ERRORS)
+    return (NotADirectoryError, FileNotFoundError,
+            *(getattr(module, name) for module, name in zip(loaded, USER_ERRORS.values()) if module is not None))
+
+
 @contextmanager
 def user_errors():
     """Errors a user can fix (no secret, no snapshot yet, a busy catalog, a refused query, a source that
     is not a folder, a corpus made with other settings) as one clear line and exit code 2."""
-    from tasks.ingest.catalog import CatalogError
-    from tasks.ingest.deidentify import DeidError
-    from tasks.ingest.labels import LabelError
-    from tasks.pretrain.main_dino import ConfigError
-    from tasks.release.predict import PredictError
-    from tasks.synth.corpus import CorpusMismatch
-
     try:
         yield
-    except (DeidError, CatalogError, NotADirectoryError, CorpusMismatch, ConfigError, LabelError, PredictError,
-            FileNotFoundError) as error:
+    except Exception as error:
+        if not isinstance(error, _user_error_types()):
+            raise
         console.print(f"[red]error:[/] {error}", highlight=False)
         raise typer.Exit(2) from None
 
@@ -110,12 +124,11 @@ def synth(
     """Generate synthetic C-arm studies: DICOM export, labels.parquet and phi.parquet (the run's Prefect state
     goes to HOME)."""
     configure(home)
-    from prefect.task_runners import ProcessPoolTaskRunner
-
+    from flows.runners import SharedAPIProcessPool
     from flows.synth import synth as synth_flow
 
     with user_errors():
-        result = synth_flow.with_options(task_runner=ProcessPoolTaskRunner(max_workers=workers))(
+        result = synth_flow.with_options(task_runner=SharedAPIProcessPool(max_workers=workers))(
             out=str(out), studies=studies, seed=seed, start=start, preset=preset.value, batch_size=batch_size,
             detector_scale=detector_scale,
         )
@@ -150,6 +163,8 @@ def ingest(
     runner: Runner = typer.Option(Runner.process, help="process (a local pool) or dask (DAX_DASK_ADDRESS, else a local cluster)."),
     retrain_after_images: int = typer.Option(1000, help="Emit dax.catalog.ready-for-retraining once this many images "
                                                         "are new since the last pretraining (0: never)."),
+    rehash: bool = typer.Option(False, help="Read and hash every file, also those a previous survey saw with the "
+                                            "same path, size and mtime (skipped unread by default)."),
 ) -> None:
     """De-identify, normalize and shard a DICOM export into HOME, cataloged in DuckDB."""
     root = configure(home)
@@ -160,9 +175,10 @@ def ingest(
         result = ingest_flow.with_options(task_runner=ingest_task_runner(runner.value, workers))(
             source=str(source), home=str(root), modalities=tuple(modality), max_size=max_size,
             frame_step=frame_step, batch_size=batch_size, shard_target_mb=shard_mb, image_format=image_format.value,
-            retrain_after_images=retrain_after_images)
-    console.print(f"{result['files']} files: [bold]{result['ingested']}[/] ingested ({result['images']} images in "
-                  f"{result['shards']} shards), {result['duplicates']} duplicates, {result['skipped']} skipped, "
+            retrain_after_images=retrain_after_images, rehash=rehash)
+    console.print(f"{result['files']} files ({result['unchanged']} unchanged, not read): [bold]{result['ingested']}[/] "
+                  f"ingested ({result['images']} images in {result['shards']} shards), {result['duplicates']} "
+                  f"duplicates, {result['skipped']} skipped, "
                   f"{result['quarantined']} quarantined. Catalog snapshot: {result['snapshot']}")
 
 
@@ -310,11 +326,18 @@ def predict(
     backbone: Optional[str] = typer.Option(None, help="A backbone URI (default: models:/dax-backbone-ARCH@ALIAS)."),
     device: Device = DEVICE_OPTION,
 ) -> None:
-    """De-identify in memory, normalize, run backbone + heads; per file <sha16>.json, _mask.png, .png overlay."""
+    """De-identify in memory, normalize, run backbone + heads; per file <sha16>.json, _mask.png, .png overlay.
+    Without a configured secret, a random key for this run de-identifies (the outputs hold no identifier)."""
     root = configure(home)
     from tasks.release.registry import configure_tracking
     configure_tracking(root)
+    from tasks.release.predict import EPHEMERAL_KEY_NOTE, prediction_key
     from tasks.release.predict import predict as run_predict
+
+    with user_errors():            # a configured secret that is unusable still fails, as one line
+        key, ephemeral = prediction_key()
+    if ephemeral:
+        console.print(f"[dim]{EPHEMERAL_KEY_NOTE}[/]", highlight=False)
 
     def report(i: int, entry: dict) -> None:   # files by position and hash only: paths can carry names
         if entry["status"] == "ok":
@@ -327,7 +350,7 @@ def predict(
     with user_errors():
         results = run_predict(files, out, backbone_uri=backbone or backbone_uri(arch, alias), alias=alias,
                               home=root, device=device.value,
-                              on_result=report)
+                              on_result=report, key=key)
     if any(r["status"] != "ok" for r in results):
         raise typer.Exit(1)
 
@@ -336,8 +359,11 @@ def _print_retrained(retrained: dict) -> None:
     """One backbone's outcome of `retrain`: the heads' table, the kNN monitor, the promotion."""
     from tasks.pretrain.monitor import margin_text
 
-    if "results_markdown" not in retrained:
+    if "backbone" not in retrained:
         console.print(f"{retrained['config']}: pretraining {retrained.get('status')}, nothing registered")
+        return
+    if "results_markdown" not in retrained:
+        console.print(f"{retrained['config']}: {retrained['backbone']} registered @candidate; no labels: no heads")
         return
     console.print(retrained["results_markdown"], markup=False, highlight=False)
     knn = retrained.get("knn") or []
@@ -435,6 +461,33 @@ def demo(
                   f"montage:           {outcome['montage']}\n"
                   f"corpus:            {outcome['corpus_images']} images under {outcome['corpus']}\n"
                   f"took {outcome['seconds']:.0f} s", highlight=False)
+
+
+@app.command()
+def connect(
+    home: Optional[Path] = HOME_OPTION,
+    source: Optional[str] = typer.Option(None, help="The export folder the nightly ingestion reads (a path on the "
+                                                    "workers' machine)."),
+    notify: Optional[str] = typer.Option(None, help="A notification block, <block-type>/<name> (e.g. "
+                                                    "slack-webhook/dax-ops): notified when a run's quarantined "
+                                                    "share is above its alert share."),
+) -> None:
+    """Bind HOME to the Prefect server (PREFECT_API_URL) before `prefect deploy --all`: the Variables prefect.yaml
+    reads (dax_home_id, dax_ingest_source) and, with --notify, the quarantine alert."""
+    root = configure(home)
+    from deployments.connect import HOME_ID_VARIABLE, SOURCE_VARIABLE
+    from deployments.connect import connect as connect_home
+
+    try:
+        done = connect_home(root, source, notify)
+    except ValueError as error:        # no such notification block, or not <block-type>/<name>
+        console.print(f"[red]error:[/] {error}", highlight=False)
+        raise typer.Exit(2) from None
+    console.print(f"Prefect Variable {HOME_ID_VARIABLE} = {done['home_id']}"
+                  + (f"; {SOURCE_VARIABLE} set" if done["source"] else "")
+                  + (f"; quarantine alert automation {done['automation']}" if done["automation"] else ""),
+                  highlight=False)
+    console.print("next: prefect --no-prompt deploy --all   (from the repository root)", highlight=False)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ crash-safe (a rerun adds nothing; a killed run leaves nothing partial), so it is
 """
 from __future__ import annotations
 
-import hashlib
 import time
 import uuid
 from collections import Counter
@@ -38,7 +37,7 @@ from tasks.ingest.events import emit_ingest_events
 from tasks.ingest.normalize import NormalizeConfig
 from tasks.ingest.shards import remove_stale_temporaries
 from tasks.ingest.steps import IngestConfig, ingest_batch_task, survey_batch_task
-from tasks.ingest.survey import ListedFile, SurveyedFile, list_files
+from tasks.ingest.survey import ListedFile, SurveyedFile, list_files, path_key
 from tasks.ingest.triage import DEFAULT_MODALITIES
 from tasks.version import code_version
 
@@ -83,7 +82,7 @@ def ingest(
                           {"modalities": list(modalities), "max_size": max_size, "frame_step": frame_step,
                            "batch_size": batch_size, "shard_target_mb": shard_target_mb, "image_format": image_format,
                            "rehash": rehash,
-                           "source_fingerprint": hashlib.sha256(str(Path(source).resolve()).encode()).hexdigest()[:16]})
+                           "source_fingerprint": path_key(key, str(Path(source).resolve()))})  # keyed, as paths
         removed = remove_orphans(shard_dir, catalog.shard_names())
         listed = list_files(Path(source), key)
         to_survey = listed if rehash else unchanged_dropped(catalog, listed)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from prefect import flow, unmapped
 from prefect.futures import as_completed
-from prefect.task_runners import ProcessPoolTaskRunner
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -17,6 +16,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from flows.runners import SharedAPIProcessPool
 from tasks.synth.corpus import (
     batch_ranges,
     merge_parts_task,
@@ -26,7 +26,7 @@ from tasks.synth.corpus import (
 from tasks.synth.study import PRESETS, with_overrides
 
 
-@flow(name="synth", task_runner=ProcessPoolTaskRunner(max_workers=2))
+@flow(name="synth", task_runner=SharedAPIProcessPool(max_workers=2))
 def synth(
     out: str,
     studies: int = 200,

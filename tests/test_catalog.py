@@ -17,6 +17,7 @@ import pytest
 from tasks.ingest.catalog import (
     CATALOG_FILE,
     NO_SNAPSHOT_MESSAGE,
+    SCHEMA_VERSION,
     SNAPSHOT_FILE,
     TABLES,
     Catalog,
@@ -85,18 +86,35 @@ def test_schema_created(home: Path):
     with Catalog.open(home) as catalog:
         con = catalog._connection
         tables = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
-        assert {"meta", "sources", "images", "shards", "runs"} <= tables
+        assert {"meta", "sources", "images", "shards", "source_files", "runs"} <= tables
         for table, columns in TABLES.items():
             got = [r[0] for r in con.execute(
                 "SELECT column_name FROM duckdb_columns() WHERE table_name = ? ORDER BY column_index", [table]
             ).fetchall()]
             assert got == [c[0] for c in columns]
-        assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "1"
+        assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
         with pytest.raises(duckdb.ConstraintException):   # the status CHECK
             con.execute("INSERT INTO sources (sha256, status, run_id) VALUES ('x', 'lost', 'r')")
     with Catalog.open(home) as catalog:                      # reopening is idempotent
         assert catalog.shard_names() == set()
     assert (home / CATALOG_FILE).exists()
+
+
+def test_a_schema_1_catalog_is_migrated(home: Path):
+    """Catalogs written before the incremental survey: no `source_files`, no `unchanged`/`surveyed` counts."""
+    with Catalog.open(home) as catalog:
+        con = catalog._connection
+        con.execute("DROP TABLE source_files")
+        con.execute("ALTER TABLE runs DROP COLUMN unchanged")
+        con.execute("ALTER TABLE runs DROP COLUMN surveyed")
+        con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    with Catalog.open(home) as catalog:
+        catalog.start_run("r1", None, None, None, None, {})
+        catalog.finish_run("r1", "completed", {"files": 3, "unchanged": 2, "surveyed": 1}, 0.1)
+        con = catalog._connection
+        assert con.execute("SELECT files, unchanged, surveyed FROM runs").fetchall() == [(3, 2, 1)]
+        assert con.execute("SELECT count(*) FROM source_files").fetchone()[0] == 0
+        assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
 
 
 def test_record_batch_is_atomic(home: Path):
@@ -131,6 +149,9 @@ def test_phi_guards(home: Path):
             catalog.record_batch([{"sha256": "/data/x.dcm", "status": "ingested", "run_id": "r1"}], [], [])
         with pytest.raises(ValueError, match="bare file name"):
             catalog.record_batch([], [], [{"name": "/data/shards/x.tar", "sha256": sha("x"), "run_id": "r1"}])
+        with pytest.raises(ValueError, match="keyed fingerprint"):
+            catalog.record_batch([], [], [], files=[{"path_key": "/data/SMITH^JOHN/img 1.dcm", "size_bytes": 1,
+                                                     "mtime_ns": 1, "sha256": sha("x"), "run_id": "r1"}])
         # columns outside the schema are never stored
         catalog.record_batch([{"sha256": sha("f"), "status": "ingested", "run_id": "r1", "relpath": "SMITH/1.dcm"}],
                              [], [])

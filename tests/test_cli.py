@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from flows.cli import Device, ImageFormat, Preset, Runner, Task
 from tasks.heads.training import TASKS
 from tasks.ingest.shards import IMAGE_FORMATS
@@ -26,3 +28,36 @@ def test_version_and_a_refused_choice():
     assert version.returncode == 0 and version.stdout.startswith("dax 0.1.0")
     refused = subprocess.run([DAX, "synth", "out", "--preset", "huge"], capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "huge" in refused.stderr and "demo" in refused.stderr
+
+
+HEAVY = ("torch", "torchvision", "mlflow", "prefect", "pydicom", "numpy")
+
+
+def test_parsing_a_command_imports_no_heavy_module():
+    """`dax --help`, a command's --help and the CLI's error handler load none of torch, mlflow, prefect
+    (BENCHMARKS.md, start-up: the error handler once imported every stage's error class, about 4 s)."""
+    code = ("import sys\nfrom flows.cli import app, user_errors\nwith user_errors():\n    pass\n"
+            "for args in (['--help'], ['ingest', '--help'], ['predict', '--help'], ['--version']):\n"
+            "    try:\n        app(args=args, prog_name='dax')\n    except SystemExit as exit_:\n"
+            "        assert exit_.code == 0, (args, exit_.code)\n"
+            f"print('loaded:', *(m for m in {HEAVY!r} if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "loaded:"
+
+
+def test_the_stages_errors_are_still_one_line_and_exit_code_2(capsys):
+    import typer
+
+    from flows.cli import user_errors
+    from tasks.ingest.deidentify import DeidError
+    from tasks.pretrain.main_dino import ConfigError
+
+    for error in (DeidError("no de-identification secret: ..."), ConfigError("unknown setting"),
+                  NotADirectoryError("not a folder")):
+        with pytest.raises(typer.Exit) as stopped, user_errors():
+            raise error
+        assert stopped.value.exit_code == 2
+        assert capsys.readouterr().out == f"error: {error}\n"
+    with pytest.raises(KeyError), user_errors():          # anything else is not a user error
+        raise KeyError("a bug")

@@ -223,6 +223,10 @@ def test_deploy_all_registers_pools_schedule_triggers_and_alert(server, deployed
     pools = _run(server, PREFECT, "work-pool", "ls", timeout=60).stdout
     assert "dax-cpu" in pools and "dax-gpu" in pools
     assert deployed.home_id in deployed.connected
+    missing = subprocess.run([DAX, "connect", "--home", str(deployed.home), "--notify", "custom-webhook/nobody"],
+                             env=server.env, capture_output=True, text=True, timeout=120, check=False)
+    assert missing.returncode == 2 and "no notification block 'custom-webhook/nobody'" in missing.stdout
+    assert "Traceback" not in missing.stdout + missing.stderr
     with _Client(server.url) as client:
         found = {d.name: d for d in client.read_deployments()}
         pools = {name: client.read_work_pool(name) for name in ("dax-cpu", "dax-gpu")}

@@ -203,3 +203,67 @@ def test_predict_refuses_bad_files_and_still_writes_the_good_ones(heads_flow, he
         assert Image.open(out / f"{entry['name']}.png").size[0] > 100
     written = b"".join(p.read_bytes() for p in out.glob("*.json"))
     assert b"Doe" not in written and b"MRN" not in written
+
+
+# --- no de-identification secret: prediction goes on with a key of its own; ingestion still refuses ---------
+
+def without_a_secret(monkeypatch, tmp_path):
+    """No DAX_DEID_SECRET and no Prefect Secret block (the session's Prefect home has none): as after
+    `make demo`, whose key was a throw-away one. ``tests/test_ingest.py::test_user_errors_are_one_clear_line``
+    keeps ingestion failing in this very situation."""
+    monkeypatch.delenv("DAX_DEID_SECRET", raising=False)
+    monkeypatch.setattr("tasks.release.predict.load_models", lambda *args, **kwargs: stub_models())
+    inputs = tmp_path / "Doe^Jane MRN-0042"
+    inputs.mkdir()
+    return [write_dicom(inputs / "Doe^Jane MRN-0042 1.dcm"),
+            write_dicom(inputs / "Doe^Jane MRN-0042 2.dcm", block=(100, 400, 200, 800))]
+
+
+def assert_outputs_hold_no_identifier(out, files):
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(f"{sha256_file(f)[:16]}{suffix}" for f in files for suffix in (".json", ".png", "_mask.png"))
+    written = b"".join(p.read_bytes() for p in out.iterdir())
+    assert not any(value.encode() in written for value in PHI + ("Doe", "MRN", str(files[0].parent)))
+
+
+def test_predict_without_a_secret_uses_a_key_of_its_own(tmp_path, monkeypatch, caplog):
+    from tasks.ingest.deidentify import DeidError, load_key
+    from tasks.release.predict import EPHEMERAL_KEY_NOTE, prediction_key
+
+    files = without_a_secret(monkeypatch, tmp_path)
+    with pytest.raises(DeidError, match="no de-identification secret"):
+        load_key()                          # what ingestion calls: no fallback there
+    out = tmp_path / "out"
+    with caplog.at_level("INFO", logger="dax.predict"):
+        results = predict(files, out, home=tmp_path / "home")
+    assert [r["status"] for r in results] == ["ok", "ok"]
+    assert_outputs_hold_no_identifier(out, files)
+    notes = [r.getMessage() for r in caplog.records if r.name == "dax.predict"]
+    assert notes == [EPHEMERAL_KEY_NOTE]       # said once, with no value
+    first, second = prediction_key(), prediction_key()
+    assert first[1] and second[1] and first[0] != second[0]      # random per call: nothing stable to link by
+
+    monkeypatch.setenv("DAX_DEID_SECRET", "test-secret-0123456789")
+    assert prediction_key() == (load_key(), False)                # a configured secret is still the one used
+    monkeypatch.setenv("DAX_DEID_SECRET", "too-short")
+    with pytest.raises(DeidError, match="at least 16 bytes"):     # ...and an unusable one is never replaced
+        prediction_key()
+
+
+def test_dax_predict_without_a_secret(tmp_path, monkeypatch):
+    """The CLI as the README runs it after `make demo`: one dim line says so, the files are predicted."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from tasks.release.predict import EPHEMERAL_KEY_NOTE
+
+    files = without_a_secret(monkeypatch, tmp_path)
+    monkeypatch.setattr("tasks.release.registry.configure_tracking", lambda home: None)   # stub models: no store
+    out = tmp_path / "predictions"
+    done = CliRunner().invoke(app, ["predict", *map(str, files), "--out", str(out), "--home", str(tmp_path / "home")],
+                              env={"COLUMNS": "300"})
+    assert done.exit_code == 0, done.output
+    assert done.output.count(EPHEMERAL_KEY_NOTE) == 1 and "error" not in done.output
+    assert [line.split(":")[0] for line in done.output.splitlines()[1:]] == ["file 1", "file 2"]
+    assert_outputs_hold_no_identifier(out, files)
+    assert "Doe" not in done.output and "MRN" not in done.output

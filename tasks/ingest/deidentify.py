@@ -134,6 +134,10 @@ class DeidError(RuntimeError):
     """De-identification could not be done safely (no key, unusable recipe)."""
 
 
+class NoSecretError(DeidError):
+    """No de-identification secret is configured at all (as opposed to one that cannot be used)."""
+
+
 @dataclass(frozen=True)
 class DeidKey:
     """The secret of the keyed scheme. Its repr and str show a fingerprint, never the secret."""
@@ -177,13 +181,13 @@ class DeidKey:
 def load_key(secret: str | None = None) -> DeidKey:
     """The key from ``secret``, else the environment variable ``DAX_DEID_SECRET`` (set for this process:
     it wins, and costs no API call in every worker), else the Prefect Secret block ``dax-deid-secret``.
-    Raises DeidError if none is set. The secret is never logged."""
+    Raises NoSecretError (a DeidError) if none is set. The secret is never logged."""
     if secret is None:
         secret = os.environ.get(SECRET_ENV_VAR) or None
     if secret is None:
         secret = _secret_from_prefect_block()
     if not secret:
-        raise DeidError(
+        raise NoSecretError(
             f"no de-identification secret: pass one, create the Prefect Secret block {SECRET_BLOCK!r}, "
             f"or set the environment variable {SECRET_ENV_VAR}"
         )

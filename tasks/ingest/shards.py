@@ -47,7 +47,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 
 from tasks.fileio import fsync_directory
@@ -198,6 +197,8 @@ class ShardSink:
         self._keys: set[str] = set()
         self._open_files: dict[str, _HashingFile] = {}
         self._closed = False
+        import webdataset as wds  # here, not at the top: it imports torch (3 s) and the flow's process never writes
+
         self._writer = wds.ShardWriter(
             str(self.directory / f"{prefix}-%04d.tar"), maxcount=self.max_samples, maxsize=self.target_bytes,
             post=self._finish_shard, opener=self._open_shard, verbose=0,
@@ -297,6 +298,8 @@ def iter_shard(path: Path) -> Iterator[tuple[str, np.ndarray, dict]]:
     list), no shuffling, and no node or worker splitting (the caller asked for this shard).
     """
     url = str(Path(path).resolve())
+    import webdataset as wds
+
     dataset = wds.WebDataset([url], shardshuffle=False, nodesplitter=None, workersplitter=None,
                              empty_check=False).decode(image_handler)
     for sample in dataset:

@@ -24,14 +24,21 @@ Outputs, named by the first 16 hex digits of the file's SHA-256, NOT by the inpu
 
 A file that cannot be used (not DICOM, no pixel data, undecodable, needs a pixel review) raises a
 ``PredictError`` with a one-line reason naming no path or value; ``predict`` records it and goes on.
+
+The key (``prediction_key``): the configured secret when there is one (``load_key()``: DAX_DEID_SECRET or
+the Prefect Secret block), else a random key for this process only. The outputs hold no pseudonym, so
+prediction needs none that is stable across runs; ingestion does, and keeps failing without a secret.
 """
 from __future__ import annotations
 
 import io
 import json
+import logging
+import secrets
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -47,15 +54,39 @@ from tasks.release.registry import (
     resolve_model,
 )
 
+if TYPE_CHECKING:
+    from tasks.ingest.deidentify import DeidKey
+
 __all__ = ["DEFAULT_BACKBONE", "LoadedModels", "PredictError", "Prepared", "load_models", "predict", "predict_file",
-           "prepare_dicom"]
+           "prediction_key", "prepare_dicom"]
 
 TASKS = ("region", "metal", "screws")
 INGEST_MAX_SIZE = 1024          # the ingest flow's default long side
+EPHEMERAL_KEY_NOTE = ("no de-identification secret is configured: prediction de-identifies in memory with a random "
+                      "key for this run only (its outputs hold no identifier)")
+
+log = logging.getLogger("dax.predict")
 
 
 class PredictError(ValueError):
     """A file prediction refused, with a one-line reason (no path, no DICOM value)."""
+
+
+def prediction_key() -> tuple[DeidKey, bool]:
+    """``(key, ephemeral)``: the configured de-identification key (``load_key()``), else, when no secret is
+    configured at all, a random 32-byte key for this process only (``ephemeral`` True; never stored or shown).
+
+    A configured secret that cannot be used (too short, a block that holds no string) still fails: it is
+    never replaced silently. The fallback lives here, not in ``tasks.ingest``: ingestion's pseudonyms must be
+    the same in every run, so ingestion without a secret keeps failing (the stage contracts keep
+    ``tasks.ingest`` from importing this module).
+    """
+    from tasks.ingest.deidentify import DeidKey, NoSecretError, load_key
+
+    try:
+        return load_key(), False
+    except NoSecretError:
+        return DeidKey(secrets.token_bytes(32)), True
 
 
 @dataclass
@@ -260,19 +291,21 @@ def predict_file(path: Path, out_dir: Path, models: LoadedModels, frame: int = 0
 def predict(files: Iterable[str | Path], out_dir: str | Path, backbone_uri: str | None = None,
             head_uris: dict[str, str] | None = None, alias: str = "candidate", home: str | Path | None = None,
             tasks: Sequence[str] = TASKS, frame: int = 0, device: str = "auto", max_size: int = INGEST_MAX_SIZE,
-            on_result: Callable[[int, dict], None] | None = None) -> list[dict]:
+            on_result: Callable[[int, dict], None] | None = None, key: DeidKey | None = None) -> list[dict]:
     """Run the registered backbone and heads on each file; outputs named by SHA-256 (module docstring).
 
     Returns one entry per input, in order: ``{"input": i, "status": "ok", "name": <sha16>, ...}`` or
     ``{"input": i, "status": "error", "name": <sha16 or None>, "error": <one line>}`` (``i`` counts
     from 1; no path is echoed). ``on_result(i, entry)`` is called as each file finishes. The
-    de-identification key comes from ``tasks.ingest.deidentify.load_key()`` (DAX_DEID_SECRET or the
-    Prefect Secret block), as for ingestion.
+    de-identification key is ``key``, else ``prediction_key()``'s: the configured secret (DAX_DEID_SECRET
+    or the Prefect Secret block), else a random key for this run, said once in the log.
     """
     from tasks.fileio import sha256_file
-    from tasks.ingest.deidentify import load_key
 
-    key = load_key()              # fails early and clearly without a secret
+    if key is None:
+        key, ephemeral = prediction_key()
+        if ephemeral:
+            log.info(EPHEMERAL_KEY_NOTE)
     models = load_models(backbone_uri, head_uris, alias, tasks, home, device)
     root = dax_home(home)
     plan_cache = root / "cache" / "deid-plans" if root.is_dir() else None
