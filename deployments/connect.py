@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tasks.home import home_id
-from tasks.ingest.events import QUARANTINE_ALERT
+from tasks.ingest.events import QUARANTINE_ALERT, home_resource
 
 __all__ = ["HOME_ID_VARIABLE", "SOURCE_VARIABLE", "connect", "quarantine_alert_automation"]
 
@@ -73,7 +73,8 @@ def quarantine_alert_automation(home: Path, notify: str) -> str:
     automation = Automation(
         name=name,
         description="Notify when an ingestion run of this DAX home quarantined more than its alert share.",
-        trigger=EventTrigger(expect={QUARANTINE_ALERT}, match={"prefect.resource.id": f"dax.home.{home_id(home)}"},
+        trigger=EventTrigger(expect={QUARANTINE_ALERT},
+                             match={"prefect.resource.id": home_resource(home)["prefect.resource.id"]},
                              posture=Posture.Reactive, threshold=1, within=0),
         actions=[SendNotification(block_document_id=block.id, subject=ALERT_SUBJECT, body=ALERT_BODY)],
     ).create()

@@ -31,7 +31,7 @@ from deployments.connect import SOURCE_VARIABLE
 from flows.runners import ingest_task_runner
 from tasks.fileio import sha256_file
 from tasks.home import configure
-from tasks.ingest.catalog import Catalog
+from tasks.ingest.catalog import COUNT_COLUMNS, Catalog
 from tasks.ingest.deidentify import DEFAULT_RECIPE, load_key
 from tasks.ingest.events import emit_ingest_events
 from tasks.ingest.normalize import NormalizeConfig
@@ -42,8 +42,6 @@ from tasks.ingest.triage import DEFAULT_MODALITIES
 from tasks.version import code_version
 
 SHARDS_DIR = "shards"
-SUMMARY_COUNTS = ("files", "unchanged", "surveyed", "ingested", "duplicates", "skipped", "quarantined", "images",
-                  "shards")
 
 
 @flow(name="ingest", task_runner=ingest_task_runner())
@@ -109,7 +107,7 @@ def ingest(
                     counts.update(Counter(row["status"] for row in outcome.sources))
                     counts.update(images=len(outcome.images), shards=len(outcome.shards))
                     progress.update(bar, advance=len(outcome.sources))
-        summary = {name: int(counts[name]) for name in SUMMARY_COUNTS}
+        summary = {name: int(counts[name]) for name in COUNT_COLUMNS}
         catalog.finish_run(run_id, "completed", summary, time.perf_counter() - began)
         reasons = catalog.reasons(run_id)
         snapshot = catalog.publish_snapshot()
@@ -119,7 +117,8 @@ def ingest(
     events = emit_ingest_events(root, summary, retrain_after_images, quarantine_alert_share, reasons)
     if events["quarantine_alert"]:
         logger.warning("%d of the %d files read were quarantined (alert above %.0f %%): see the reasons below or "
-                       "`dax catalog report`", summary["quarantined"], summary["surveyed"], 100 * quarantine_alert_share)
+                       "`dax catalog report`", summary["quarantined"], summary["surveyed"],
+                       100 * quarantine_alert_share)
     create_markdown_artifact(key="ingest-summary", markdown=_summary_markdown(summary, reasons),
                              description="What this ingestion run did (counts and reasons only: no PHI)")
     return summary | {"run_id": run_id, "snapshot": str(snapshot), "seconds": round(time.perf_counter() - began, 2),
@@ -201,9 +200,9 @@ def _progress() -> Progress:
 
 
 def _summary_markdown(summary: dict, reasons: list[tuple[str, str, int]]) -> str:
-    lines = ["# Ingestion run", "", "| " + " | ".join(SUMMARY_COUNTS) + " |",
-             "| " + " | ".join("---" for _ in SUMMARY_COUNTS) + " |",
-             "| " + " | ".join(str(summary[k]) for k in SUMMARY_COUNTS) + " |"]
+    lines = ["# Ingestion run", "", "| " + " | ".join(COUNT_COLUMNS) + " |",
+             "| " + " | ".join("---" for _ in COUNT_COLUMNS) + " |",
+             "| " + " | ".join(str(summary[k]) for k in COUNT_COLUMNS) + " |"]
     if reasons:
         lines += ["", "| status | reason | files |", "| --- | --- | --- |"]
         lines += [f"| {status} | {reason} | {count} |" for status, reason, count in reasons]

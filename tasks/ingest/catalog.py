@@ -449,32 +449,28 @@ class Catalog:
 
     def _known(self, column: str, values: Iterable[str], where: str = "TRUE") -> set[str]:
         probe = pa.table({"v": pa.array(list(set(values)), type=pa.string())})
+        return self._probe(probe, f"SELECT DISTINCT s.{column} FROM sources s SEMI JOIN {{probe}} p "
+                                  f"ON s.{column} = p.v WHERE {where}")
+
+    def unchanged_files(self, files: Sequence[tuple[str, int, int]]) -> set[str]:
+        """The path keys among ``files`` ((path_key, size_bytes, mtime_ns)) that a survey saw before with the
+        same size and mtime: the file is what it was then, and its outcome is in the catalog (one join)."""
+        keys, sizes, mtimes = zip(*files) if files else ((), (), ())
+        probe = pa.table({"path_key": pa.array(keys, pa.string()), "size_bytes": pa.array(sizes, pa.int64()),
+                          "mtime_ns": pa.array(mtimes, pa.int64())})
+        return self._probe(probe, "SELECT DISTINCT p.path_key FROM {probe} p SEMI JOIN source_files f "
+                                  "USING (path_key, size_bytes, mtime_ns)")
+
+    def _probe(self, probe: pa.Table, sql: str) -> set:
+        """The first column of ``sql`` run with the Arrow table ``probe`` registered as ``{probe}`` (a join
+        in DuckDB instead of a parameter per value); empty for an empty probe."""
         if probe.num_rows == 0:
             return set()
         name = f"_dax_probe_{uuid.uuid4().hex}"
         con = self._connection
         con.register(name, probe)
         try:
-            rows = con.execute(f"SELECT DISTINCT s.{column} FROM sources s SEMI JOIN {name} p ON s.{column} = p.v WHERE {where}"
-                               ).fetchall()
-        finally:
-            con.unregister(name)
-        return {row[0] for row in rows}
-
-    def unchanged_files(self, files: Sequence[tuple[str, int, int]]) -> set[str]:
-        """The path keys among ``files`` ((path_key, size_bytes, mtime_ns)) that a survey saw before with the
-        same size and mtime: the file is what it was then, and its outcome is in the catalog (one join)."""
-        if not files:
-            return set()
-        keys, sizes, mtimes = zip(*files)
-        probe = pa.table({"path_key": pa.array(keys, pa.string()), "size_bytes": pa.array(sizes, pa.int64()),
-                          "mtime_ns": pa.array(mtimes, pa.int64())})
-        name = f"_dax_probe_{uuid.uuid4().hex}"
-        con = self._connection
-        con.register(name, probe)
-        try:
-            rows = con.execute(f"SELECT DISTINCT p.path_key FROM {name} p SEMI JOIN source_files f "
-                               "USING (path_key, size_bytes, mtime_ns)").fetchall()
+            rows = con.execute(sql.format(probe=name)).fetchall()
         finally:
             con.unregister(name)
         return {row[0] for row in rows}
