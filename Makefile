@@ -20,6 +20,7 @@ test: setup
 	$(VENV)/bin/python -m pytest -q
 
 bench: setup
+	$(VENV)/bin/python -m pip install --quiet -e '.[bench]'
 	$(VENV)/bin/python benchmarks/synth.py
 	$(VENV)/bin/python benchmarks/ingest.py
 	$(VENV)/bin/python benchmarks/nightly.py

@@ -1,19 +1,22 @@
 """How much the demo's kNN margin depends on which patients are held out: one corpus, several secrets.
 
-    .venv/bin/python benchmarks/knn_splits.py                    # 4 splits of the demo corpus, about 45 min
-    .venv/bin/python benchmarks/knn_splits.py --splits 2 --studies 40 --set epochs=1   # a quick look
+    .venv/bin/python benchmarks/knn_splits.py --splits 5                 # 5 splits of the demo corpus, with lightly
+    .venv/bin/python benchmarks/knn_splits.py --splits 2 --studies 40 --set epochs=1 --no-lightly   # a quick look
 
 Patients are split by a hash of their pseudonymous key (``tasks.ingest.labels.patient_split``), and that key
 comes from the de-identification secret. ``make demo`` draws a throw-away secret, so every demo holds
 out different patients and reports its kNN monitor on them. This script measures the spread of that
 must-show figure: it generates the demo corpus once, ingests it under N fresh secrets (each held in
-memory only, in the environment of its own ``dax ingest``), pretrains ``demo-cpu`` on each home with
-the corpus' labels, one after the other, and prints one row per split: the held-out images, their
-patients, the majority-class share (what always answering the held-out set's most frequent region
-scores), the upper-limb share (the regions the demo backbone confuses with their lower-limb look-alikes),
-the same kNN on 16 x 16 pixel thumbnails (no backbone), the kNN accuracy at random init, at its best
-epoch and after the last epoch, and the margin's 95 % interval with the held-out patients resampled
-(``tasks.pretrain.main_dino.knn_margin``). Each home is deleted after its row unless ``--keep``.
+memory only, in the environment of its own ``dax ingest``), pretrains ``--config`` (``demo-cpu``) on each
+home with the corpus' labels, one after the other, then (unless ``--no-lightly``; needs the ``bench``
+extra) trains lightly's DINO on the same job's images, config and kNN probe (``benchmarks/lightly_dino.py``),
+and prints one row per split: the held-out images, their patients, the majority-class share (what always
+answering the held-out set's most frequent region scores), the upper-limb share (the regions the demo
+backbone confuses with their lower-limb look-alikes), the same kNN on 16 x 16 pixel thumbnails (no
+backbone), the kNN accuracy at random init, at its best epoch and after the last epoch, the margin's 95 %
+interval with the held-out patients resampled (``tasks.pretrain.main_dino.knn_margin``), lightly's final
+kNN accuracy and the interval of ours minus lightly's (the same paired resampling). Each home is deleted
+after its row unless ``--keep``.
 """
 from __future__ import annotations
 
@@ -58,8 +61,12 @@ def held_out_patients(home: Path, labels: Path) -> tuple[int, str, float]:
     return len({r["patient_key"] for r in rows}), regions.most_common(1)[0][0] if regions else "-", upper
 
 
-def one_split(index: int, corpus: Path, out: Path, overrides: list[str]) -> dict:
-    from tasks.pretrain.monitor import margin_verdict
+def one_split(index: int, corpus: Path, out: Path, overrides: list[str], config: str = "demo-cpu",
+              lightly: bool = True) -> dict:
+    import torch
+
+    from tasks.pretrain.main_dino import CHECKPOINT, load_checkpoint
+    from tasks.pretrain.monitor import knn_margin, margin_verdict
 
     home = out / f"split-{index}"
     shutil.rmtree(home, ignore_errors=True)   # a split is a fresh home: an old one keeps its old patient keys
@@ -69,14 +76,26 @@ def one_split(index: int, corpus: Path, out: Path, overrides: list[str]) -> dict
     del secret
     ingested = time.perf_counter()
     sets = [item for pair in overrides for item in ("--set", pair)]
-    dax("pretrain", "--config", "demo-cpu", "--home", str(home), "--labels", str(corpus / "labels.parquet"),
+    dax("pretrain", "--config", config, "--home", str(home), "--labels", str(corpus / "labels.parquet"),
         "--device", "cpu", *sets, prefect_home=prefect_home)
     job = max((home / "pretrain").iterdir(), key=lambda p: p.stat().st_mtime)
     prepared = json.loads((job / "prepare.json").read_text())
     result = json.loads((job / "result.json").read_text())
     knn = result["knn"]
     patients, majority_region, upper_limb = held_out_patients(home, corpus / "labels.parquet")
-    return {"split": index, "held_out": prepared["held_out"], "patients": patients,
+    theirs = {}
+    if lightly:
+        began = time.perf_counter()
+        subprocess.run([sys.executable, str(Path(__file__).with_name("lightly_dino.py")), "--job", str(job)],
+                       check=True, capture_output=True, text=True)
+        lightly_result = json.loads((job / "lightly.json").read_text())
+        ours = load_checkpoint(job / "checkpoints" / CHECKPOINT)["knn"][-1]["hits"]
+        probe = torch.load(job / "knn.pt", weights_only=False)     # the bank and queries both were scored on
+        theirs = {"lightly": lightly_result["knn"][-1]["knn_accuracy"],
+                  "lightly_random": lightly_result["knn"][0]["knn_accuracy"],
+                  "versus_lightly": knn_margin(probe, lightly_result["final_hits"], ours),
+                  "lightly_min": (time.perf_counter() - began) / 60}
+    return {**theirs, "split": index, "held_out": prepared["held_out"], "patients": patients,
             "majority": prepared["chance_majority"], "majority_region": majority_region, "upper_limb": upper_limb,
             "thumbnails": prepared["knn_thumbnails"], "random": knn[0]["knn_accuracy"],
             "best": max(k["knn_accuracy"] for k in knn[1:] or knn), "final": knn[-1]["knn_accuracy"],
@@ -88,13 +107,18 @@ def one_split(index: int, corpus: Path, out: Path, overrides: list[str]) -> dict
 def table(rows: list[dict]) -> str:
     lines = ["| split | held-out images (patients) | majority region of the held-out set | its share | upper limb | "
              "kNN 16x16 thumbnails | kNN random init | kNN best epoch | kNN final | final - random | "
-             "its 95 % interval (held-out patients resampled) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "its 95 % interval (held-out patients resampled) | lightly's DINO, final | ours - lightly's (95 %) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if "lightly" in r:
+            v = r["versus_lightly"]
+            lightly = f"{r['lightly']:.3f} | {v['margin']:+.3f} ({v['low']:+.3f} to {v['high']:+.3f})"
+        else:
+            lightly = "- | -"
         lines.append(f"| {r['split']} | {r['held_out']} ({r['patients']}) | {r['majority_region']} | "
                      f"{r['majority']:.3f} | {r['upper_limb']:.0%} | {r['thumbnails']:.3f} | {r['random']:.3f} | "
                      f"{r['best']:.3f} | {r['final']:.3f} | {r['final'] - r['random']:+.3f} | "
-                     f"{r['interval'][0]:+.3f} to {r['interval'][1]:+.3f}: {r['verdict']} |")
+                     f"{r['interval'][0]:+.3f} to {r['interval'][1]:+.3f}: {r['verdict']} | {lightly} |")
     return "\n".join(lines)
 
 
@@ -106,6 +130,9 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="demo-cpu override, as dax pretrain --set (repeat)")
     parser.add_argument("--keep", action="store_true", help="keep each split's home")
+    parser.add_argument("--config", default="demo-cpu", help="the pretraining config (default demo-cpu)")
+    parser.add_argument("--no-lightly", dest="lightly", action="store_false",
+                        help="skip lightly's DINO (it needs the bench extra and as long again)")
     args = parser.parse_args()
     from tasks.home import QUIET_DEFAULTS
     for key, value in QUIET_DEFAULTS.items():
@@ -115,11 +142,12 @@ def main() -> None:
     dax("synth", str(corpus), "--studies", str(args.studies), "--preset", "demo", prefect_home=args.out / "prefect")
     rows = []
     for index in range(1, args.splits + 1):
-        rows.append(one_split(index, corpus, args.out, args.overrides))
+        rows.append(one_split(index, corpus, args.out, args.overrides, args.config, args.lightly))
         r = rows[-1]
         print(f"split {index}: kNN {r['random']:.3f} -> {r['final']:.3f} (majority {r['majority']:.3f}, "
-              f"thumbnails {r['thumbnails']:.3f}), "
-              f"pretraining {r['pretrain_min']:.1f} min", flush=True)
+              f"thumbnails {r['thumbnails']:.3f}"
+              + (f", lightly's {r['lightly']:.3f}" if "lightly" in r else "")
+              + f"), pretraining {r['pretrain_min']:.1f} min", flush=True)
         if not args.keep:
             shutil.rmtree(args.out / f"split-{index}")
     margins = [r["final"] - r["random"] for r in rows]
@@ -131,6 +159,11 @@ def main() -> None:
     print(f"the pretrained backbone beats the 16x16 thumbnails on {beaten} of {len(rows)} splits")
     clear = sum(r["verdict"] == "clear" for r in rows)
     print(f"a clear margin (its interval above 0) on {clear} of {len(rows)} splits")
+    if all("lightly" in r for r in rows):
+        ahead = sum(r["final"] > r["lightly"] for r in rows)
+        clearly = sum(r["versus_lightly"]["low"] > 0 for r in rows)
+        print(f"ours beats lightly's DINO at the same budget on {ahead} of {len(rows)} splits "
+              f"({clearly} with the interval above 0)")
     print("command: " + shlex.join(["python", "benchmarks/knn_splits.py", *sys.argv[1:]]))
 
 

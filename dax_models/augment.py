@@ -1,18 +1,31 @@
 """DAX's X-ray multi-crop augmentation for DINO, and the matching evaluation transform (pure torch).
 
 Mirrors DINO's ``DataAugmentationDINO`` (facebookresearch/dino, main_dino.py) as DAX adapted it
-(JoshuaScheuplein/DAX, ``DataAugmentationV2`` and ``preprocess_image_v2``, "version B"):
+(JoshuaScheuplein/DAX, ``DataAugmentationV2`` and ``preprocess_image_v2``, "version B"), with every
+photometric choice drawn per crop, as DINO draws its colour augmentation:
 
-- Intensity step, once per image: with probability ``neglog_p`` DAX's I0 + negative log
-  (``neglog``), otherwise a plain min-max scaling (``minmax``); both use the statistics of the ROI
-  (the image without 1/8 of its size at every border) and give floats in [0, 1].
+- Intensity step, drawn per crop: with probability ``neglog_p`` DAX's I0 + negative log (``neglog``),
+  otherwise a plain min-max scaling (``minmax``); both use the statistics of the ROI of the whole image
+  (the image without 1/8 of its size at every border) and give floats in [0, 1]. The two give opposite
+  polarity (air white under min-max, black under neglog). DAX drew the branch once per image, so every
+  view of an image shared it: "which branch" was a feature all views agreed on without any anatomy in
+  it, a shortcut that lowers the DINO loss. Drawn per crop, the views disagree on it as often as not.
+  Neglog is only drawn for images whose stored values are linear in intensity (``linear=True``): on a
+  log-encoded DX/CR image it would take a second log. ``minmax`` is the mapping evaluation, the heads and
+  ``dax predict`` use (``XrayEvalTransform``), so training sees it on ``1 - neglog_p`` of the crops
+  (every crop of a log-encoded image).
 - Crops: 2 global (224 px, scale 0.14-1) and N local (96 px, scale 0.05-0.14), square only
-  (RandomResizedCrop with ratio (1, 1), bicubic, antialiased).
+  (RandomResizedCrop with ratio (1, 1), bicubic, antialiased). With ``min_content`` > 0 a box whose
+  share of *content* pixels (min-max value inside (``saturation_band``, 1 - ``saturation_band``): not
+  collimator black, not clipped air, not outside the image) is below ``min_content`` is drawn again, up
+  to ``crop_tries`` times; then the box with the most content is kept. ``XrayMultiCrop.draws`` tallies
+  boxes drawn, rejected and fallen back on (the training loop logs the rejection rate).
 - Rotation by U(-180, 180) degrees with p=0.8 on global crop 2 and every local crop, never on global
   crop 1; as in DAX the whole image is rotated about its centre with zero fill before the crop is
   taken. Here only the crop's neighbourhood is resampled (same geometry, a fraction of the cost).
 - Horizontal and vertical flips (p=0.5 each); brightness and contrast jitter 0.4 with p=0.8 (no
-  saturation, hue or grayscale: the images are gray).
+  saturation, hue or grayscale: the images are gray); gamma drawn log-uniformly from ``gamma`` with
+  p=``gamma_p`` (0 in DAX).
 - ``blur="sharpness"`` (default, DAX): sharpness factor U(0.8, 1.2) on every crop;
   ``blur="gaussian"`` (DINO): Gaussian blur sigma U(0.1, 2) with p=1.0 / 0.1 / 0.5 on global 1 /
   global 2 / locals; ``blur="none"``.
@@ -35,7 +48,7 @@ from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 
 __all__ = [
-    "MultiCropConfig", "XrayEvalTransform", "XrayMultiCrop",
+    "CropDraws", "MultiCropConfig", "XrayEvalTransform", "XrayMultiCrop",
     "Letterbox", "letterbox_geometry", "mask_to_input", "mask_to_native", "minmax", "neglog", "to_image_tensor",
 ]
 
@@ -51,17 +64,22 @@ class MultiCropConfig:
     local_crops: int = 6
     global_scale: tuple[float, float] = (0.14, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.14)
-    neglog_p: float = 0.5          # probability of DAX's I0 + neg-log step (version B), else min-max
+    neglog_p: float = 0.5          # per crop, images stored linear in intensity only: DAX's I0 + neg-log, else min-max
     rotation_p: float = 0.8        # global crop 2 and local crops only
     rotation_degrees: float = 180.0
     flip_p: float = 0.5            # horizontal and vertical, each
     jitter: float = 0.4            # brightness and contrast
     jitter_p: float = 0.8
+    gamma: tuple[float, float] = (0.67, 1.5)   # gamma drawn log-uniformly from this range ...
+    gamma_p: float = 0.0                       # ... with this probability per crop (DAX: none)
     blur: str = "sharpness"        # "sharpness" (DAX), "gaussian" (DINO) or "none"
     sharpness: float = 0.2         # sharpness factor drawn from U(1 - sharpness, 1 + sharpness)
     solarize_p: float = 0.2        # global crop 2 only
     in_chans: int = 1              # 1, or 3 (gray copied)
     decode_size: int | None = None  # if set, first shrink the image so its long side is at most this
+    min_content: float = 0.0       # redraw a box with less than this share of content pixels (0: never)
+    crop_tries: int = 10           # boxes drawn per crop at most; then the one with the most content
+    saturation_band: float = 0.02  # min-max values within this of 0 or 1 are not content
 
     def __post_init__(self) -> None:
         if self.blur not in ("sharpness", "gaussian", "none"):
@@ -70,6 +88,32 @@ class MultiCropConfig:
             raise ValueError(f"in_chans must be 1 or 3, not {self.in_chans}")
         if self.local_crops < 0:
             raise ValueError("local_crops must be >= 0")
+        if not 0.0 <= self.min_content <= 1.0:
+            raise ValueError(f"min_content must be in [0, 1], not {self.min_content}")
+        if self.crop_tries < 1:
+            raise ValueError("crop_tries must be >= 1")
+        if not 0.0 < self.gamma[0] <= self.gamma[1]:
+            raise ValueError(f"gamma must be a range (low, high) with 0 < low <= high, not {self.gamma}")
+
+
+@dataclass
+class CropDraws:
+    """A tally of crop boxes: drawn, rejected for too little content, crops that kept their best rejected box."""
+
+    drawn: int = 0
+    rejected: int = 0
+    fallback: int = 0
+
+    def add(self, other: CropDraws) -> None:
+        self.drawn, self.rejected, self.fallback = (self.drawn + other.drawn, self.rejected + other.rejected,
+                                                    self.fallback + other.fallback)
+
+    def since(self, before: CropDraws) -> CropDraws:
+        return CropDraws(self.drawn - before.drawn, self.rejected - before.rejected, self.fallback - before.fallback)
+
+    @property
+    def rejection_rate(self) -> float:
+        return self.rejected / self.drawn if self.drawn else 0.0
 
 
 # ----------------------------------------------------------------------------- intensity step
@@ -140,6 +184,16 @@ def _shrink(img: torch.Tensor, max_side: int | None) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- geometry
 
+def _source_centre(h: int, w: int, top: float, left: float, side: float, angle: float) -> tuple[float, float]:
+    """(x, y) in the (h, w) image of the centre of a box on the canvas rotated by ``angle`` about its centre."""
+    a = math.radians(angle)
+    cos, sin = math.cos(a), math.sin(a)
+    # crop centre on the rotated canvas, relative to the canvas centre (x right, y down)
+    dx, dy = left + side / 2 - w / 2, top + side / 2 - h / 2
+    # inverse rotation: where a canvas point comes from in the original image
+    return w / 2 + cos * dx - sin * dy, h / 2 + sin * dx + cos * dy
+
+
 def _rotated_resized_crop(img: torch.Tensor, top: int, left: int, side: int, size: int,
                           angle: float) -> torch.Tensor:
     """``F.resized_crop(F.rotate(img, angle, BILINEAR, fill=0), top, left, side, side, size)``, cheaply.
@@ -153,10 +207,7 @@ def _rotated_resized_crop(img: torch.Tensor, top: int, left: int, side: int, siz
     _, h, w = img.shape
     a = math.radians(angle)
     cos, sin = math.cos(a), math.sin(a)
-    # crop centre on the rotated canvas, relative to the canvas centre (x right, y down)
-    dx, dy = left + side / 2 - w / 2, top + side / 2 - h / 2
-    # inverse rotation: where a canvas point comes from in the original image
-    sx, sy = w / 2 + cos * dx - sin * dy, h / 2 + sin * dx + cos * dy
+    sx, sy = _source_centre(h, w, top, left, side, angle)
 
     margin = 2 * math.ceil(side / size) + 2
     half = side / 2 * (abs(cos) + abs(sin)) + margin
@@ -199,6 +250,22 @@ class _RandomSharpness:
         return f"{type(self).__name__}(amount={self.amount}, p={self.p})"
 
 
+class _RandomGamma:
+    """x ** g with g drawn log-uniformly from ``(low, high)``, applied with probability ``p`` (x in [0, 1])."""
+
+    def __init__(self, low: float, high: float, p: float) -> None:
+        self.low, self.high, self.p = low, high, p
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        if self.p <= 0.0 or torch.rand(1).item() >= self.p:
+            return img
+        g = math.exp(torch.empty(1).uniform_(math.log(self.low), math.log(self.high)).item())
+        return img.clamp(0.0, 1.0).pow(g)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(low={self.low}, high={self.high}, p={self.p})"
+
+
 def _expand(img: torch.Tensor, in_chans: int) -> torch.Tensor:
     img = img.clamp(0.0, 1.0).to(torch.float32)
     return img.repeat(in_chans, 1, 1) if in_chans != 1 else img.contiguous()
@@ -206,16 +273,47 @@ def _expand(img: torch.Tensor, in_chans: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- training views
 
+class _Intensities:
+    """One image's two intensity maps (neglog made on first use) and its content table, made once per image."""
+
+    def __init__(self, img: torch.Tensor, saturation_band: float) -> None:
+        self.image = img
+        self.minmax = minmax(img)[None]
+        self._neglog: torch.Tensor | None = None
+        content = (self.minmax[0] > saturation_band) & (self.minmax[0] < 1.0 - saturation_band)
+        # summed-area table: the content pixels of any axis-aligned box in four look-ups
+        self.table = tnf.pad(content.to(torch.float64).cumsum(0).cumsum(1), (1, 0, 1, 0))
+
+    @property
+    def neglog(self) -> torch.Tensor:
+        if self._neglog is None:
+            self._neglog = neglog(self.image)[None]
+        return self._neglog
+
+    def content(self, cx: float, cy: float, side: float) -> float:
+        """The share of content pixels in the side x side square centred at (cx, cy); outside the image is none."""
+        h, w = self.image.shape
+        y0, x0 = max(0, round(cy - side / 2)), max(0, round(cx - side / 2))
+        y1, x1 = min(h, round(cy + side / 2)), min(w, round(cx + side / 2))
+        if y1 <= y0 or x1 <= x0:
+            return 0.0
+        t = self.table
+        inside = t[y1, x1] - t[y0, x1] - t[y1, x0] + t[y0, x0]
+        return float(inside) / (side * side)
+
+
 class XrayMultiCrop:
     """Callable: a gray image -> ``[global1, global2, local1, ..., localN]`` float32 tensors in [0, 1].
 
-    Input: numpy or torch, (H, W) or (1, H, W), uint16 or float, any size; MONOCHROME2 polarity.
+    Input: numpy or torch, (H, W) or (1, H, W), uint16 or float, any size; MONOCHROME2 polarity; and
+    ``linear``: whether its stored values are linear in intensity (neglog is drawn only then).
     Output: ``2 + config.local_crops`` tensors (C, S, S), globals first (S = ``global_size``, then
-    ``local_size``), C = ``in_chans``.
+    ``local_size``), C = ``in_chans``. ``draws`` tallies the crop boxes this instance drew (per process).
     """
 
     def __init__(self, config: MultiCropConfig = MultiCropConfig()) -> None:
         self.config = cfg = config
+        self.draws = CropDraws()
         self.global_crop = v2.RandomResizedCrop(cfg.global_size, scale=cfg.global_scale, ratio=(1.0, 1.0),
                                                 interpolation=InterpolationMode.BICUBIC, antialias=True)
         self.local_crop = v2.RandomResizedCrop(cfg.local_size, scale=cfg.local_scale, ratio=(1.0, 1.0),
@@ -225,6 +323,7 @@ class XrayMultiCrop:
             v2.RandomHorizontalFlip(p=cfg.flip_p),
             v2.RandomVerticalFlip(p=cfg.flip_p),
             v2.RandomApply([v2.ColorJitter(brightness=cfg.jitter, contrast=cfg.jitter)], p=cfg.jitter_p),
+            _RandomGamma(*cfg.gamma, p=cfg.gamma_p),
         ]
         blur = [self._blur(p) for p in GAUSSIAN_BLUR_P]
         self.global_transfo1 = v2.Compose([*flip_and_jitter, *blur[0]])
@@ -239,30 +338,57 @@ class XrayMultiCrop:
             return [v2.RandomApply([v2.GaussianBlur(GAUSSIAN_KERNEL, sigma=(0.1, 2.0))], p=gaussian_p)]
         return []
 
-    def prepare(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """The image once per call: shrunk to ``decode_size``, then neglog (p = ``neglog_p``) or
-        min-max; (1, H, W) float32 in [0, 1]."""
-        img = _shrink(to_image_tensor(image), self.config.decode_size)
-        use_neglog = torch.rand(1).item() < self.config.neglog_p
-        return (neglog(img) if use_neglog else minmax(img))[None]
+    def prepare(self, image: np.ndarray | torch.Tensor) -> _Intensities:
+        """The image once per call: shrunk to ``decode_size``, its intensity maps and content table."""
+        return _Intensities(_shrink(to_image_tensor(image), self.config.decode_size), self.config.saturation_band)
 
-    def _crop(self, img: torch.Tensor, crop: v2.RandomResizedCrop, rotate: bool) -> torch.Tensor:
-        box = crop.make_params([img])
-        if rotate and torch.rand(1).item() < self.config.rotation_p:
-            angle = self.rotation.make_params([img])["angle"]
+    def _intensity(self, maps: _Intensities, linear: bool) -> torch.Tensor:
+        """This crop's intensity map: neglog with probability ``neglog_p`` if the image is linear, else min-max."""
+        if linear and self.config.neglog_p > 0.0 and torch.rand(1).item() < self.config.neglog_p:
+            return maps.neglog
+        return maps.minmax
+
+    def _box(self, maps: _Intensities, crop: v2.RandomResizedCrop, rotate: bool) -> tuple[dict, float | None]:
+        """A crop box (and its rotation angle, None for none) with enough content, or the best of ``crop_tries``."""
+        cfg, img = self.config, maps.minmax
+        h, w = img.shape[-2:]
+        best, best_content = None, -1.0
+        for _ in range(cfg.crop_tries):
+            box = crop.make_params([img])
+            angle = None
+            if rotate and torch.rand(1).item() < cfg.rotation_p:
+                angle = float(self.rotation.make_params([img])["angle"])
+            self.draws.drawn += 1
+            if cfg.min_content <= 0.0:
+                return box, angle
+            side = box["height"]
+            cx, cy = _source_centre(h, w, box["top"], box["left"], side, angle or 0.0)
+            content = maps.content(cx, cy, side)
+            if content >= cfg.min_content:
+                return box, angle
+            self.draws.rejected += 1
+            if content > best_content:
+                best, best_content = (box, angle), content
+        self.draws.fallback += 1
+        return best
+
+    def _crop(self, maps: _Intensities, crop: v2.RandomResizedCrop, rotate: bool, linear: bool) -> torch.Tensor:
+        img = self._intensity(maps, linear)
+        box, angle = self._box(maps, crop, rotate)
+        if angle is not None:
             out = _rotated_resized_crop(img, box["top"], box["left"], box["height"], crop.size[0], angle)
         else:
             out = F.resized_crop(img, **box, size=list(crop.size), interpolation=crop.interpolation,
                                  antialias=True)
         return out.clamp(0.0, 1.0)      # bicubic overshoot, before the photometric steps
 
-    def __call__(self, image: np.ndarray | torch.Tensor) -> list[torch.Tensor]:
-        img = self.prepare(image)
+    def __call__(self, image: np.ndarray | torch.Tensor, linear: bool = True) -> list[torch.Tensor]:
+        maps = self.prepare(image)
         c = self.config.in_chans
-        crops = [_expand(self.global_transfo1(self._crop(img, self.global_crop, rotate=False)), c),
-                 _expand(self.global_transfo2(self._crop(img, self.global_crop, rotate=True)), c)]
+        crops = [_expand(self.global_transfo1(self._crop(maps, self.global_crop, False, linear)), c),
+                 _expand(self.global_transfo2(self._crop(maps, self.global_crop, True, linear)), c)]
         for _ in range(self.config.local_crops):
-            crops.append(_expand(self.local_transfo(self._crop(img, self.local_crop, rotate=True)), c))
+            crops.append(_expand(self.local_transfo(self._crop(maps, self.local_crop, True, linear)), c))
         return crops
 
     def __repr__(self) -> str:

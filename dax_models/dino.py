@@ -27,7 +27,8 @@ from torch.nn.utils.parametrizations import weight_norm
 
 __all__ = [
     "DINOHead", "DINOLoss", "LARS", "MultiCropWrapper", "cancel_last_layer_gradients", "clip_gradients",
-    "cosine_schedule", "ema_update", "param_groups", "teacher_temperature_schedule",
+    "cosine_schedule", "ema_update", "momentum_for_half_life", "param_groups", "teacher_temperature_schedule",
+    "teacher_weights",
 ]
 
 
@@ -157,6 +158,21 @@ def teacher_temperature_schedule(warmup_temp: float, temp: float, warmup_epochs:
     """One value per epoch: linear from ``warmup_temp`` to ``temp`` over ``warmup_epochs``, then flat."""
     warmup_epochs = min(warmup_epochs, epochs)
     return np.concatenate((np.linspace(warmup_temp, temp, warmup_epochs), np.full(epochs - warmup_epochs, temp)))
+
+
+def momentum_for_half_life(half_life_steps: float) -> float:
+    """The EMA momentum under which a student step's weight in the teacher halves every ``half_life_steps``."""
+    if half_life_steps <= 0:
+        raise ValueError("a teacher half-life must be > 0 steps")
+    return 0.5 ** (1.0 / half_life_steps)
+
+
+def teacher_weights(momentum: np.ndarray) -> tuple[float, np.ndarray]:
+    """What the final teacher is made of, given the per-step EMA momentum: (the weight left on the
+    initialisation, the weight of the student after each step). They sum to 1."""
+    m = np.asarray(momentum, dtype=np.float64)
+    after = np.concatenate((np.cumprod(m[::-1])[::-1][1:], [1.0]))   # prod of the momenta after step t
+    return float(np.prod(m)), (1.0 - m) * after
 
 
 @torch.no_grad()

@@ -277,9 +277,12 @@ def _print_pretraining(summary: dict) -> None:
     console.print(f"pretraining [bold]{summary['status']}[/]: {summary['step']} of {summary['total_steps']} steps "
                   f"in {summary['seconds']:.0f} s (job {summary['job']}, MLflow run {summary['run_id']})")
     if summary.get("knn"):
-        table = Table("epoch", "kNN accuracy, held-out patients", title="body region, k=20 cosine kNN on the teacher")
+        table = Table("epoch", "kNN accuracy, held-out patients", "student",
+                      title="body region, k=20 cosine kNN on the teacher (registered) and the student")
         for row in summary["knn"]:
-            table.add_row("0 (random init)" if row["epoch"] == 0 else str(row["epoch"]), f"{row['knn_accuracy']:.3f}")
+            student = row.get("knn_accuracy_student")
+            table.add_row("0 (random init)" if row["epoch"] == 0 else str(row["epoch"]), f"{row['knn_accuracy']:.3f}",
+                          "-" if student is None else f"{student:.3f}")
         prepared = summary["prepared"]
         table.add_row("chance", f"{prepared['chance_uniform']:.3f} uniform, {prepared['chance_majority']:.3f} majority")
         if "knn_thumbnails" in prepared:   # jobs prepared before the reference existed lack it

@@ -178,8 +178,8 @@ def test_any_size_and_dtype(image):
 
 def test_decode_size_shrinks_once_and_never_enlarges():
     shrink = XrayMultiCrop(MultiCropConfig(**SMALL, decode_size=64))
-    assert tuple(shrink.prepare(_pattern(200, 300)).shape) == (1, 43, 64)
-    assert tuple(shrink.prepare(_pattern(30, 50)).shape) == (1, 30, 50)
+    assert tuple(shrink.prepare(_pattern(200, 300)).minmax.shape) == (1, 43, 64)
+    assert tuple(shrink.prepare(_pattern(30, 50)).minmax.shape) == (1, 30, 50)
 
 
 def test_config_is_checked():
@@ -187,6 +187,88 @@ def test_config_is_checked():
         MultiCropConfig(blur="median")
     with pytest.raises(ValueError):
         MultiCropConfig(in_chans=2)
+    with pytest.raises(ValueError):
+        MultiCropConfig(min_content=1.5)
+    with pytest.raises(ValueError):
+        MultiCropConfig(gamma=(1.5, 0.5))
+
+
+def _air_and_anatomy() -> np.ndarray:
+    """48 x 48, linear in intensity: clipped air (bright) on the left third, a ramp of anatomy on the right."""
+    image = np.empty((48, 48), np.uint16)
+    image[:, :16] = 60000
+    image[:, 16:] = np.linspace(2000, 12000, 32, dtype=np.uint16)[None, :]
+    return image
+
+
+def _branches(crops: list[torch.Tensor]) -> list[str]:
+    """Which intensity map each whole-image crop came from: air is white under min-max, black under neglog."""
+    return ["minmax" if float(c[0, :, :12].mean()) > 0.5 else "neglog" for c in crops]
+
+
+def test_the_intensity_branch_is_drawn_per_crop_and_neglog_only_for_linear_images():
+    config = MultiCropConfig(**{**PLAIN, "neglog_p": 0.5}, global_size=48, local_size=48, local_crops=4,
+                             global_scale=(1.0, 1.0), local_scale=(1.0, 1.0))
+    transform, image = XrayMultiCrop(config), _air_and_anatomy()
+    mixed, seen = 0, set()
+    for seed in range(8):
+        torch.manual_seed(seed)
+        branches = _branches(transform(image))
+        mixed += len(set(branches)) > 1          # two crops of one image in different branches
+        seen.update(branches)
+        torch.manual_seed(seed)
+        assert set(_branches(transform(image, linear=False))) == {"minmax"}   # log-encoded: no second log
+    assert seen == {"minmax", "neglog"} and mixed >= 6
+
+
+def _collimated(side: int = 96, field: int = 40) -> np.ndarray:
+    """A collimated image: black outside a central square field that holds a ramp of anatomy."""
+    image = np.zeros((side, side), np.uint16)
+    lo = (side - field) // 2
+    image[lo:lo + field, lo:lo + field] = np.linspace(1000, 5000, field, dtype=np.uint16)[None, :]
+    image[lo, lo] = 5200     # the ramp's top stays below the saturation band
+    return image
+
+
+@pytest.mark.parametrize("rotation_p", [0.0, 1.0])
+def test_crop_rejection_keeps_crops_inside_the_collimated_field(rotation_p):
+    image = _collimated()
+    plain = {**PLAIN, "rotation_p": rotation_p}
+
+    def black_shares(min_content: float) -> tuple[np.ndarray, XrayMultiCrop]:
+        config = MultiCropConfig(**plain, global_size=32, local_size=16, local_crops=6, min_content=min_content,
+                                 crop_tries=100)
+        transform, shares = XrayMultiCrop(config), []
+        for seed in range(20):
+            torch.manual_seed(seed)
+            shares += [float((c < 0.02).float().mean()) for c in transform(image)[2:]]
+        return np.array(shares), transform
+
+    free, unchecked = black_shares(0.0)
+    kept, checked = black_shares(0.5)
+    assert unchecked.draws.rejected == 0 and unchecked.draws.drawn == 20 * 8
+    # most local crops of this image are collimator, unless rejected; a kept one is at most about half black
+    assert free.mean() > 0.5 and kept.mean() < 0.3 and kept.max() < 0.55
+    assert checked.draws.rejected > 0 and checked.draws.fallback == 0
+    assert 0 < checked.draws.rejection_rate < 1
+
+
+def test_crop_rejection_falls_back_to_the_best_box_on_an_empty_image():
+    config = MultiCropConfig(**SMALL, min_content=0.5, crop_tries=3)
+    transform = XrayMultiCrop(config)
+    crops = transform(np.zeros((40, 60), np.uint16))      # no content anywhere: every crop falls back
+    assert len(crops) == 5 and transform.draws.fallback == 5 and transform.draws.rejected == 15
+
+
+def test_gamma_is_drawn_per_crop():
+    image = _pattern(48, 48)
+    config = MultiCropConfig(**PLAIN, gamma_p=1.0, global_size=48, local_size=48, local_crops=3,
+                             global_scale=(1.0, 1.0), local_scale=(1.0, 1.0))
+    torch.manual_seed(0)
+    crops = XrayMultiCrop(config)(image)
+    x = minmax(torch.from_numpy(image.astype(np.float32)))
+    means = {round(float(c.mean()), 4) for c in crops}
+    assert len(means) == len(crops) and all(not torch.allclose(c[0], x, atol=1e-3) for c in crops)
 
 
 # ----------------------------------------------------------------------------- evaluation

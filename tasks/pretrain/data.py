@@ -7,7 +7,8 @@ query and the sorted (shard, sha256) and key lists: the dataset's identity for M
 
 ``train_loader`` is the stream DDP needs (WebDataset issues #225, #250, #444): every rank draws shards
 with replacement (``ResampledShards``), keeps the selected keys, shuffles in a buffer, decodes 16-bit
-images, applies the multi-crop augmentation and batches; the DataLoader yields exactly
+images, applies the multi-crop augmentation (told by ``stored_linear`` whether the image's stored values are
+linear in intensity, from the normalization recorded with the sample) and batches; the DataLoader yields exactly
 ``steps_per_epoch`` batches per epoch on every rank, so no rank waits for another at the end.
 Everything random is seeded from (seed, epoch, rank, worker, sample index): the stream of an epoch is
 the same every time it is built (with the same number of workers), so resuming at step s of an
@@ -17,6 +18,7 @@ epoch is rebuilding the epoch's loader and skipping s batches (read, not decoded
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -29,10 +31,13 @@ import torch
 import webdataset as wds
 from webdataset.filters import _shuffle
 
+from dax_models.augment import CropDraws
 from tasks.ingest.catalog import CatalogError, check_read_only, open_snapshot
 from tasks.ingest.shards import IMAGE_FORMATS, decode_image, iter_shard
 
-__all__ = ["Selection", "SelectionError", "read_samples", "select_images", "train_loader"]
+__all__ = ["Selection", "SelectionError", "read_samples", "select_images", "stored_linear", "train_loader"]
+
+LINEAR_MODALITIES = ("XA", "RF")   # fluoroscopy and angiography: detector values linear in the quanta
 
 
 class SelectionError(CatalogError):
@@ -90,6 +95,21 @@ def select_images(home: Path, where: str | None = None) -> Selection:
     return Selection(where, tuple(key for key, _, _ in rows), shards, str(Path(home) / "shards"))
 
 
+def stored_linear(metadata: dict) -> bool:
+    """Whether a sample's stored values are linear in the X-ray intensity (so a negative log is meaningful).
+
+    From the normalization ingestion recorded: DICOM's Pixel Intensity Relationship when the device wrote
+    it ("LIN" yes, "LOG" no), otherwise the modality: XA and RF detectors store linear values, DX and CR
+    exports are log-encoded ("for presentation") as a rule, and anything else is taken as not linear.
+    """
+    normalization = metadata.get("normalization") or {}
+    relationship = str(normalization.get("pixel_intensity_relationship") or "").upper()
+    if relationship in ("LIN", "LOG"):
+        return relationship == "LIN"
+    modality = normalization.get("modality") or metadata.get("modality") or ""
+    return str(modality).upper() in LINEAR_MODALITIES
+
+
 def _worker_index() -> tuple[int, int]:
     info = torch.utils.data.get_worker_info()
     return (info.id, info.num_workers) if info is not None else (0, 1)
@@ -109,7 +129,8 @@ class _Stream(torch.utils.data.IterableDataset):
 
     Every sample's augmentation is seeded from (stream seed, sample index) inside ``fork_rng``, so a
     skipped batch costs only its tar reading (no decode, no augmentation) and the training process's
-    RNG is untouched even with ``workers=0``.
+    RNG is untouched even with ``workers=0``. A batch comes with the crop boxes its augmentation drew
+    (``CropDraws``, when the transform keeps a tally).
     """
 
     def __init__(self, selection: Selection, transform: Callable, batch_size: int, seed: int, epoch: int,
@@ -140,28 +161,39 @@ class _Stream(torch.utils.data.IterableDataset):
             index += self.batch_size
             if b < my_skip:
                 continue
-            views = []
+            views, before = [], _tally(self.transform)
             for i, sample in enumerate(batch):
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(_seed(stream_seed, index + i))
-                    views.append(self.transform(_decode(sample)))
-            yield worker + b * workers, collate_crops(views)     # (batch index in the epoch, batch)
+                    views.append(self.transform(*_decode(sample)))
+            draws = _tally(self.transform)
+            draws = draws.since(before) if draws is not None else None
+            yield worker + b * workers, collate_crops(views), draws     # (batch index in the epoch, batch, draws)
 
 
-def _decode(sample: dict) -> np.ndarray:
+def _tally(transform: Callable) -> CropDraws | None:
+    draws = getattr(transform, "draws", None)
+    return dataclasses.replace(draws) if isinstance(draws, CropDraws) else None
+
+
+def _decode(sample: dict) -> tuple[np.ndarray, bool]:
+    """(the image, whether its stored values are linear in intensity)."""
+    linear = stored_linear(json.loads(sample["json"])) if "json" in sample else False
     for ext in IMAGE_FORMATS:
         if ext in sample:
-            return decode_image(ext, sample[ext])
+            return decode_image(ext, sample[ext]), linear
     raise ValueError(f"sample {sample.get('__key__')!r} has no image")
 
 
 def train_loader(selection: Selection, transform: Callable, batch_size: int, steps_per_epoch: int, epoch: int,
                  seed: int = 0, rank: int = 0, workers: int = 2, skip: int = 0,
-                 shuffle_buffer: int = 256) -> Iterator[list[torch.Tensor]]:
+                 shuffle_buffer: int = 256, draws: CropDraws | None = None) -> Iterator[list[torch.Tensor]]:
     """Exactly ``steps_per_epoch - skip`` batches of epoch ``epoch`` for this rank, the same every time.
 
-    Batch b of an epoch is always made by worker ``b % workers``; after a skip the DataLoader's
-    round-robin starts with worker 0 whatever batch is due, so batches are put back in order here.
+    ``transform(image, linear)`` makes a sample's crops. Batch b of an epoch is always made by worker
+    ``b % workers``; after a skip the DataLoader's round-robin starts with worker 0 whatever batch is due,
+    so batches are put back in order here. ``draws``, if given, gets each yielded batch's crop-box tally
+    added (the workers' transforms are copies, so their own tallies never reach this process).
     """
     dataset = _Stream(selection, transform, batch_size, seed, epoch, rank, steps_per_epoch, skip, shuffle_buffer)
     loader = torch.utils.data.DataLoader(
@@ -174,10 +206,13 @@ def train_loader(selection: Selection, transform: Callable, batch_size: int, ste
         # advance) the training process's global RNG, or a resumed run would diverge
         generator=torch.Generator().manual_seed(_seed(seed, epoch, rank)))
     pending, due = {}, skip
-    for index, batch in loader:
-        pending[index] = batch
+    for index, batch, batch_draws in loader:
+        pending[index] = batch, batch_draws
         while due in pending:
-            yield pending.pop(due)
+            batch, batch_draws = pending.pop(due)
+            if draws is not None and batch_draws is not None:
+                draws.add(batch_draws)
+            yield batch
             due += 1
     if pending:
         raise RuntimeError(f"the loader lost batches before {sorted(pending)}")

@@ -8,7 +8,8 @@ monitor's bank and queries); training writes ``checkpoints/last.pt`` (atomically
 ``checkpoint_every`` steps), ``history.jsonl`` (one line per step, from rank 0) and ``result.json``.
 
 Per step, as DINO: learning rate, weight decay and teacher momentum from per-step cosine schedules,
-teacher temperature from a per-epoch schedule; the teacher (no gradients) sees the 2 global crops,
+teacher temperature from a per-epoch schedule (``teacher_half_life`` sizes the teacher's start momentum to
+the run: see ``momentum_schedule``); the teacher (no gradients) sees the 2 global crops,
 the student all crops; DINO loss with centering; per-parameter gradient clipping; the last layer frozen
 in the first ``freeze_last_layer`` epochs; then the EMA update of the teacher. On CUDA: bf16 autocast,
 channels-last, fused AdamW and optional ``torch.compile``; fp16 uses a GradScaler. LARS for ResNets.
@@ -23,8 +24,10 @@ The collapse alarm fires when the KL or the batch entropy of the teacher stays b
 for ``collapse_patience`` steps (both fall to zero in DINO's two collapse modes: one dimension
 dominating, or a uniform output); it warns and, with ``stop_on_collapse``, ends the run. The kNN
 monitor (k=20, T=0.07, cosine; DINO's) classifies held-out images by body region at step 0 (the
-random-init backbone) and after every ``knn_every`` epochs; ``knn_thumbnails`` gives the same kNN on
-16 x 16 pixel thumbnails of the images, a reference that needs no backbone at all. At the end,
+random-init backbone) and after every ``knn_every`` epochs, with the teacher (what is registered) and the
+student; ``knn_thumbnails`` gives the same kNN on 16 x 16 pixel thumbnails of the images, a reference that
+needs no backbone at all. The share of crop boxes the augmentation redrew for too little content is logged
+(``crop_rejection_rate``). At the end,
 ``knn_margin`` puts a 95 % interval on the last epoch's margin over random init by resampling the
 held-out patients (``result.json`` and MLflow).
 """
@@ -48,7 +51,7 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
-from dax_models.augment import MultiCropConfig, XrayMultiCrop
+from dax_models.augment import CropDraws, MultiCropConfig, XrayMultiCrop
 from dax_models.backbones import ARCHITECTURES, Backbone, create_backbone
 from dax_models.dino import (
     LARS,
@@ -59,8 +62,10 @@ from dax_models.dino import (
     clip_gradients,
     cosine_schedule,
     ema_update,
+    momentum_for_half_life,
     param_groups,
     teacher_temperature_schedule,
+    teacher_weights,
 )
 from deployments import find_config
 from tasks.pretrain.data import Selection, train_loader
@@ -68,7 +73,8 @@ from tasks.pretrain.monitor import CollapseMonitor, hits_bits, knn_margin, knn_m
 
 log = logging.getLogger("dax.pretrain")
 
-__all__ = ["ConfigError", "PretrainConfig", "TrainingCollapsed", "load_config", "main", "train", "write_job"]
+__all__ = ["ConfigError", "PretrainConfig", "TrainingCollapsed", "load_config", "main", "momentum_schedule", "train",
+           "write_job"]
 
 CHECKPOINT = "last.pt"
 
@@ -100,7 +106,9 @@ class PretrainConfig:
     warmup_epochs: int = 10
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
-    momentum_teacher: float = 0.996
+    momentum_teacher: float = 0.996        # start of the cosine to 1, unless teacher_half_life is set
+    teacher_half_life: float | None = None # a fraction of the run's steps: the start momentum under which a
+                                           # student step's weight in the teacher halves in that many steps
     teacher_temp: float = 0.04
     warmup_teacher_temp: float = 0.04
     warmup_teacher_temp_epochs: int = 0
@@ -172,6 +180,29 @@ def load_config(name_or_path: str, overrides: dict | None = None) -> PretrainCon
         else:
             data[key] = value
     return PretrainConfig.from_dict(data)
+
+
+def momentum_schedule(config: PretrainConfig, steps_per_epoch: int) -> np.ndarray:
+    """The teacher's EMA momentum per step: a cosine from the start momentum to 1 (DINO).
+
+    The start is ``momentum_teacher``, or, with ``teacher_half_life`` h, the momentum whose half-life is h
+    of the run's steps: DINO's 0.996 over 250k steps leaves nothing of the initialisation in the teacher,
+    but over a few hundred steps it leaves 42 % (0.99: 11 %), so a short run's teacher would be largely
+    its random init. With h = 0.05 about 0.1 % is left, whatever the run's length
+    (``dax_models.dino.teacher_weights``).
+    """
+    total = config.epochs * steps_per_epoch
+    start = (momentum_for_half_life(config.teacher_half_life * total) if config.teacher_half_life
+             else config.momentum_teacher)
+    return cosine_schedule(start, 1.0, config.epochs, steps_per_epoch)
+
+
+def teacher_make_up(momentum: np.ndarray) -> dict:
+    """The final teacher's weight on its initialisation and the step its student weights centre on."""
+    init, after = teacher_weights(momentum)
+    steps = np.arange(1, len(after) + 1)
+    return {"teacher_init_weight": init,
+            "teacher_centre_step": float((steps * after).sum() / after.sum()) if after.sum() > 0 else 0.0}
 
 
 class TrainingCollapsed(RuntimeError):
@@ -396,7 +427,7 @@ def train(job_dir: Path) -> dict:
         "lr": cosine_schedule(config.lr * total_batch / 256.0, config.min_lr, config.epochs, steps_per_epoch,
                               config.warmup_epochs),
         "wd": cosine_schedule(config.weight_decay, config.weight_decay_end, config.epochs, steps_per_epoch),
-        "momentum": cosine_schedule(config.momentum_teacher, 1.0, config.epochs, steps_per_epoch),
+        "momentum": momentum_schedule(config, steps_per_epoch),
         "teacher_temp": teacher_temperature_schedule(config.warmup_teacher_temp, config.teacher_temp,
                                                      config.warmup_teacher_temp_epochs, config.epochs),
     }
@@ -431,22 +462,33 @@ def train(job_dir: Path) -> dict:
             logger.log_artifact(path, f"checkpoints/step-{step:07d}")
         return path
 
-    def score_knn(epoch: int) -> float:
-        """Run the kNN monitor on the teacher now; record it (with its per-query hits) in the history."""
+    def score_knn(epoch: int) -> tuple[float, float]:
+        """Run the kNN monitor on the teacher and the student now; record both (the teacher's per-query hits
+        too) in the history; (teacher, student) accuracy."""
         hits = knn_monitor(teacher.backbone, knn, d.device)
         accuracy = float(hits.float().mean())
-        knn_history.append({"step": step, "epoch": epoch, "knn_accuracy": accuracy, "hits": hits_bits(hits)})
-        return accuracy
+        student_accuracy = (accuracy if step == 0 else      # at step 0 the teacher is a copy of the student
+                            float(knn_monitor(student_plain.backbone, knn, d.device).float().mean()))
+        knn_history.append({"step": step, "epoch": epoch, "knn_accuracy": accuracy,
+                            "knn_accuracy_student": student_accuracy, "hits": hits_bits(hits)})
+        return accuracy, student_accuracy
 
     if d.main and knn is not None and step == 0:
-        accuracy = score_knn(0)
+        accuracy, _ = score_knn(0)
         if logger:
-            logger.log_metrics({"knn_accuracy": accuracy, "knn_accuracy_random_init": accuracy}, step=0)
+            logger.log_metrics({"knn_accuracy": accuracy, "knn_accuracy_student": accuracy,
+                                "knn_accuracy_random_init": accuracy}, step=0)
         log.info("kNN accuracy at random init: %.3f", accuracy)
 
     transform = XrayMultiCrop(config.augment)
     alarm = CollapseMonitor(config.collapse_min_kl, config.collapse_min_entropy, config.collapse_patience)
     status, window_start, window_images = "finished", time.perf_counter(), 0
+    draws = CropDraws()                  # the crop boxes this rank's loader drew in this run (resumed: since)
+    window_draws = CropDraws()           # ... up to the start of the current log window
+
+    def run_facts() -> dict:
+        return {**teacher_make_up(schedules["momentum"]), "crop_rejection_rate": draws.rejection_rate}
+
     models.student.train()
     teacher.train()
     start_epoch = step // steps_per_epoch
@@ -454,7 +496,7 @@ def train(job_dir: Path) -> dict:
         for epoch in range(start_epoch, config.epochs):
             loader = train_loader(selection, transform, config.batch_size, steps_per_epoch, epoch, seed=config.seed,
                                   rank=d.rank, workers=config.workers, skip=step - epoch * steps_per_epoch,
-                                  shuffle_buffer=config.shuffle_buffer)
+                                  shuffle_buffer=config.shuffle_buffer, draws=draws)
             for batch in loader:
                 it = step
                 loss, stats = dino_step(models, batch, lr=schedules["lr"][it], weight_decay=schedules["wd"][it],
@@ -472,7 +514,8 @@ def train(job_dir: Path) -> dict:
                     if step % config.log_every == 0 or step == total_steps:
                         elapsed = time.perf_counter() - window_start
                         record["images_per_s"] = window_images / elapsed if elapsed > 0 else 0.0
-                        window_start, window_images = time.perf_counter(), 0
+                        record["crop_rejection_rate"] = draws.since(window_draws).rejection_rate
+                        window_start, window_images, window_draws = time.perf_counter(), 0, dataclasses.replace(draws)
                         if logger:
                             logger.log_metrics({k: v for k, v in record.items() if k not in ("step", "epoch")}, step)
                         log.info("step %d/%d  loss %.4f  kl %.4f  entropy %.3f  %.1f img/s", step, total_steps,
@@ -491,26 +534,26 @@ def train(job_dir: Path) -> dict:
                     checkpoint()
                 if job.get("stop_after") and step >= job["stop_after"]:
                     status = "stopped"
-                    return _finish(job_dir, d, status, step, total_steps, knn_history, alarm, knn)
+                    return _finish(job_dir, d, status, step, total_steps, knn_history, alarm, knn, run_facts())
             if d.main and knn is not None and config.knn_every and (epoch + 1) % config.knn_every == 0:
-                accuracy = score_knn(epoch + 1)
+                accuracy, student_accuracy = score_knn(epoch + 1)
                 if logger:
-                    logger.log_metrics({"knn_accuracy": accuracy}, step=step)
-                log.info("epoch %d: kNN accuracy %.3f", epoch + 1, accuracy)
+                    logger.log_metrics({"knn_accuracy": accuracy, "knn_accuracy_student": student_accuracy}, step=step)
+                log.info("epoch %d: kNN accuracy %.3f (student %.3f)", epoch + 1, accuracy, student_accuracy)
         if d.main:
             checkpoint(final=True)
     except TrainingCollapsed:
         status = "collapsed"
         if d.main:
             checkpoint()
-    return _finish(job_dir, d, status, step, total_steps, knn_history, alarm, knn)
+    return _finish(job_dir, d, status, step, total_steps, knn_history, alarm, knn, run_facts())
 
 
 def _finish(job_dir: Path, d: Dist, status: str, step: int, total_steps: int, knn_history: list,
-            alarm: CollapseMonitor, knn: dict | None) -> dict:
+            alarm: CollapseMonitor, knn: dict | None, facts: dict) -> dict:
     result = {"status": status, "step": step, "total_steps": total_steps, "world_size": d.world,
               "knn": [{k: v for k, v in entry.items() if k != "hits"} for entry in knn_history],
-              "collapse_alarm_step": alarm.fired_at}
+              "collapse_alarm_step": alarm.fired_at, **facts}
     scored = [entry for entry in knn_history if "hits" in entry]   # checkpoints of older runs lack hits
     if knn is not None and "query_patients" in knn and len(scored) > 1 and scored[0]["epoch"] == 0:
         result["knn_margin"] = knn_margin(knn, scored[0]["hits"], scored[-1]["hits"])

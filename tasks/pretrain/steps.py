@@ -223,6 +223,10 @@ def register_backbone(job_dir: Path, alias: str = "candidate") -> dict:
             mlflow.log_artifact(str(figure), "figures")
         if result.get("knn"):
             mlflow.log_dict(result["knn"], "knn_history.json")
+        facts = {k: result[k] for k in ("teacher_init_weight", "teacher_centre_step", "crop_rejection_rate")
+                 if result.get(k) is not None}
+        if facts:
+            mlflow.log_metrics(facts)
         if result.get("knn_margin"):
             margin = result["knn_margin"]
             mlflow.log_metrics({"knn_margin": margin["margin"], "knn_margin_low": margin["low"],
@@ -267,8 +271,8 @@ def summary_markdown(summary: dict) -> str:
     lines = [f"# Pretraining {summary['job']}", "", f"status **{summary['status']}**, {summary['step']} of "
              f"{summary['total_steps']} steps, {summary['seconds']} s, MLflow run `{summary['run_id']}`", ""]
     if knn:
-        lines += ["| epoch | kNN accuracy (held-out patients) |", "|---|---|"]
-        lines += [f"| {k['epoch']} | {k['knn_accuracy']:.3f} |" for k in knn]
+        lines += ["| epoch | kNN accuracy, teacher (held-out patients) | student |", "|---|---|---|"]
+        lines += [f"| {k['epoch']} | {k['knn_accuracy']:.3f} | {_student(k)} |" for k in knn]
         lines += ["", f"chance: {prepared.get('chance_uniform', 0):.3f} (uniform), "
                       f"{prepared.get('chance_majority', 0):.3f} (majority class)"]
         if "knn_thumbnails" in prepared:
@@ -278,6 +282,12 @@ def summary_markdown(summary: dict) -> str:
     if registered:
         lines += ["", f"registered `{registered['uri']}` (version {registered['version']})"]
     return "\n".join(lines)
+
+
+def _student(knn_row: dict) -> str:
+    """The student's kNN accuracy of a monitor row ("-" for rows of runs before it was scored)."""
+    value = knn_row.get("knn_accuracy_student")
+    return f"{value:.3f}" if value is not None else "-"
 
 
 class PretrainingUnfinished(RuntimeError):
