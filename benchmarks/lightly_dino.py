@@ -38,8 +38,8 @@ sys.path.insert(0, str(ROOT))
 
 from dax_models.augment import _shrink, minmax, to_image_tensor
 from dax_models.backbones import create_backbone
-from dax_models.dino import clip_gradients, cosine_schedule, param_groups
-from tasks.pretrain.main_dino import PretrainConfig, momentum_schedule, read_job
+from dax_models.dino import clip_gradients, param_groups
+from tasks.pretrain.main_dino import PretrainConfig, build_schedules, read_job
 from tasks.pretrain.monitor import hits_bits, knn_margin, knn_monitor
 
 
@@ -135,13 +135,6 @@ class LightlyTraining:
         return float(loss.detach())
 
 
-def _schedules(config: PretrainConfig, steps_per_epoch: int) -> dict[str, np.ndarray]:
-    return {"lr": cosine_schedule(config.lr * config.batch_size / 256.0, config.min_lr, config.epochs, steps_per_epoch,
-                                  config.warmup_epochs),
-            "wd": cosine_schedule(config.weight_decay, config.weight_decay_end, config.epochs, steps_per_epoch),
-            "momentum": momentum_schedule(config, steps_per_epoch)}
-
-
 def train_lightly(job_dir: Path, out: Path | None = None) -> dict:
     """lightly's DINO on a DAX job's images, config and kNN probe; the result (also ``out/lightly.json``)."""
     from tasks.pretrain.data import train_loader
@@ -153,7 +146,7 @@ def train_lightly(job_dir: Path, out: Path | None = None) -> dict:
     knn = torch.load(job_dir / "knn.pt", weights_only=False)
     device = torch.device("cpu")
     steps_per_epoch = config.steps_per_epoch or max(1, len(selection.keys) // config.batch_size)
-    schedules = _schedules(config, steps_per_epoch)
+    schedules = build_schedules(config, steps_per_epoch, config.batch_size)
     training = LightlyTraining(config)
     model = training.model
     views = LightlyViews(config)

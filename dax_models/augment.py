@@ -279,16 +279,25 @@ class _Intensities:
     def __init__(self, img: torch.Tensor, saturation_band: float) -> None:
         self.image = img
         self.minmax = minmax(img)[None]
+        self.saturation_band = saturation_band
         self._neglog: torch.Tensor | None = None
-        content = (self.minmax[0] > saturation_band) & (self.minmax[0] < 1.0 - saturation_band)
-        # summed-area table: the content pixels of any axis-aligned box in four look-ups
-        self.table = tnf.pad(content.to(torch.float64).cumsum(0).cumsum(1), (1, 0, 1, 0))
+        self._table: torch.Tensor | None = None
 
     @property
     def neglog(self) -> torch.Tensor:
         if self._neglog is None:
             self._neglog = neglog(self.image)[None]
         return self._neglog
+
+    @property
+    def table(self) -> torch.Tensor:
+        """Summed-area table of the content pixels (made on first use: configs without rejection never
+        need it): the content of any axis-aligned box in four look-ups."""
+        if self._table is None:
+            band = self.saturation_band
+            content = (self.minmax[0] > band) & (self.minmax[0] < 1.0 - band)
+            self._table = tnf.pad(content.to(torch.float64).cumsum(0).cumsum(1), (1, 0, 1, 0))
+        return self._table
 
     def content(self, cx: float, cy: float, side: float) -> float:
         """The share of content pixels in the side x side square centred at (cx, cy); outside the image is none."""

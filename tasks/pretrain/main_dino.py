@@ -197,6 +197,19 @@ def momentum_schedule(config: PretrainConfig, steps_per_epoch: int) -> np.ndarra
     return cosine_schedule(start, 1.0, config.epochs, steps_per_epoch)
 
 
+def build_schedules(config: PretrainConfig, steps_per_epoch: int, total_batch: int) -> dict[str, np.ndarray]:
+    """Per-step lr (scaled linearly from batch 256), weight decay and teacher momentum; per-epoch teacher
+    temperature."""
+    return {
+        "lr": cosine_schedule(config.lr * total_batch / 256.0, config.min_lr, config.epochs, steps_per_epoch,
+                              config.warmup_epochs),
+        "wd": cosine_schedule(config.weight_decay, config.weight_decay_end, config.epochs, steps_per_epoch),
+        "momentum": momentum_schedule(config, steps_per_epoch),
+        "teacher_temp": teacher_temperature_schedule(config.warmup_teacher_temp, config.teacher_temp,
+                                                     config.warmup_teacher_temp_epochs, config.epochs),
+    }
+
+
 def teacher_make_up(momentum: np.ndarray) -> dict:
     """The final teacher's weight on its initialisation and the step its student weights centre on."""
     init, after = teacher_weights(momentum)
@@ -423,14 +436,7 @@ def train(job_dir: Path) -> dict:
     models = build_training(config, d, precision)
     student_plain, teacher, dino_loss = models.student_plain, models.teacher, models.loss
     optimizer, scaler = models.optimizer, models.scaler
-    schedules = {
-        "lr": cosine_schedule(config.lr * total_batch / 256.0, config.min_lr, config.epochs, steps_per_epoch,
-                              config.warmup_epochs),
-        "wd": cosine_schedule(config.weight_decay, config.weight_decay_end, config.epochs, steps_per_epoch),
-        "momentum": momentum_schedule(config, steps_per_epoch),
-        "teacher_temp": teacher_temperature_schedule(config.warmup_teacher_temp, config.teacher_temp,
-                                                     config.warmup_teacher_temp_epochs, config.epochs),
-    }
+    schedules = build_schedules(config, steps_per_epoch, total_batch)
     knn = torch.load(job_dir / "knn.pt", weights_only=False) if d.main and (job_dir / "knn.pt").is_file() else None
 
     step, knn_history = 0, []
