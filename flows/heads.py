@@ -26,7 +26,8 @@ from prefect.utilities.annotations import quote
 
 from tasks.fileio import sha256_file
 from tasks.heads.results import log_results, results_markdown, results_table
-from tasks.heads.steps import branch_task, features_task
+from tasks.heads.floors import FLOOR_TASKS
+from tasks.heads.steps import FLOOR, branch_task, features_task
 from tasks.home import configure
 from tasks.release.registry import (
     DEFAULT_BACKBONE,
@@ -40,6 +41,7 @@ from tasks.release.registry import (
 __all__ = ["heads"]
 
 HEADS_DIR = "heads"
+VIEW_PARTS = {"region": ("pooled", "cls4"), "dense": ("maps",)}   # the features each view's tasks read
 BRANCHES_AT_ONCE = 2          # the flow's thread pool: branches trained at the same time
 FIGURE_SEED = 0               # the seed whose branches draw figures
 
@@ -86,7 +88,6 @@ def _heads(backbone, home, labels, seeds, tasks, size, where, max_images, config
     import torch
 
     from dax_models.backbones import create_backbone
-    from tasks.heads.data import load_head_dataset
     from tasks.heads.training import TASKS, load_head_config
 
     began = time.perf_counter()
@@ -108,19 +109,19 @@ def _heads(backbone, home, labels, seeds, tasks, size, where, max_images, config
     torch.manual_seed(random_seed)
     twin = create_backbone(arch, pretrained.in_chans, img_size=size).eval()
 
-    data = load_head_dataset(root, Path(labels), size=size, where=where, masks="metal" in tasks,
-                             max_images=max_images)
-    summary_data = data.summary()
-    logger.info("%(images)d labelled images of %(patients)d patients at %(size)d px: %(train_images)d train, "
-                "%(val_images)d val, %(test_images)d test", summary_data)
-    parts = tuple(p for p, wanted in (("pooled", "region" in tasks), ("cls4", "region" in tasks),
-                                      ("maps", bool(set(tasks) & {"metal", "screws"}))) if wanted)
+    views = _load_views(root, Path(labels), tasks, config, where, max_images)
+    summary_data = _views_summary(views, config)
+    logger.info("%(images)d labelled images of %(patients)d patients (region at %(size)d px, metal and screws at "
+                "%(dense_size)d px): %(train_images)d train, %(val_images)d val, %(test_images)d test", summary_data)
     roles = ["pretrained", "random"]
     models = {"pretrained": pretrained, "random": twin}
-    feature_futures = features_task.map(roles, [models[r] for r in roles], unmapped(quote(data.images)),
-                                        unmapped(str(root / "cache" / "features")), unmapped(data.digest),
-                                        unmapped(parts), unmapped(config.device), unmapped(config.feature_batch))
-    stores = {role: future.result() for role, future in zip(roles, feature_futures)}
+    wanted = [(role, view) for role in roles for view in views]
+    feature_futures = features_task.map([r for r, _ in wanted], [v for _, v in wanted],
+                                        [models[r] for r, _ in wanted], [quote(views[v].images) for _, v in wanted],
+                                        unmapped(str(root / "cache" / "features")),
+                                        [views[v].digest for _, v in wanted], [VIEW_PARTS[v] for _, v in wanted],
+                                        unmapped(config.device), unmapped(config.feature_batch))
+    stores = {f"{role}:{view}": future.result() for (role, view), future in zip(wanted, feature_futures)}
 
     job = f"{arch}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}"
     figures_dir = root / HEADS_DIR / job / "figures"
@@ -134,17 +135,19 @@ def _heads(backbone, home, labels, seeds, tasks, size, where, max_images, config
                            "size": size})
         mlflow.log_dict(summary_data, "dataset/summary.json")
         specs = [(role, task_name, seed) for role in roles for task_name in tasks for seed in range(seeds)]
+        specs += [(FLOOR, task_name, seed) for task_name in tasks if task_name in FLOOR_TASKS for seed in range(seeds)]
         futures = branch_task.map([s[0] for s in specs], [s[1] for s in specs], [s[2] for s in specs],
-                                  unmapped(quote(data)), unmapped(stores), unmapped(quote(models)),
+                                  unmapped(quote(views)), unmapped(stores), unmapped(quote(models)),
                                   unmapped(config), unmapped(arch), unmapped(experiment), unmapped(run.info.run_id),
                                   unmapped(backbone_ref), unmapped(str(figures_dir)), unmapped(register),
-                                  [s[2] == FIGURE_SEED for s in specs])
+                                  [s[2] == FIGURE_SEED and s[0] != FLOOR for s in specs])
         results = [future.result() for future in futures]
         registered = alias_best_heads(results, tasks, alias)
 
         rows = results_table(results, tasks)
         header = [f"# Frozen-backbone heads: {backbone_ref} vs random-init {arch}", "",
-                  f"{summary_data['images']} labelled images ({summary_data['patients']} patients) at {size} px; "
+                  f"{summary_data['images']} labelled images ({summary_data['patients']} patients), region at {size} px, "
+                  f"metal and screws at {config.dense_size} px; "
                   f"train {summary_data['train_images']}, val {summary_data['val_images']}, test "
                   f"{summary_data['test_images']} images (split by patient); {seeds} seed(s); MLflow run "
                   f"`{run.info.run_id}`. Screw errors are at each image's native resolution (DAX: 976 px)."]
@@ -161,3 +164,23 @@ def _heads(backbone, home, labels, seeds, tasks, size, where, max_images, config
     return {"run_id": run.info.run_id, "backbone": backbone_ref, "arch": arch, "data": summary_data, "table": rows,
             "markdown": markdown, "registered": registered, "branches": results, "figures": figures,
             "seconds": round(time.perf_counter() - began, 1)}
+
+
+def _load_views(root: Path, labels: Path, tasks, config, where, max_images) -> dict:
+    """The labelled images each task reads (``tasks.heads.training.task_view``): ``region`` at ``config.size``,
+    ``dense`` at ``config.dense_size`` with the metal masks."""
+    from tasks.heads.data import load_head_dataset
+    from tasks.heads.training import task_view
+
+    sizes = {"region": config.size, "dense": config.dense_size}
+    return {view: load_head_dataset(root, labels, size=sizes[view], where=where, masks=view == "dense" and "metal" in tasks,
+                                    max_images=max_images)
+            for view in dict.fromkeys(task_view(t) for t in tasks)}
+
+
+def _views_summary(views: dict, config) -> dict:
+    """One dataset summary for the log and MLflow: counts of the first view, screws and metal of the dense one."""
+    first = next(iter(views.values())).summary()
+    dense = views["dense"].summary() if "dense" in views else {}
+    return {**first, "size": config.size, "dense_size": config.dense_size,
+            **{k: dense[k] for k in ("screws", "with_metal") if k in dense}}

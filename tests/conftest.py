@@ -121,7 +121,7 @@ def heads_corpus(small_corpus, tmp_path_factory) -> SimpleNamespace:
 
 
 HEADS_TEST_OVERRIDES = {"linear_epochs": 30, "mlp_epochs": 30, "few_shot_epochs": 20, "seg_epochs": 10,
-                        "screw_epochs": 10, "e2e_epochs": 1, "eval_every": 5}
+                        "screw_epochs": 10, "e2e_epochs": 1, "eval_every": 5, "dense_size": 64}
 
 
 @pytest.fixture(scope="session")

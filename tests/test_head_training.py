@@ -203,8 +203,8 @@ def test_the_flow_fans_out_and_registers_every_head_with_its_backbone(heads_flow
     assert summary["backbone"] == backbone_ref
     branches = summary["branches"]
     assert sorted((b["role"], b["task"], b["seed"]) for b in branches) == sorted(
-        (role, task, seed) for role in ("pretrained", "random") for task in ("region", "metal", "screws")
-        for seed in (0, 1))
+        [(role, task, seed) for role in ("pretrained", "random") for task in ("region", "metal", "screws")
+         for seed in (0, 1)] + [("floor", task, seed) for task in ("region", "metal") for seed in (0, 1)])
     for task in ("region", "metal", "screws"):
         name = f"dax-head-{task}-vit_tiny_patch16"
         versions = client.search_model_versions(f"name = '{name}'")
@@ -218,12 +218,12 @@ def test_the_flow_fans_out_and_registers_every_head_with_its_backbone(heads_flow
         assert summary["registered"][task]["version"] == str(candidate.version)
         head = mlflow.pytorch.load_model(f"models:/{name}@candidate", map_location="cpu")
         assert head.task == task and head.size == 64
-    assert all(b["version"] is None for b in branches if b["role"] == "random")
+    assert all(b["version"] is None for b in branches if b["role"] in ("random", "floor"))
 
     run = client.get_run(summary["run_id"])
     assert run.data.tags["dax.backbone"] == backbone_ref
     children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{summary['run_id']}'")
-    assert len(children) == 12
+    assert len(children) == 16                                # 12 head branches and 4 floors
     artifacts = {a.path for a in client.list_artifacts(summary["run_id"], "results")}
     assert {"results/heads_table.json", "results/heads.md", "results/heads.csv"} <= artifacts
     figures = {a.path for a in client.list_artifacts(summary["run_id"], "figures")}
@@ -240,7 +240,12 @@ def test_the_flow_fans_out_and_registers_every_head_with_its_backbone(heads_flow
                 ("region", "e2e_accuracy"), ("metal", "dice_all"), ("screws", "f1")):
         row = rows[key]
         assert row["pretrained_n"] == 2 and row["random_n"] == 2 and "±" in row["pretrained"], row
+    for key in (("region", "accuracy"), ("region", "knn_accuracy"), ("metal", "dice"), ("metal", "dice_all")):
+        assert rows[key]["floor_n"] == 2 and 0 <= rows[key]["floor_mean"] <= 1, rows[key]   # the floors ran
+    assert rows[("region", "accuracy")]["ceiling_n"] == 2                 # e2e from random init: the ceiling
+    assert rows[("region", "accuracy")]["ceiling_mean"] == rows[("region", "e2e_accuracy")]["random_mean"]
+    assert "| floor | random-init | pretrained | supervised ceiling | DAX paper |" in summary["markdown"]
     table = json.loads(mlflow.artifacts.load_text(f"runs:/{summary['run_id']}/results/heads_table.json"))
-    assert {"pretrained", "random", "paper"} <= set(table["columns"])
+    assert {"floor", "pretrained", "random", "ceiling", "paper"} <= set(table["columns"])
     # features: one cache entry per backbone, computed once and shared by every task and seed
     assert len(list((heads_env.home / "cache" / "features").glob("*/meta.json"))) >= 2

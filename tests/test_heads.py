@@ -7,13 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from dax_models.heads import (
-    FeatureFusion,
+    DenseDecoder,
     LinearHead,
     MLPHead,
     ScrewHead,
     SegmentationDecoder,
     decode_screws,
     screw_loss,
+    map_strides,
     screw_targets,
 )
 from dax_models.metrics import screw_metrics
@@ -46,18 +47,26 @@ def test_classification_heads_shapes():
     assert MLPHead(32, 3, hidden=16, dropout=0.1)(x).shape == (5, 3)
 
 
-@pytest.mark.parametrize("levels, fused", [(_vit_levels, (4, 4)), (_resnet_levels, (16, 16))])
-@pytest.mark.parametrize("mode", ["sum", "concat"])
-def test_dense_heads_shapes(levels, fused, mode):
+@pytest.mark.parametrize("levels", [_vit_levels, _resnet_levels])
+def test_dense_heads_shapes(levels):
     feats = levels()
-    chans = [f.shape[1] for f in feats]
-    assert FeatureFusion(chans, hidden=16, mode=mode)(feats).shape == (2, 16, *fused)
-    seg = SegmentationDecoder(chans, hidden=16, mode=mode)
+    chans, strides = [f.shape[1] for f in feats], map_strides(feats, INPUT[0])
+    grid = (INPUT[0] // 4, INPUT[1] // 4)                   # stride 4 whatever the backbone's strides
+    assert DenseDecoder(chans, strides, hidden=16)(feats).shape == (2, 16, *grid)
+    seg = SegmentationDecoder(chans, strides, hidden=16)
+    assert seg.grid_logits(feats).shape == (2, 1, INPUT[0] // 2, INPUT[1] // 2)
     assert seg(feats, INPUT).shape == (2, 1, *INPUT)
-    out = ScrewHead(chans, hidden=16, mode=mode)(feats)
-    assert out["heatmap"].shape == (2, 1, *fused)
-    assert out["offset"].shape == (2, 2, *fused)
-    assert out["vectors"].shape == (2, 4, *fused)
+    out = ScrewHead(chans, strides, hidden=16)(feats)
+    assert out["heatmap"].shape == (2, 1, *grid)
+    assert out["offset"].shape == (2, 2, *grid)
+    assert out["vectors"].shape == (2, 4, *grid)
+
+
+def test_dense_decoder_refuses_levels_off_the_pyramid():
+    with pytest.raises(ValueError, match="power of two"):
+        DenseDecoder([8], [12.0])
+    with pytest.raises(ValueError, match="one stride per level"):
+        DenseDecoder([8, 8], [4.0])
 
 
 # ------------------------------------------------------------------ targets / decode
@@ -121,7 +130,7 @@ def test_segmentation_decoder_overfits():
     yy, xx = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
     masks = torch.stack([((yy - 20) ** 2 + (xx - 30) ** 2 < 150),
                          ((yy - 40) ** 2 + (xx - 25) ** 2 < 300)])[:, None].float()
-    dec = SegmentationDecoder([f.shape[1] for f in feats], hidden=16)
+    dec = SegmentationDecoder([f.shape[1] for f in feats], map_strides(feats, 64), hidden=16)
     losses = _fit(dec, lambda: F.binary_cross_entropy_with_logits(dec(feats, INPUT), masks), 30)
     assert losses[-1] < losses[0] / 3
 
@@ -129,7 +138,7 @@ def test_segmentation_decoder_overfits():
 def test_screw_head_overfits():
     torch.manual_seed(0)
     feats = _resnet_levels(chans=(4, 8, 8, 8))
-    head = ScrewHead([f.shape[1] for f in feats], hidden=16)
+    head = ScrewHead([f.shape[1] for f in feats], map_strides(feats, 64), hidden=16)
     t = screw_targets(SCREWS, INPUT, (16, 16), sigma=1.0)
     losses = _fit(head, lambda: screw_loss(head(feats), t), 40)
     assert losses[-1] < losses[0] / 3

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks.release.promotion import compare, lower_is_better, promote
+from tasks.heads.results import results_table
+from tasks.release.promotion import below_floors, compare, floor_scores, lower_is_better, promote
 
 
 def test_compare_knows_which_way_is_better():
@@ -17,6 +18,18 @@ def test_compare_knows_which_way_is_better():
     assert compare({"region.accuracy": 0.89}, {"region.accuracy": 0.9}, tolerance=0.02)[0]
     assert compare({"metal.dice": 0.5}, None) == (True, [{"metric": "metal.dice", "candidate": 0.5, "champion": None,
                                                           "verdict": "new"}])
+
+
+def test_floors_come_from_the_results_table_and_are_beaten_strictly():
+    branches = [{"role": role, "task": "region", "seed": seed, "metrics": {"accuracy": value + 0.01 * seed}}
+                for role, value in (("floor", 0.48), ("random", 0.30), ("pretrained", 0.45)) for seed in range(2)]
+    table = results_table(branches, ("region",))
+    floors = floor_scores(table)
+    assert floors == {"region.accuracy": pytest.approx(0.485)}
+    assert table[0]["floor"] == "48.5 ± 0.7 %" and table[0]["ceiling"] == "n/a"
+    assert [r["verdict"] for r in below_floors({"region.accuracy": 0.455}, floors)] == ["not above floor"]
+    assert below_floors({"region.accuracy": 0.6}, floors) == []
+    assert below_floors({"screws.head_l1_px": 3.0}, {"screws.head_l1_px": 2.0})[0]["metric"] == "screws.head_l1_px (floor)"
 
 
 def test_promotion_moves_the_champion_alias_only_on_a_win(tmp_path, monkeypatch):
@@ -55,3 +68,11 @@ def test_promotion_moves_the_champion_alias_only_on_a_win(tmp_path, monkeypatch)
     assert client.get_model_version("dax-backbone-x", third).tags["dax.promotion"] == "champion"
     with pytest.raises(Exception):
         client.get_model_version_by_alias("dax-head-region-x", "challenger")
+
+    # better than the champion but not above its floors: never champion
+    fourth = register("dax-backbone-x")
+    decision = promote("dax-backbone-x", fourth, {"region.accuracy": 0.85, "screws.head_l1_px": 8.0},
+                       floors={"region.accuracy": 0.9})
+    assert decision.alias == "challenger"
+    assert str(client.get_model_version_by_alias("dax-backbone-x", "champion").version) == third
+    assert "| region.accuracy (floor) | 0.85 | 0.9 | not above floor |" in decision.markdown("dax-backbone-x", fourth)

@@ -14,7 +14,8 @@ def test_a_rerun_on_the_same_data_reuses_the_backbone_and_a_new_config_does_not(
 
     home = home_with_catalog_of(small_corpus, tmp_path / "home")
     run = dict(configs=["demo-cpu"], home=str(home), labels=str(small_corpus.labels), device="cpu", seeds=1,
-               overrides=TINY_DINO, heads_size=32, heads_overrides={**HEADS_TEST_OVERRIDES, "e2e_epochs": 0})
+               overrides=TINY_DINO, heads_size=32, heads_overrides={**HEADS_TEST_OVERRIDES, "e2e_epochs": 0,
+                                                                 "dense_size": 32})
     with heads_tracking(home):
         first = retrain(**run)["retrained"][0]
         second = retrain(**run)["retrained"][0]

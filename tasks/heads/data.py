@@ -31,7 +31,7 @@ from tasks.ingest.labels import load_labels
 from tasks.label_schema import BODY_REGIONS
 from tasks.pretrain.data import read_samples
 
-__all__ = ["HeadDataset", "load_head_dataset"]
+__all__ = ["HeadDataset", "load_head_dataset", "screw_rows"]
 
 DEFAULT_MAX_BYTES = 8 << 30
 
@@ -95,7 +95,8 @@ class HeadDataset:
                 **{f"{k}_images": v for k, v in counts.items()}}
 
 
-def _screw_rows(items) -> np.ndarray:
+def screw_rows(items) -> np.ndarray:
+    """Label screws (dicts) -> (K, 4) [head_x, head_y, tip_x, tip_y] native pixels, visible screws only."""
     rows = [[s["head_x"], s["head_y"], s["tip_x"], s["tip_y"]] for s in (items or []) if s.get("visible", True)]
     return np.asarray(rows, dtype=np.float64).reshape(-1, 4)
 
@@ -143,7 +144,7 @@ def load_head_dataset(home: Path, labels_path: Path, size: int = 224, where: str
         raise FileNotFoundError(f"{missing} labelled catalog images were not found in their shards")
     regions = torch.tensor([BODY_REGIONS.index(r["region"]) if r["region"] in BODY_REGIONS else -1 for r in rows],
                            dtype=torch.long)
-    native_screws = [_screw_rows(r.get("screws")) for r in rows]
+    native_screws = [screw_rows(r.get("screws")) for r in rows]
     screws = [box.screws_to_input(s) for s, box in zip(native_screws, boxes)]
     return HeadDataset(size=size, keys=[r["key"] for r in rows], images=images, regions=regions,
                        masks=mask_tensor, screws=screws, native_screws=native_screws, boxes=boxes,

@@ -26,7 +26,7 @@ from dax_models.metrics import detection_scores, screw_metrics, segmentation_met
 from tasks.heads.data import HeadDataset
 
 __all__ = ["batches", "classifier_probabilities", "evaluate_screws", "native_screw_metrics",
-           "native_segmentation_metrics", "predict_masks", "predict_screws"]
+           "native_segmentation_metrics", "predict_masks", "predict_screws", "screw_metrics_at_native"]
 
 
 def batches(idx: np.ndarray, batch_size: int, generator: torch.Generator | None) -> list[np.ndarray]:
@@ -91,25 +91,33 @@ def native_segmentation_metrics(probabilities: torch.Tensor, data: HeadDataset, 
 
 def native_screw_metrics(predictions: Sequence[Sequence[dict]], data: HeadDataset, idx: Sequence[int],
                          score_threshold: float = 0.5, gate: float = 0.05) -> dict:
-    """DAX's screw metrics at NATIVE resolution for images ``idx`` (predictions in INPUT pixels).
+    """DAX's screw metrics at NATIVE resolution for images ``idx`` of ``data`` (predictions in INPUT pixels):
+    ``screw_metrics_at_native`` on their letterboxes and native labels."""
+    return screw_metrics_at_native(predictions, [data.boxes[i] for i in idx], [data.native_screws[i] for i in idx],
+                                   score_threshold, gate)
+
+
+def screw_metrics_at_native(predictions: Sequence[Sequence[dict]], boxes: Sequence[Letterbox],
+                            truths: Sequence[np.ndarray], score_threshold: float = 0.5, gate: float = 0.05) -> dict:
+    """DAX's screw metrics at NATIVE resolution (predictions in INPUT pixels, truths (K, 4) in native pixels).
 
     Each image's predictions are mapped back with its ``Letterbox``; images are grouped by native long
     side so the gate is ``gate`` x long side in each group; groups are pooled (module docstring).
+    ``gate_px`` is the gate in native pixels, averaged over images.
     """
     groups: dict[int, tuple[list, list]] = {}
-    for pred, i in zip(predictions, idx):
-        box: Letterbox = data.boxes[i]
+    for pred, box, truth in zip(predictions, boxes, truths):
         rows = np.asarray([[*p["head"], *p["tip"], p["score"]] for p in pred], dtype=np.float64).reshape(-1, 5)
         native = box.screws_to_native(rows) if len(rows) else rows
         side = max(box.native_h, box.native_w)
         groups.setdefault(side, ([], []))
         groups[side][0].append(native)
-        groups[side][1].append(data.native_screws[i])
+        groups[side][1].append(truth)
     tp = fp = fn = n_pred = n_true = 0
     sums = {"head_l1_px": 0.0, "tip_l1_px": 0.0, "angle_deg": 0.0}
     weights = dict.fromkeys(sums, 0)
-    for side, (preds, truths) in sorted(groups.items()):
-        m = screw_metrics(preds, truths, score_threshold=score_threshold, max_distance=gate * side)
+    for side, (preds, truths_of_side) in sorted(groups.items()):
+        m = screw_metrics(preds, truths_of_side, score_threshold=score_threshold, max_distance=gate * side)
         tp, fp, fn = tp + m["tp"], fp + m["fp"], fn + m["fn"]
         n_pred, n_true = n_pred + m["num_pred"], n_true + m["num_true"]
         for key in sums:
@@ -118,8 +126,10 @@ def native_screw_metrics(predictions: Sequence[Sequence[dict]], data: HeadDatase
                 weights[key] += m["tp"]
     precision, recall, f1 = detection_scores(tp, n_pred, n_true)
     result = {key: (sums[key] / weights[key] if weights[key] else float("nan")) for key in sums}
+    gate_px = [gate * side for side, (preds, _) in groups.items() for _ in preds]
     result.update(precision=float(precision), recall=float(recall), f1=float(f1), tp=int(tp), fp=int(fp), fn=int(fn),
-                  num_pred=int(n_pred), num_true=int(n_true), num_images=len(idx))
+                  num_pred=int(n_pred), num_true=int(n_true), num_images=len(boxes),
+                  gate_px=float(np.mean(gate_px)) if gate_px else float("nan"))
     return result
 
 

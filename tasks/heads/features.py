@@ -197,9 +197,10 @@ class LiveFeatures:
         return out.float().to(device)
 
 
-def compute_features(role: str, backbone: Backbone, images: torch.Tensor, cache_dir: str, data_digest: str,
-                     parts: Sequence[str], device: str = "auto", batch_size: int = 64) -> str:
-    """Features of one backbone (cached under ``cache_dir``); returns the cache entry's folder."""
+def compute_features(role: str, view: str, backbone: Backbone, images: torch.Tensor, cache_dir: str,
+                     data_digest: str, parts: Sequence[str], device: str = "auto", batch_size: int = 64) -> str:
+    """Features of one backbone (``role``) on one view's images (cached under ``cache_dir``); returns the cache
+    entry's folder."""
     store = FeatureStore.compute(backbone, images, parts, resolve_device(device), batch_size, Path(cache_dir),
                                  data_digest)
     return str(store.path)

@@ -1,7 +1,16 @@
-"""The heads' results table: pretrained against random init, mean ± sd over seeds, beside the paper.
+"""The heads' results table: floor, random init, pretrained, supervised ceiling and the paper, mean ± sd over seeds.
 
 One row per (task, metric) that ran; written as an MLflow table, markdown and CSV, and as the Prefect
-artifact ``heads-summary``. Promotion (``tasks.release.promotion``) reads the ``pretrained_mean`` column.
+artifact ``heads-summary``. Columns:
+
+- ``floor``: the same metric without a backbone (``tasks.heads.floors``): region rows, the logistic
+  regression on 32 x 32 thumbnails (the kNN row: kNN on 16 x 16 thumbnails); metal, the best threshold;
+- ``random``: the same heads on the random-init twin; ``pretrained``: on the backbone under test;
+- ``ceiling``: the same architecture trained end to end, supervised, from random init on the same images
+  (``CEILING``: the random-init branch's ``e2e_*`` metric), where it ran;
+- ``paper``: DAX's figure.
+
+Promotion (``tasks.release.promotion``) reads the ``pretrained_mean`` and ``floor_mean`` columns.
 """
 from __future__ import annotations
 
@@ -11,7 +20,7 @@ import math
 
 import numpy as np
 
-__all__ = ["PAPER", "ROWS", "log_results", "results_csv", "results_markdown", "results_table"]
+__all__ = ["CEILING", "PAPER", "ROLES", "ROWS", "log_results", "results_csv", "results_markdown", "results_table"]
 
 # (task, metric, label, unit): "%" metrics are fractions shown as percentages
 ROWS = [
@@ -45,6 +54,12 @@ PAPER = {
 }
 
 
+# the supervised ceiling of a row: (the random-init branches' metric)
+CEILING = {("region", "accuracy"): "e2e_accuracy"}
+ROLES = ("floor", "random", "pretrained")                 # the branches' roles (tasks.heads.steps)
+COLUMNS = (*ROLES, "ceiling")
+
+
 def _stats(values: list[float]) -> tuple[float, float, int]:
     v = [x for x in values if x is not None and math.isfinite(x)]
     if not v:
@@ -61,35 +76,46 @@ def _format(mean: float, sd: float, unit: str) -> str:
 
 
 def results_table(results: list[dict], tasks: tuple[str, ...]) -> list[dict]:
-    """Rows (task, metric): pretrained and random-init mean ± sd over seeds, and the paper's number."""
+    """Rows (task, metric): floor, random-init, pretrained and ceiling mean ± sd over seeds, and the paper's number."""
     rows = []
     for task_name, metric, label, unit in ROWS:
         if task_name not in tasks:
             continue
         row = {"task": task_name, "metric": metric, "label": label, "paper": PAPER.get((task_name, metric), "")}
         ran = False
-        for role in ("pretrained", "random"):
+        columns = [(role, role, metric) for role in ROLES]
+        if (task_name, metric) in CEILING:
+            columns.append(("ceiling", "random", CEILING[(task_name, metric)]))
+        for column, role, key in columns:
             branches = [r for r in results if r["role"] == role and r["task"] == task_name]
-            values = [r["metrics"].get(metric) for r in branches]
-            ran = ran or any(metric in r["metrics"] or metric in r.get("undefined", ()) for r in branches)
+            values = [r["metrics"].get(key) for r in branches]
+            if column != "floor":
+                ran = ran or any(key in r["metrics"] or key in r.get("undefined", ()) for r in branches)
             mean, sd, n = _stats([v for v in values if v is not None])
-            row.update({role: _format(mean, sd, unit), f"{role}_mean": mean, f"{role}_sd": sd, f"{role}_n": n})
+            row.update({column: _format(mean, sd, unit), f"{column}_mean": mean, f"{column}_sd": sd, f"{column}_n": n})
+        for column in COLUMNS:
+            row.setdefault(column, "n/a")
+            row.setdefault(f"{column}_mean", float("nan"))
+            row.setdefault(f"{column}_sd", float("nan"))
         if ran:   # a metric that was computed but undefined (no matched screw: NaN) shows as n/a
             rows.append(row)
     return rows
 
 
 def results_markdown(rows: list[dict], header: list[str]) -> str:
-    lines = header + ["", "| task | metric | pretrained (mean ± sd) | random-init (mean ± sd) | DAX paper |",
-                      "|---|---|---|---|---|"]
-    lines += [f"| {r['task']} | {r['label']} | {r['pretrained']} | {r['random']} | {r['paper']} |" for r in rows]
+    lines = header + ["", "| task | metric | floor | random-init | pretrained | supervised ceiling | DAX paper |",
+                      "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['task']} | {r['label']} | {r['floor']} | {r['random']} | {r['pretrained']} | {r['ceiling']} "
+              f"| {r['paper']} |" for r in rows]
+    lines += ["", "floor: no backbone (region: logistic regression on 32 x 32 thumbnails, kNN on 16 x 16 ones; metal: "
+              "the best intensity threshold chosen on training images); supervised ceiling: the same architecture "
+              "trained end to end from random init on the same images (n/a: not run)."]
     return "\n".join(lines)
 
 
 def results_csv(rows: list[dict]) -> str:
     out = io.StringIO()
-    keys = ["task", "metric", "label", "pretrained_mean", "pretrained_sd", "pretrained_n", "random_mean", "random_sd",
-            "random_n", "paper"]
+    keys = ["task", "metric", "label"] + [f"{c}_{s}" for c in COLUMNS for s in ("mean", "sd")] + ["paper"]
     writer = csv.DictWriter(out, fieldnames=keys, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
@@ -100,14 +126,13 @@ def log_results(rows: list[dict], markdown: str) -> None:
     """The table into the active MLflow run: as a table, markdown and CSV, and as flat metrics."""
     import mlflow
 
-    mlflow.log_table({k: [r[k] for r in rows] for k in ("task", "metric", "label", "pretrained", "random", "paper",
-                                                         "pretrained_mean", "pretrained_sd", "random_mean",
-                                                         "random_sd")}, "results/heads_table.json")
+    keys = ("task", "metric", "label", *COLUMNS, "paper", *(f"{c}_{s}" for c in COLUMNS for s in ("mean", "sd")))
+    mlflow.log_table({k: [r[k] for r in rows] for k in keys}, "results/heads_table.json")
     mlflow.log_text(markdown, "results/heads.md")
     mlflow.log_text(results_csv(rows), "results/heads.csv")
     flat = {}
     for r in rows:
-        for role in ("pretrained", "random"):
+        for role in COLUMNS:
             if math.isfinite(r[f"{role}_mean"]):
                 flat[f"{role}.{r['task']}.{r['metric']}.mean"] = r[f"{role}_mean"]
                 flat[f"{role}.{r['task']}.{r['metric']}.sd"] = r[f"{role}_sd"]

@@ -18,28 +18,36 @@ from dax_models.backbones import Backbone
 from tasks.heads.data import HeadDataset
 from tasks.heads.features import FeatureStore, compute_features
 from tasks.heads.figures import task_figures
-from tasks.heads.training import HeadConfig, run_task
+from tasks.heads.floors import run_floor
+from tasks.heads.training import HeadConfig, run_task, task_view
 from tasks.release.registry import head_model, log_torch_model
 
-__all__ = ["branch_task", "features_task", "train_branch"]
+__all__ = ["FLOOR", "branch_task", "features_task", "train_branch"]
+
+FLOOR = "floor"                   # the role of the branches that train no head: the floors (tasks.heads.floors)
 
 _MLFLOW_LOCK = threading.Lock()   # one MLflow writer at a time among the flow's threads (SQLite store)
 
 
-def train_branch(role: str, task: str, seed: int, data: HeadDataset, stores: dict[str, str],
+def train_branch(role: str, task: str, seed: int, views: dict[str, HeadDataset], stores: dict[str, str],
                  backbones: dict[str, Backbone], config: HeadConfig, arch: str, experiment_id: str,
                  parent_run_id: str, backbone_ref: str, figures_dir: str, register: bool = True,
                  figures: bool = True) -> dict:
-    """One branch of the fan-out: train and evaluate ``task`` with ``seed`` on ``role``'s cached features;
+    """One branch of the fan-out: train and evaluate ``task`` with ``seed`` on ``role``'s cached features
+    (``stores["<role>:<view>"]``, the view of ``task_view``), or the task's floor when ``role`` is 'floor';
     log a child MLflow run; register the head (``dax-head-<task>-<arch>``, tagged with the backbone's
     ``name/version``) when ``role`` is 'pretrained' and ``register``. Returns metrics and the version."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    store = FeatureStore.open(Path(stores[role]))
-    if store is None:
-        raise FileNotFoundError(f"the feature cache of the {role} backbone is incomplete")
-    result = run_task(task, seed, data, store, config, arch, backbone=backbones.get(role))
+    data = views[task_view(task)]
+    if role == FLOOR:
+        result = run_floor(task, seed, data, config)
+    else:
+        store = FeatureStore.open(Path(stores[f"{role}:{task_view(task)}"]))
+        if store is None:
+            raise FileNotFoundError(f"the feature cache of the {role} backbone is incomplete")
+        result = run_task(task, seed, data, store, config, arch, backbone=backbones.get(role))
     label = f"{role}-seed{seed}"
     paths = task_figures(result, data, Path(figures_dir), label) if figures else []
     metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
@@ -49,8 +57,8 @@ def train_branch(role: str, task: str, seed: int, data: HeadDataset, stores: dic
     with _MLFLOW_LOCK:
         run = client.create_run(experiment_id, run_name=f"{task}-{role}-seed{seed}",
                                 tags={"mlflow.parentRunId": parent_run_id, "dax.task": task, "dax.role": role,
-                                      "dax.seed": str(seed), "dax.backbone": backbone_ref if role == "pretrained"
-                                      else f"random-init {arch}"})
+                                      "dax.seed": str(seed), "dax.backbone": {"pretrained": backbone_ref,
+                                                                              FLOOR: "none"}.get(role, f"random-init {arch}")})
         run_id = run.info.run_id
         client.log_batch(run_id, params=_params({"task": task, "role": role, "seed": seed, "size": data.size}))
         RunMetrics(client, run_id).log({**metrics, "val_score": result.val_score})
@@ -99,5 +107,5 @@ def _params(values: dict) -> list:
     return [Param(k, str(v)[:500]) for k, v in values.items()]
 
 
-features_task = task(compute_features, name="head-features", cache_policy=NONE, task_run_name="features-{role}")
+features_task = task(compute_features, name="head-features", cache_policy=NONE, task_run_name="features-{role}-{view}")
 branch_task = task(train_branch, name="train-head", cache_policy=NONE, task_run_name="{task}-{role}-seed{seed}")

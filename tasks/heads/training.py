@@ -9,9 +9,10 @@ metrics in ``tasks.heads.evaluation``:
   few-shot linear probes on 1, 5 and 10 training images per class; a small supervised end-to-end
   run (the same architecture, initialised from this backbone, trained end to end with a linear
   head: from the random-init twin it is the supervised baseline). Accuracy, macro P/R/F1.
-- ``metal``: ``SegmentationDecoder`` over the 4 levels, upsampled to the input; BCE + soft Dice.
-- ``screws``: CenterNet-style ``ScrewHead`` (midpoint heatmap + offset + head/tip vectors); the score
-  threshold is the one with the best F1 on validation images.
+- ``metal``: ``SegmentationDecoder`` over the 4 levels (FPN / DPT-style reassembly to stride 4, refined to
+  stride 2), upsampled to the input; BCE + soft Dice. Dense tasks run at ``dense_size`` (512 px).
+- ``screws``: CenterNet-style ``ScrewHead`` at stride 4 (midpoint heatmap + offset + head/tip vectors); the
+  score threshold is the one with the best F1 on validation images.
 
 Randomness: each (task, seed) run seeds its own ``torch.Generator`` for data order, few-shot
 picks and augmentation; heads are initialised under a lock with the global RNG forked and seeded,
@@ -37,6 +38,7 @@ from dax_models.heads import (
     MLPHead,
     ScrewHead,
     SegmentationDecoder,
+    map_strides,
     screw_loss,
     screw_targets,
 )
@@ -57,10 +59,16 @@ from tasks.heads.evaluation import (
     predict_screws,
 )
 
-__all__ = ["TASKS", "HeadConfig", "TaskResult", "fit_classifier", "fit_screw_head", "fit_segmenter", "load_head_config",
-           "run_task", "seeded", "train_end_to_end"]
+__all__ = ["DENSE_TASKS", "TASKS", "HeadConfig", "TaskResult", "fit_classifier", "fit_screw_head", "fit_segmenter", "load_head_config",
+           "run_task", "seeded", "task_view", "train_end_to_end"]
 
 TASKS = ("region", "metal", "screws")
+DENSE_TASKS = ("metal", "screws")
+
+
+def task_view(task: str) -> str:
+    """The images a task reads: ``region`` at ``HeadConfig.size``, ``dense`` (metal, screws) at ``dense_size``."""
+    return "dense" if task in DENSE_TASKS else "region"
 _RNG_LOCK = threading.Lock()
 
 
@@ -68,7 +76,8 @@ _RNG_LOCK = threading.Lock()
 class HeadConfig:
     """Budgets and settings of the heads (small by default: they train on cached features)."""
 
-    size: int = 224                   # evaluation input size S (letterboxed)
+    size: int = 224                   # region input size S (letterboxed)
+    dense_size: int = 512             # metal and screw input size (their oracles need >= 512 px: tests/test_dense_oracle.py)
     feature_batch: int = 64           # images per backbone pass
     batch_size: int = 256             # classification heads (features)
     dense_batch: int = 32             # segmentation and screw heads
@@ -182,7 +191,8 @@ def fit_segmenter(source, train_idx: np.ndarray, masks: torch.Tensor, size: int,
     """``SegmentationDecoder`` on the cached maps; BCE + soft Dice; best validation Dice kept."""
     device = torch.device(device)
     generator = torch.Generator().manual_seed(seed)
-    decoder = seeded(seed, lambda: SegmentationDecoder(source.map_channels, hidden=hidden)).to(device)
+    strides = _map_strides(source, train_idx, size)
+    decoder = seeded(seed, lambda: SegmentationDecoder(source.map_channels, strides, hidden=hidden)).to(device)
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=lr, weight_decay=weight_decay)
     best, best_state = {"val_dice": float("nan"), "epoch": epochs}, None
     # selection only on validation images that show metal (empty ones reward predicting nothing)
@@ -209,9 +219,8 @@ def fit_segmenter(source, train_idx: np.ndarray, masks: torch.Tensor, size: int,
     return decoder.eval(), best
 
 
-def _map_size(source, idx) -> tuple[int, int]:
-    maps = source.get("maps", np.asarray(idx[:1]))
-    return tuple(max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1]))
+def _map_strides(source, idx, size: int) -> list[float]:
+    return map_strides(source.get("maps", np.asarray(idx[:1])), size)
 
 
 def fit_screw_head(source, train_idx: np.ndarray, screws: Sequence[np.ndarray], size: int, epochs: int = 60,
@@ -224,10 +233,11 @@ def fit_screw_head(source, train_idx: np.ndarray, screws: Sequence[np.ndarray], 
     """
     device = torch.device(device)
     generator = torch.Generator().manual_seed(seed)
-    head = seeded(seed, lambda: ScrewHead(source.map_channels, hidden=hidden)).to(device)
+    strides = _map_strides(source, train_idx, size)
+    head = seeded(seed, lambda: ScrewHead(source.map_channels, strides, hidden=hidden)).to(device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    map_size = _map_size(source, train_idx)
-    targets = screw_targets([screws[i] for i in train_idx], (size, size), map_size)
+    grid = size // head.out_stride
+    targets = screw_targets([screws[i] for i in train_idx], (size, size), (grid, grid))
     row_of = {int(i): r for r, i in enumerate(train_idx)}
     best, best_state = {"val_score": float("nan"), "epoch": epochs}, None
     # selection only when validation images show screws (else predicting nothing scores best)

@@ -7,6 +7,9 @@ when no shared score is worse than the champion's by more than ``tolerance`` (re
 the default 0 means "matches or beats on every metric". With no champion yet, the first candidate wins.
 The scores are stored on the backbone's model version (tag ``dax.eval``) so the next comparison reads
 them from MLflow, and the decision is returned as rows for a Prefect artifact.
+
+Floors come first: a candidate whose heads do not beat the floors of the same table (the same metric with
+no backbone, ``tasks.heads.floors``) is never ``@champion``, whatever the current champion scores.
 """
 from __future__ import annotations
 
@@ -17,8 +20,8 @@ from dataclasses import dataclass
 from prefect import task
 from prefect.cache_policies import NONE
 
-__all__ = ["PROMOTION_METRICS", "Decision", "compare", "evaluation_scores", "lower_is_better", "promote",
-           "promote_task"]
+__all__ = ["PROMOTION_METRICS", "Decision", "below_floors", "compare", "evaluation_scores", "floor_scores",
+           "lower_is_better", "promote", "promote_task"]
 
 # what promotion compares: the registered heads' headline metrics, means over seeds on test patients
 PROMOTION_METRICS = [("region", "accuracy"), ("region", "f1"), ("metal", "dice"), ("screws", "f1"),
@@ -44,6 +47,8 @@ class Decision:
         for r in self.rows:
             champ = "" if r["champion"] is None else f"{r['champion']:.4g}"
             lines.append(f"| {r['metric']} | {r['candidate']:.4g} | {champ} | {r['verdict']} |")
+        lines.append("")
+        lines.append("(floor) rows: the champion column holds the floor, the same metric without a backbone.")
         return "\n".join(lines)
 
 
@@ -63,11 +68,24 @@ def compare(candidate: dict[str, float], champion: dict[str, float] | None, tole
     return wins, rows
 
 
+def below_floors(candidate: dict[str, float], floors: dict[str, float] | None) -> list[dict]:
+    """Rows for the metrics where the candidate does not beat its floor (strictly; NaN on either side: skipped)."""
+    rows = []
+    for metric, floor in sorted((floors or {}).items()):
+        new = candidate.get(metric)
+        if new is None or new != new or floor != floor:
+            continue
+        if not (new < floor if lower_is_better(metric) else new > floor):
+            rows.append({"metric": f"{metric} (floor)", "candidate": new, "champion": floor, "verdict": "not above floor"})
+    return rows
+
+
 def promote(name: str, version: str, scores: dict[str, float], heads: dict[str, str] | None = None,
-            tolerance: float = 0.0, client=None) -> Decision:
-    """Compare ``name``/``version`` with the current champion and set ``@champion`` or ``@challenger``.
+            tolerance: float = 0.0, client=None, floors: dict[str, float] | None = None) -> Decision:
+    """Compare ``name``/``version`` with its floors and the current champion; set ``@champion`` or ``@challenger``.
 
     ``heads`` maps head model names to the versions trained on this backbone: they get the same alias.
+    ``floors``: the same metrics without a backbone (``floor_scores``); not beating one makes a challenger.
     """
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -82,7 +100,9 @@ def promote(name: str, version: str, scores: dict[str, float], heads: dict[str, 
         current = None                                          # re-promoting the champion itself
     champion_scores = json.loads(current.tags.get("dax.eval", "{}")) if current is not None else None
     wins, rows = compare(clean, champion_scores, tolerance)
-    alias = CHAMPION if wins else CHALLENGER
+    under = below_floors(clean, floors)
+    alias = CHAMPION if wins and not under else CHALLENGER
+    rows = under + rows
     client.set_model_version_tag(name, version, "dax.eval", json.dumps(clean, sort_keys=True))
     client.set_model_version_tag(name, version, "dax.promotion", alias)
     client.set_registered_model_alias(name, alias, version)
@@ -97,11 +117,19 @@ def evaluation_scores(table: list[dict]) -> dict[str, float]:
     return {f"{t}.{m}": rows[(t, m)]["pretrained_mean"] for t, m in PROMOTION_METRICS if (t, m) in rows}
 
 
+def floor_scores(table: list[dict]) -> dict[str, float]:
+    """The floors of a heads results table for the promotion metrics (``floor_mean``; absent where none ran)."""
+    rows = {(r["task"], r["metric"]): r for r in table}
+    return {f"{t}.{m}": rows[(t, m)]["floor_mean"] for t, m in PROMOTION_METRICS
+            if (t, m) in rows and math.isfinite(rows[(t, m)].get("floor_mean", float("nan")))}
+
+
 def promote_and_report(model: str, version: str, table: list[dict], head_versions: dict) -> dict:
-    """Promote a backbone on its heads' results table; the comparison as the Prefect artifact ``promotion``."""
+    """Promote a backbone on its heads' results table (floors and champion); the comparison as the Prefect
+    artifact ``promotion``."""
     from prefect.artifacts import create_markdown_artifact
 
-    decision = promote(model, version, evaluation_scores(table), head_versions)
+    decision = promote(model, version, evaluation_scores(table), head_versions, floors=floor_scores(table))
     create_markdown_artifact(decision.markdown(model, version), key="promotion",
                              description=f"{model} version {version}: @{decision.alias}")
     return {"model": model, "version": version, "alias": decision.alias, "previous_champion": decision.champion_version,
