@@ -27,6 +27,7 @@ HOME_OPTION = typer.Option(None, "--home", envvar="DAX_HOME", help="DAX home fol
 class Preset(str, Enum):
     full = "full"
     demo = "demo"
+    eval = "eval"
     test = "test"
 
 
@@ -115,7 +116,9 @@ def synth(
     studies: int = typer.Option(200, help="Number of studies to generate (200 demo studies: about 2,000 images)."),
     seed: int = typer.Option(0, help="Corpus seed: the same seed gives the same bytes."),
     start: int = typer.Option(0, help="First study index (seed ranges let several runs build one corpus)."),
-    preset: Preset = typer.Option(Preset.demo, help="full (native detectors, 50-200 view sweeps), demo, or test."),
+    preset: Preset = typer.Option(Preset.demo, help="full (native detectors, 50-200 view sweeps), demo, eval (the "
+                                  "heads' labelled evaluation corpus: one study per patient, a few frames per series; "
+                                  "300+ studies, another seed) or test."),
     batch_size: int = typer.Option(4, help="Studies per Prefect task run."),
     workers: int = typer.Option(2, help="Worker processes."),
     detector_scale: Optional[float] = typer.Option(None, help="Override the preset's detector scale."),

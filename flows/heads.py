@@ -25,8 +25,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
 from tasks.fileio import sha256_file
-from tasks.heads.results import log_results, results_markdown, results_table
 from tasks.heads.floors import FLOOR_TASKS
+from tasks.heads.results import log_results, results_markdown, results_table
 from tasks.heads.steps import FLOOR, branch_task, features_task
 from tasks.home import configure
 from tasks.release.registry import (
@@ -141,16 +141,16 @@ def _heads(backbone, home, labels, seeds, tasks, size, where, max_images, config
                                   unmapped(config), unmapped(arch), unmapped(experiment), unmapped(run.info.run_id),
                                   unmapped(backbone_ref), unmapped(str(figures_dir)), unmapped(register),
                                   [s[2] == FIGURE_SEED and s[0] != FLOOR for s in specs])
-        results = [future.result() for future in futures]
+        results = _collect(futures, logger)
         registered = alias_best_heads(results, tasks, alias)
 
         rows = results_table(results, tasks)
         header = [f"# Frozen-backbone heads: {backbone_ref} vs random-init {arch}", "",
-                  f"{summary_data['images']} labelled images ({summary_data['patients']} patients), region at {size} px, "
-                  f"metal and screws at {config.dense_size} px; "
-                  f"train {summary_data['train_images']}, val {summary_data['val_images']}, test "
-                  f"{summary_data['test_images']} images (split by patient); {seeds} seed(s); MLflow run "
-                  f"`{run.info.run_id}`. Screw errors are at each image's native resolution (DAX: 976 px)."]
+                  (f"{summary_data['images']} labelled images ({summary_data['patients']} patients), region at {size} "
+                   f"px, metal and screws at {config.dense_size} px; train {summary_data['train_images']}, val "
+                   f"{summary_data['val_images']}, test {summary_data['test_images']} images (split by patient); "
+                   f"{seeds} seed(s); MLflow run `{run.info.run_id}`. Screw errors are at each image's native "
+                   "resolution (DAX: 976 px).")]
         markdown = results_markdown(rows, header)
         if registered:
             markdown += "\n\nregistered: " + ", ".join(f"`{v['uri']}` = version {v['version']} (seed {v['seed']})"
@@ -166,15 +166,34 @@ def _heads(backbone, home, labels, seeds, tasks, size, where, max_images, config
             "seconds": round(time.perf_counter() - began, 1)}
 
 
+HEADLINE = {"region": "accuracy", "metal": "dice", "screws": "f1"}     # the figure each branch's progress line shows
+
+
+def _collect(futures: list, logger) -> list[dict]:
+    """The branches' results in submission order, with a progress line per branch as it finishes."""
+    from prefect.futures import as_completed
+
+    order = {future.task_run_id: i for i, future in enumerate(futures)}
+    results: list = [None] * len(futures)
+    for done, future in enumerate(as_completed(futures), start=1):
+        r = results[order[future.task_run_id]] = future.result()
+        value = r["metrics"].get(HEADLINE[r["task"]], float("nan"))
+        logger.info("heads %d/%d done: %s on %s, seed %d: %s %.3f", done, len(futures), r["task"], r["role"],
+                    r["seed"], HEADLINE[r["task"]], value)
+    return results
+
+
 def _load_views(root: Path, labels: Path, tasks, config, where, max_images) -> dict:
     """The labelled images each task reads (``tasks.heads.training.task_view``): ``region`` at ``config.size``,
-    ``dense`` at ``config.dense_size`` with the metal masks."""
+    ``dense`` at ``config.dense_size`` with the metal masks, at most ``config.dense_max_images`` of them."""
     from tasks.heads.data import load_head_dataset
     from tasks.heads.training import task_view
 
     sizes = {"region": config.size, "dense": config.dense_size}
-    return {view: load_head_dataset(root, labels, size=sizes[view], where=where, masks=view == "dense" and "metal" in tasks,
-                                    max_images=max_images)
+    dense_limits = [n for n in (max_images, config.dense_max_images) if n]
+    limits = {"region": max_images, "dense": min(dense_limits) if dense_limits else None}
+    return {view: load_head_dataset(root, labels, size=sizes[view], where=where, max_images=limits[view],
+                                    masks=view == "dense" and "metal" in tasks)
             for view in dict.fromkeys(task_view(t) for t in tasks)}
 
 
@@ -183,4 +202,5 @@ def _views_summary(views: dict, config) -> dict:
     first = next(iter(views.values())).summary()
     dense = views["dense"].summary() if "dense" in views else {}
     return {**first, "size": config.size, "dense_size": config.dense_size,
-            **{k: dense[k] for k in ("screws", "with_metal") if k in dense}}
+            **{k: dense[k] for k in ("screws", "with_metal") if k in dense},
+            **({"dense_images": dense["images"]} if dense else {})}

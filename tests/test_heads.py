@@ -13,8 +13,8 @@ from dax_models.heads import (
     ScrewHead,
     SegmentationDecoder,
     decode_screws,
-    screw_loss,
     map_strides,
+    screw_loss,
     screw_targets,
 )
 from dax_models.metrics import screw_metrics

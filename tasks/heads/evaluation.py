@@ -25,8 +25,9 @@ from dax_models.heads import decode_screws
 from dax_models.metrics import detection_scores, screw_metrics, segmentation_metrics
 from tasks.heads.data import HeadDataset
 
-__all__ = ["batches", "classifier_probabilities", "evaluate_screws", "native_screw_metrics",
-           "native_segmentation_metrics", "predict_masks", "predict_screws", "screw_metrics_at_native"]
+__all__ = ["PATIENT_STATISTICS", "batches", "classifier_probabilities", "evaluate_screws", "native_screw_metrics",
+           "native_segmentation_metrics", "patient_interval", "predict_masks", "predict_screws",
+           "screw_counts_per_image", "screw_metrics_at_native"]
 
 
 def batches(idx: np.ndarray, batch_size: int, generator: torch.Generator | None) -> list[np.ndarray]:
@@ -75,7 +76,8 @@ def predict_screws(head: nn.Module, source, idx: np.ndarray, size: int, device, 
 
 
 def native_segmentation_metrics(probabilities: torch.Tensor, data: HeadDataset, idx: Sequence[int]) -> dict:
-    """Dice and IoU at NATIVE resolution: over test images with metal ('dice', 'iou'), and over all."""
+    """Dice and IoU at NATIVE resolution: over test images with metal ('dice', 'iou'), and over all;
+    ``per_image_dice``: each image's Dice, NaN for images without metal (for ``patient_interval``)."""
     per_image = []
     for p, i in zip(probabilities, idx):
         pred = mask_to_native(p, data.boxes[i])
@@ -86,7 +88,8 @@ def native_segmentation_metrics(probabilities: torch.Tensor, data: HeadDataset, 
     mean = (lambda v: float(np.mean(v)) if len(v) else float("nan"))
     return {"dice": mean([d for d, _ in with_metal]), "iou": mean([j for _, j in with_metal]),
             "dice_all": mean([d for _, d, _ in per_image]), "iou_all": mean([j for _, _, j in per_image]),
-            "test_with_metal": len(with_metal)}
+            "test_with_metal": len(with_metal),
+            "per_image_dice": [d if has else float("nan") for has, d, _ in per_image]}
 
 
 def native_screw_metrics(predictions: Sequence[Sequence[dict]], data: HeadDataset, idx: Sequence[int],
@@ -131,6 +134,60 @@ def screw_metrics_at_native(predictions: Sequence[Sequence[dict]], boxes: Sequen
                   num_pred=int(n_pred), num_true=int(n_true), num_images=len(boxes),
                   gate_px=float(np.mean(gate_px)) if gate_px else float("nan"))
     return result
+
+
+def screw_counts_per_image(predictions: Sequence[Sequence[dict]], data: HeadDataset, idx: Sequence[int],
+                           score_threshold: float, gate: float) -> dict[str, list[float]]:
+    """Each image's matched (tp), spurious (fp) and missed (fn) screws, as ``native_screw_metrics`` counts them."""
+    counts: dict[str, list[float]] = {"tp": [], "fp": [], "fn": []}
+    for pred, i in zip(predictions, idx):
+        m = native_screw_metrics([pred], data, [i], score_threshold=score_threshold, gate=gate)
+        for key in counts:
+            counts[key].append(float(m[key]))
+    return counts
+
+
+def _ratio(key: str):
+    """recall = tp / (tp + fn), precision = tp / (tp + fp) over pooled per-image counts."""
+    other = {"recall": "fn", "precision": "fp"}[key]
+    return lambda v, rows: v["tp"][rows].sum() / max(1.0, v["tp"][rows].sum() + v[other][rows].sum())
+
+
+PATIENT_STATISTICS = {
+    "accuracy": lambda v, rows: float(np.nanmean(v["accuracy"][rows])),
+    "dice": lambda v, rows: float(np.nanmean(v["dice"][rows])),
+    "recall": _ratio("recall"),
+    "precision": _ratio("precision"),
+}
+
+
+def patient_interval(per_image: dict[str, Sequence[float]], patients: Sequence[str], metric: str,
+                     minus: dict[str, Sequence[float]] | None = None, draws: int = 2000, seed: int = 0,
+                     level: float = 0.95) -> dict[str, float]:
+    """A 95 % percentile-bootstrap interval of ``metric`` (``PATIENT_STATISTICS``) resampling PATIENTS, not images
+    (a patient's images are not independent). With ``minus`` (the same images scored by another method, e.g. a
+    floor) the interval is of the paired difference. Returns {"value", "low", "high", "patients"}."""
+    statistic = PATIENT_STATISTICS[metric]
+    values = {k: np.asarray(v, dtype=np.float64) for k, v in per_image.items()}
+    other = {k: np.asarray(v, dtype=np.float64) for k, v in (minus or {}).items()}
+    keys = sorted(set(patients))
+    rows_of = {p: np.flatnonzero(np.asarray(patients) == p) for p in keys}
+
+    def score(rows: np.ndarray) -> float:
+        return statistic(values, rows) - (statistic(other, rows) if minus is not None else 0.0)
+
+    everything = np.arange(len(patients))
+    rng = np.random.default_rng(seed)
+    samples = []
+    with np.errstate(all="ignore"):
+        for _ in range(draws):
+            picked = rng.integers(0, len(keys), len(keys))
+            samples.append(score(np.concatenate([rows_of[keys[j]] for j in picked])))
+        samples = np.asarray(samples)
+        samples = samples[np.isfinite(samples)]
+        tail = 100 * (1 - level) / 2
+        low, high = (np.percentile(samples, [tail, 100 - tail]) if len(samples) else (float("nan"),) * 2)
+        return {"value": float(score(everything)), "low": float(low), "high": float(high), "patients": len(keys)}
 
 
 def evaluate_screws(predictions, data: HeadDataset, idx, gate: float, thresholds=None) -> tuple[float, dict]:

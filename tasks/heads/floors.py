@@ -50,6 +50,7 @@ def region_floors(data: HeadDataset, config, seed: int, train: np.ndarray, val: 
     probs = classifier_probabilities(head, thumbs, "t32", test, "cpu")
     metrics = classification_metrics(probs.argmax(1), labels[test], num_classes)
     result = {k: float(metrics[k]) for k in ("accuracy", "precision", "recall", "f1")}
+    result["per_image_correct"] = (probs.argmax(1) == labels[test].numpy()).astype(float).tolist()
     knn = knn_classify(thumbs.get("t16", train), labels[train], thumbs.get("t16", test), num_classes,
                        k=config.knn_k, temperature=config.knn_temperature)
     result["knn_accuracy"] = float((knn.cpu() == labels[test]).float().mean())
@@ -79,7 +80,9 @@ def metal_threshold_floor(data: HeadDataset, train: np.ndarray, test: np.ndarray
     x = data.images[test, 0].float()
     probabilities = ((x > threshold) if side > 0 else (x < threshold)).float()
     metrics = native_segmentation_metrics(probabilities, data, test)
-    return {**{k: float(v) for k, v in metrics.items()}, "threshold": threshold, "metal_side": float(side)}
+    per_image = metrics.pop("per_image_dice")
+    return {**{k: float(v) for k, v in metrics.items()}, "threshold": threshold, "metal_side": float(side),
+            "per_image_dice": per_image}
 
 
 def run_floor(task: str, seed: int, data: HeadDataset, config) -> TaskResult:
@@ -89,5 +92,7 @@ def run_floor(task: str, seed: int, data: HeadDataset, config) -> TaskResult:
         raise ValueError(f"no floor for {task!r}; floors: {', '.join(FLOOR_TASKS)}")
     train, val, test = data.indices("train"), data.indices("val"), data.indices("test")
     if task == "region":
-        return TaskResult("region", seed, region_floors(data, config, seed, train, val, test), float("nan"))
-    return TaskResult("metal", seed, metal_threshold_floor(data, train, test), float("nan"))
+        metrics = region_floors(data, config, seed, train, val, test)
+        return TaskResult("region", seed, metrics, float("nan"), per_image={"accuracy": metrics.pop("per_image_correct")})
+    metrics = metal_threshold_floor(data, train, test)
+    return TaskResult("metal", seed, metrics, float("nan"), per_image={"dice": metrics.pop("per_image_dice")})

@@ -16,7 +16,7 @@ the oracle is what caps a figure when the design is wrong (a stride-16 grid for 
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -11,6 +11,7 @@ import math
 import threading
 from pathlib import Path
 
+import numpy as np
 from prefect import task
 from prefect.cache_policies import NONE
 
@@ -80,9 +81,15 @@ def train_branch(role: str, task: str, seed: int, views: dict[str, HeadDataset],
         client.set_terminated(run_id)
     undefined = sorted(k for k, v in result.metrics.items() if isinstance(v, float) and not math.isfinite(v))
     return {"role": role, "task": task, "seed": seed, "metrics": metrics, "undefined": undefined,
-            "val_score": result.val_score,
+            "val_score": result.val_score, "per_image": result.per_image,
+            "test_patients": _patient_numbers([data.patient_keys[i] for i in data.indices("test")]),
             "model": model_name if version else None, "version": version, "run_id": run_id,
             "figures": [str(p) for p in paths]}
+
+
+def _patient_numbers(keys: list[str]) -> list[int]:
+    """Patients of the test images as numbers (0, 1, ... in key order): enough to resample patients, no key leaves."""
+    return np.unique(np.asarray(keys), return_inverse=True)[1].astype(int).tolist()
 
 
 class RunMetrics:

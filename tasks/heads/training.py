@@ -57,10 +57,11 @@ from tasks.heads.evaluation import (
     native_segmentation_metrics,
     predict_masks,
     predict_screws,
+    screw_counts_per_image,
 )
 
-__all__ = ["DENSE_TASKS", "TASKS", "HeadConfig", "TaskResult", "fit_classifier", "fit_screw_head", "fit_segmenter", "load_head_config",
-           "run_task", "seeded", "task_view", "train_end_to_end"]
+__all__ = ["DENSE_TASKS", "TASKS", "DenseCrop", "HeadConfig", "TaskResult", "fit_classifier", "fit_screw_head",
+           "fit_segmenter", "load_head_config", "run_task", "seeded", "task_view", "train_end_to_end"]
 
 TASKS = ("region", "metal", "screws")
 DENSE_TASKS = ("metal", "screws")
@@ -78,6 +79,8 @@ class HeadConfig:
 
     size: int = 224                   # region input size S (letterboxed)
     dense_size: int = 512             # metal and screw input size (their oracles need >= 512 px: tests/test_dense_oracle.py)
+    dense_crop: int = 256             # dense heads train on random windows of this size (0: whole images)
+    dense_max_images: int | None = None   # an evenly spread subset for metal and screws (None: every labelled image)
     feature_batch: int = 64           # images per backbone pass
     batch_size: int = 256             # classification heads (features)
     dense_batch: int = 32             # segmentation and screw heads
@@ -184,14 +187,37 @@ def _dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (1 - (2 * inter + 1) / (p.sum(1) + t.sum(1) + 1)).mean()
 
 
+class DenseCrop:
+    """Random square windows of the input for the dense heads' training batches (``crop`` px; 0 or >= the input:
+    the whole input). Windows are aligned to the coarsest feature level's stride, so every cached level is cut
+    exactly where the input is: training costs (crop / size)^2 of whole images; evaluation uses whole images."""
+
+    def __init__(self, size: int, crop: int, strides: Sequence[float], generator: torch.Generator):
+        self.align = int(max(strides))
+        self.size, self.strides, self.generator = int(size), [float(s) for s in strides], generator
+        self.crop = self.size if crop <= 0 or crop >= size else max(self.align, crop // self.align * self.align)
+
+    def draw(self) -> tuple[int, int]:
+        """(top, left) of a window, in input pixels."""
+        steps = (self.size - self.crop) // self.align
+        top, left = torch.randint(0, steps + 1, (2,), generator=self.generator).tolist()
+        return top * self.align, left * self.align
+
+    def maps(self, maps: Sequence[torch.Tensor], top: int, left: int) -> list[torch.Tensor]:
+        return [m[..., round(top / s):round((top + self.crop) / s), round(left / s):round((left + self.crop) / s)]
+                for m, s in zip(maps, self.strides)]
+
+
 def fit_segmenter(source, train_idx: np.ndarray, masks: torch.Tensor, size: int, epochs: int = 40, lr: float = 1e-3,
                   weight_decay: float = 1e-4, batch_size: int = 32, hidden: int = 64, seed: int = 0,
-                  val_idx: np.ndarray | None = None, eval_every: int = 5,
+                  val_idx: np.ndarray | None = None, eval_every: int = 5, crop: int = 0,
                   device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
-    """``SegmentationDecoder`` on the cached maps; BCE + soft Dice; best validation Dice kept."""
+    """``SegmentationDecoder`` on the cached maps; BCE + soft Dice on ``crop`` px windows (``DenseCrop``); best
+    validation Dice (whole images) kept."""
     device = torch.device(device)
     generator = torch.Generator().manual_seed(seed)
     strides = _map_strides(source, train_idx, size)
+    window = DenseCrop(size, crop, strides, generator)
     decoder = seeded(seed, lambda: SegmentationDecoder(source.map_channels, strides, hidden=hidden)).to(device)
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=lr, weight_decay=weight_decay)
     best, best_state = {"val_dice": float("nan"), "epoch": epochs}, None
@@ -202,8 +228,9 @@ def fit_segmenter(source, train_idx: np.ndarray, masks: torch.Tensor, size: int,
         for b in batches(train_idx, batch_size, generator):
             if len(b) < 2 and len(train_idx) >= 2:
                 continue
-            logits = decoder(source.get("maps", b, device), (size, size))
-            target = masks[b].to(device, dtype=torch.float32)[:, None]
+            top, left = window.draw()
+            logits = decoder(window.maps(source.get("maps", b, device), top, left), (window.crop, window.crop))
+            target = masks[b][:, top:top + window.crop, left:left + window.crop].to(device, dtype=torch.float32)[:, None]
             loss = F.binary_cross_entropy_with_logits(logits, target) + _dice_loss(logits, target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -226,19 +253,19 @@ def _map_strides(source, idx, size: int) -> list[float]:
 def fit_screw_head(source, train_idx: np.ndarray, screws: Sequence[np.ndarray], size: int, epochs: int = 60,
                    lr: float = 1e-3, weight_decay: float = 1e-4, batch_size: int = 32, hidden: int = 64, seed: int = 0,
                    val_idx: np.ndarray | None = None, val_score: Callable[[list[list[dict]]], float] | None = None,
-                   eval_every: int = 5, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
-    """``ScrewHead`` on the cached maps with ``screw_targets`` / ``screw_loss`` (screws in INPUT pixels).
+                   eval_every: int = 5, crop: int = 0, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """``ScrewHead`` on the cached maps with ``screw_targets`` / ``screw_loss`` (screws in INPUT pixels), trained
+    on ``crop`` px windows (``DenseCrop``; the targets are made on the whole grid, then cut).
 
     ``val_score(predictions on val_idx)`` picks the best epoch (e.g. F1 at native resolution).
     """
     device = torch.device(device)
     generator = torch.Generator().manual_seed(seed)
     strides = _map_strides(source, train_idx, size)
+    window = DenseCrop(size, crop, strides, generator)
     head = seeded(seed, lambda: ScrewHead(source.map_channels, strides, hidden=hidden)).to(device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    grid = size // head.out_stride
-    targets = screw_targets([screws[i] for i in train_idx], (size, size), (grid, grid))
-    row_of = {int(i): r for r, i in enumerate(train_idx)}
+    grid, cells = size // head.out_stride, window.crop // head.out_stride
     best, best_state = {"val_score": float("nan"), "epoch": epochs}, None
     # selection only when validation images show screws (else predicting nothing scores best)
     if val_idx is None or not any(len(screws[i]) for i in val_idx):
@@ -248,9 +275,11 @@ def fit_screw_head(source, train_idx: np.ndarray, screws: Sequence[np.ndarray], 
         for b in batches(train_idx, batch_size, generator):
             if len(b) < 2 and len(train_idx) >= 2:
                 continue
-            rows = torch.as_tensor([row_of[int(i)] for i in b])
-            out = head(source.get("maps", b, device))
-            loss = screw_loss(out, {k: v[rows] for k, v in targets.items()})
+            top, left = window.draw()
+            out = head(window.maps(source.get("maps", b, device), top, left))
+            y0, x0 = top // head.out_stride, left // head.out_stride
+            targets = screw_targets([screws[i] for i in b], (size, size), (grid, grid))
+            loss = screw_loss(out, {k: v[..., y0:y0 + cells, x0:x0 + cells] for k, v in targets.items() if v.dim() == 4})
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -326,6 +355,7 @@ class TaskResult:
     val_score: float
     head: FrozenHead | None = None
     extra: dict = field(default_factory=dict)
+    per_image: dict[str, list[float]] = field(default_factory=dict)   # per test image, for patient_interval
 
 
 def _few_shot_indices(labels: np.ndarray, train_idx: np.ndarray, n: int, generator: torch.Generator) -> np.ndarray:
@@ -358,13 +388,14 @@ def run_task(task: str, seed: int, data: HeadDataset, store, config: HeadConfig,
         decoder, info = fit_segmenter(store, train, data.masks, size, epochs=config.seg_epochs, lr=config.seg_lr,
                                       weight_decay=config.weight_decay, batch_size=config.dense_batch,
                                       hidden=config.seg_hidden, seed=seed, val_idx=val, eval_every=config.eval_every,
-                                      device=device)
+                                      crop=config.dense_crop, device=device)
         probs = predict_masks(decoder, store, test, size, device)
         metrics = native_segmentation_metrics(probs, data, test)
+        per_image = {"dice": metrics.pop("per_image_dice")}
         metrics["dice_input"] = segmentation_metrics(probs > 0.5, data.masks[test])["dice"]
         head = FrozenHead("metal", decoder.cpu(), "maps", size, arch, info={"best_epoch": info["epoch"]})
         return TaskResult("metal", seed, metrics, float(info["val_dice"]), head,
-                          {"probabilities": probs, "test_idx": test})
+                          {"probabilities": probs, "test_idx": test}, per_image)
     # screws
     gate = config.screw_gate
 
@@ -374,7 +405,7 @@ def run_task(task: str, seed: int, data: HeadDataset, store, config: HeadConfig,
     screw_head, info = fit_screw_head(store, train, data.screws, size, epochs=config.screw_epochs, lr=config.screw_lr,
                                       weight_decay=config.weight_decay, batch_size=config.dense_batch,
                                       hidden=config.screw_hidden, seed=seed, val_idx=val, val_score=val_f1,
-                                      eval_every=config.eval_every, device=device)
+                                      eval_every=config.eval_every, crop=config.dense_crop, device=device)
     # the score threshold: best F1 on validation images, on the training images when val shows no screw
     pick = val if any(len(data.screws[i]) for i in val) else train
     threshold, val_metrics = evaluate_screws(predict_screws(screw_head, store, pick, size, device), data, pick, gate)
@@ -386,7 +417,8 @@ def run_task(task: str, seed: int, data: HeadDataset, store, config: HeadConfig,
     head = FrozenHead("screws", screw_head.cpu(), "maps", size, arch, threshold=threshold,
                       info={"best_epoch": info["epoch"], "gate": gate})
     return TaskResult("screws", seed, metrics, float(val_metrics["f1"]), head,
-                      {"predictions": predictions, "test_idx": test})
+                      {"predictions": predictions, "test_idx": test},
+                      screw_counts_per_image(predictions, data, test, threshold, gate))
 
 
 def _run_region(seed, data, store, config, arch, backbone, train, val, test, device) -> TaskResult:
@@ -407,6 +439,7 @@ def _run_region(seed, data, store, config, arch, backbone, train, val, test, dev
 
     head, info = fit(primary, "linear", train, config.linear_epochs)
     main = test_metrics(head, primary)
+    predicted = classifier_probabilities(head, store, primary, test, device).argmax(1)
     metrics = {k: main[k] for k in ("accuracy", "precision", "recall", "f1")}
     if primary != "pooled":
         pooled_head, _ = fit("pooled", "linear", train, config.linear_epochs)
@@ -428,5 +461,6 @@ def _run_region(seed, data, store, config, arch, backbone, train, val, test, dev
     frozen = FrozenHead("region", head.cpu(), primary, data.size, arch, classes=data.classes,
                         info={"best_epoch": info["epoch"]})
     return TaskResult("region", seed, metrics, float(info["val_accuracy"]), frozen,
-                      {"confusion_matrix": main["confusion_matrix"]})
+                      {"confusion_matrix": main["confusion_matrix"]},
+                      {"accuracy": (predicted == labels[test].numpy()).astype(float).tolist()})
 

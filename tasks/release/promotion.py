@@ -73,7 +73,7 @@ def below_floors(candidate: dict[str, float], floors: dict[str, float] | None) -
     rows = []
     for metric, floor in sorted((floors or {}).items()):
         new = candidate.get(metric)
-        if new is None or new != new or floor != floor:
+        if new is None or math.isnan(new) or math.isnan(floor):
             continue
         if not (new < floor if lower_is_better(metric) else new > floor):
             rows.append({"metric": f"{metric} (floor)", "candidate": new, "champion": floor, "verdict": "not above floor"})

@@ -54,6 +54,11 @@ PRESETS: dict[str, SynthConfig] = {
     "full": SynthConfig(),
     # half-size detectors (~490-1000 px), shorter sweeps: the demo corpus, ~2,000 images in minutes
     "demo": SynthConfig(detector_scale=0.5, sweep_views=(50, 60), sweep_probability=0.1),
+    # the labelled evaluation corpus of the heads: the demo's detectors, one study per patient (300 studies: 300
+    # patients), a few frames per series and no sweep (near-duplicate views would shrink the patients' weight),
+    # more studies with implants; made with its own seed, so its patients are not the pretraining corpus'
+    "eval": SynthConfig(detector_scale=0.5, series_per_study=(1, 3), sweep_probability=0.0, cine_frames=(2, 3),
+                        fluoro_shots=(1, 3), implant_probability=0.8, studies_per_patient=1),
     # tiny detectors and sweeps: a corpus in seconds, for tests
     "test": SynthConfig(detector_scale=0.25, sweep_views=(3, 4), cine_frames=(2, 3), fluoro_shots=(1, 2),
                         sweep_probability=0.3),

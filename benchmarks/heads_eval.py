@@ -1,0 +1,212 @@
+"""The heads on a labelled evaluation corpus the backbone never saw: floor, random init, pretrained, ceiling, paper.
+
+    .venv/bin/python benchmarks/heads_eval.py --home dax-home            # 300 eval patients, 3 seeds, demo heads
+    .venv/bin/python benchmarks/heads_eval.py --home H --studies 30 --seeds 1 --set seg_epochs=2 --no-write   # quick
+
+``--home`` is a home with a pretrained backbone (a finished ``make demo``). The script:
+
+1. generates the evaluation corpus, ``dax synth --preset eval`` (one study per patient, a few frames per
+   series; ``--studies`` 300 patients, corpus seed ``--seed`` 1, where the demo corpus is seed 0: other patients);
+2. copies the home (once, to ``--out``) and ingests the corpus into the copy with a fresh de-identification
+   secret: the backbone, registered before, never saw these images, and the original home is left alone;
+3. scores the dense heads' oracles on the corpus' labels (``tasks.heads.oracle``: what a perfect head of each
+   design reaches at native resolution);
+4. runs the ``heads`` flow on the corpus' labels (``--config`` demo, ``--seeds`` 3): floors, random-init
+   twin, pretrained backbone; nothing registered;
+5. trains the supervised ceiling of the region task once (``--ceiling-epochs`` at the region size, seed 0:
+   the same architecture from random init, end to end, on the same images);
+6. prints, and writes to BENCHMARKS.md (section "heads-eval"), the results table, each headline figure's
+   95 % interval with test PATIENTS resampled (seed 0), the paired interval of pretrained minus floor, and
+   the command.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+HEADLINES = [("region", "accuracy"), ("metal", "dice"), ("screws", "recall"), ("screws", "precision")]
+
+
+def dax(*args: str, env: dict) -> None:
+    command = [str(Path(sys.executable).with_name("dax")), *args]
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"dax {args[0]} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+
+
+def prepare(args, env: dict) -> tuple[Path, Path]:
+    """The corpus (made or resumed) and the home copy that holds it (copied and ingested once)."""
+    corpus, home = args.out / "eval-corpus", args.out / "home"
+    dax("synth", str(corpus), "--studies", str(args.studies), "--seed", str(args.seed), "--preset", "eval", env=env)
+    if not (home / "eval-ingested").is_file():
+        shutil.rmtree(home, ignore_errors=True)
+        shutil.copytree(args.home, home, ignore=shutil.ignore_patterns("cache", "corpus", "predictions"))
+        # this copy's key: never written, gone with the subprocess; the flow's pseudonyms differ from the home's
+        dax("ingest", str(corpus / "dicom"), "--home", str(home), env={**env, "DAX_DEID_SECRET": secrets.token_hex(32)})
+        (home / "eval-ingested").write_text("ingested\n")
+    return corpus, home
+
+
+def oracles(labels: Path, size: int) -> dict:
+    """The dense heads' oracles on every labelled image of the corpus, at ``size`` px."""
+    import pyarrow.parquet as pq
+
+    from dax_models.augment import Letterbox
+    from dax_models.heads import ScrewHead, SegmentationDecoder
+    from tasks.heads.data import screw_rows
+    from tasks.heads.oracle import metal_oracle, screw_oracle
+    from tasks.label_schema import png_to_mask
+
+    rows = pq.read_table(labels, columns=["rows", "cols", "metal_mask_png", "screws"]).to_pylist()
+    boxes = [Letterbox.of(r["rows"], r["cols"], size) for r in rows]
+    levels = ([192] * 4, [16.0] * 4)
+    metal = metal_oracle([png_to_mask(r["metal_mask_png"]) for r in rows], boxes,
+                         SegmentationDecoder(*levels).out_stride)
+    screws = screw_oracle([screw_rows(r["screws"]) for r in rows], boxes, ScrewHead(*levels).out_stride)
+    return {"metal": metal, "screws": screws, "size": size}
+
+
+def ceiling(home: Path, labels: Path, backbone_uri: str, config, epochs: int) -> dict:
+    """The region task's supervised ceiling: the random-init twin trained end to end (seed 0)."""
+    import mlflow
+    import torch
+
+    from dax_models.backbones import create_backbone, resolve_device
+    from tasks.heads.data import load_head_dataset
+    from tasks.heads.training import train_end_to_end
+    from tasks.release.registry import configure_tracking, resolve_model
+
+    configure_tracking(home)
+    name, version = resolve_model(backbone_uri)
+    arch = mlflow.pytorch.load_model(f"models:/{name}/{version}", map_location="cpu").arch
+    data = load_head_dataset(home, labels, size=config.size, masks=False)
+    torch.manual_seed(0)
+    twin = create_backbone(arch, 1, img_size=config.size)
+    began = time.perf_counter()
+    result = train_end_to_end(twin, data, data.indices("train"), data.indices("val"), data.indices("test"), epochs,
+                              config.e2e_lr, config.e2e_batch, 0, resolve_device(config.device))
+    return {**result, "epochs": epochs, "minutes": (time.perf_counter() - began) / 60}
+
+
+def intervals(branches: list[dict]) -> list[dict]:
+    """Seed 0's headline figures with their patient-resampled 95 % intervals, and pretrained minus floor / random."""
+    from tasks.heads.evaluation import patient_interval
+
+    seed0 = {(b["role"], b["task"]): b for b in branches if b["seed"] == 0}
+    rows = []
+    for task, metric in HEADLINES:
+        pretrained = seed0.get(("pretrained", task))
+        if pretrained is None:
+            continue
+        patients = pretrained["test_patients"]
+        row = {"task": task, "metric": metric}
+        for role in ("floor", "random", "pretrained"):
+            if (role, task) in seed0:
+                row[role] = patient_interval(seed0[(role, task)]["per_image"], patients, metric)
+        for role in ("floor", "random"):
+            if (role, task) in seed0:
+                row[f"minus_{role}"] = patient_interval(pretrained["per_image"], patients, metric,
+                                                        minus=seed0[(role, task)]["per_image"])
+        rows.append(row)
+    return rows
+
+
+def _ci(v: dict | None, signed: bool = False) -> str:
+    if not v:
+        return "-"
+    f = "{:+.3f}" if signed else "{:.3f}"
+    return f"{f.format(v['value'])} ({f.format(v['low'])} to {f.format(v['high'])})"
+
+
+def report(args, summary: dict, oracle: dict, top: dict | None, rows: list[dict], minutes: float) -> str:
+    data = summary["data"]
+    table = summary["markdown"].split("\n\n", 2)[-1]        # the flow's table without its header
+    if top is not None:              # the ceiling cell of the headline region row
+        lines = table.split("\n")
+        for i, line in enumerate(lines):
+            if line.startswith("| region | accuracy (linear, last-4 CLS / pooled) |"):
+                cells = line.split(" | ")
+                cells[5] = f"{100 * top['accuracy']:.1f} % (seed 0, {top['epochs']} epochs)"
+                lines[i] = " | ".join(cells)
+        table = "\n".join(lines)
+    m, s = oracle["metal"], oracle["screws"]
+    out = [f"Measured {date.today():%Y-%m-%d} on {os.cpu_count()} CPU cores, in {minutes:.0f} min; command:", "",
+           "```", "  ".join(["$", shlex.join(["python", "benchmarks/heads_eval.py", *sys.argv[1:]])]), "```", "",
+           f"Evaluation corpus: `dax synth --preset eval --seed {args.seed} --studies {args.studies}` "
+           f"({data['images']} labelled images of {data['patients']} patients; train {data['train_images']}, val "
+           f"{data['val_images']}, test {data['test_images']} images, split by patient), ingested after the "
+           f"backbone `{summary['backbone']}` was registered: it never saw them. Region at {data['size']} px, metal "
+           f"and screws at {data['dense_size']} px; {args.seeds} seed(s), head config `{args.config}`"
+           + (f" with {' '.join(args.overrides)}" if args.overrides else "") + ".", "",
+           f"Oracles at {oracle['size']} px (a perfect head of each design, native px): metal Dice {m['dice']:.3f} "
+           f"over {m['images']} images; screws recall {s['recall']:.3f}, precision {s['precision']:.3f}, head / tip "
+           f"L1 {s['head_l1_px']:.2f} / {s['tip_l1_px']:.2f} px, angle {s['angle_deg']:.2f} deg (matching gate "
+           f"{s['gate_px']:.0f} native px on average: 5 % of the long side).", "", table, ""]
+    if top is not None:
+        out += [f"Supervised ceiling (region): the random-init {summary['arch']} trained end to end with a linear "
+                f"head, {top['epochs']} epochs at {data['size']} px, seed 0: accuracy {top['accuracy']:.3f} "
+                f"({top['minutes']:.0f} min).", ""]
+    out += ["95 % intervals with the test patients resampled (seed 0):", "",
+            "| task | metric | floor | random-init | pretrained | pretrained - floor | pretrained - random-init |",
+            "|---|---|---|---|---|---|---|"]
+    out += [f"| {r['task']} | {r['metric']} | {_ci(r.get('floor'))} | {_ci(r.get('random'))} | "
+            f"{_ci(r.get('pretrained'))} | {_ci(r.get('minus_floor'), True)} | {_ci(r.get('minus_random'), True)} |"
+            for r in rows]
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--home", type=Path, required=True, help="a home with a registered, pretrained backbone")
+    parser.add_argument("--backbone", default=None, help="registered backbone URI (default: the heads flow's)")
+    parser.add_argument("--studies", type=int, default=300, help="evaluation patients (one study each)")
+    parser.add_argument("--seed", type=int, default=1, help="corpus seed (the demo corpus is seed 0)")
+    parser.add_argument("--seeds", type=int, default=3, help="head seeds")
+    parser.add_argument("--config", default="demo", help="head config (deployments/heads/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="head config override, e.g. seg_epochs=20")
+    parser.add_argument("--ceiling-epochs", type=int, default=5, help="region ceiling epochs (0: skip)")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/dax-heads-eval"), help="scratch folder")
+    parser.add_argument("--no-write", dest="write", action="store_false", help="do not update BENCHMARKS.md")
+    args = parser.parse_args()
+    began = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PREFECT_HOME": str(args.out / "prefect")}
+    os.environ.update(PREFECT_HOME=env["PREFECT_HOME"])
+    corpus, home = prepare(args, env)
+    labels = corpus / "labels.parquet"
+
+    import yaml
+
+    from flows.heads import heads
+    from tasks.heads.training import load_head_config
+    from tasks.release.registry import DEFAULT_BACKBONE
+
+    overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.overrides)}
+    config = load_head_config(args.config, {**overrides, "e2e_epochs": 0})
+    oracle = oracles(labels, config.dense_size)
+    backbone = args.backbone or DEFAULT_BACKBONE
+    summary = heads(backbone=backbone, home=str(home), labels=str(labels), seeds=args.seeds, config=args.config,
+                    overrides={**overrides, "e2e_epochs": 0}, register_heads=False)
+    top = ceiling(home, labels, backbone, config, args.ceiling_epochs) if args.ceiling_epochs > 0 else None
+    text = report(args, summary, oracle, top, intervals(summary["branches"]), (time.perf_counter() - began) / 60)
+    print(text)
+    if args.write:
+        from benchmarks_md import write_section
+        write_section("heads-eval", "The heads on the evaluation corpus: floor, random init, pretrained, ceiling",
+                      text)
+
+
+if __name__ == "__main__":
+    main()
