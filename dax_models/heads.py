@@ -161,7 +161,7 @@ def upsample_logits(logits: torch.Tensor, output_size: Sequence[int]) -> torch.T
 def mask_logits_on_grid(masks: torch.Tensor, stride: int, eps: float = 1e-3) -> torch.Tensor:
     """The ORACLE of the segmentation target space: (B, S, S) input masks -> the logits a perfect decoder would
     give on its grid (the metal fraction of each stride x stride cell, as a logit). Decoded by the head's own
-    ``upsample_logits``, sigmoid > 0.5, this is the best any head of that stride can do."""
+    ``upsample_logits`` and sigmoid > 0.5, it shows how much of the truth that grid can hold."""
     fraction = F.avg_pool2d(masks.float()[:, None], stride) if stride > 1 else masks.float()[:, None]
     return torch.logit(fraction.clamp(eps, 1 - eps))
 

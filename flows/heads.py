@@ -1,11 +1,13 @@
-"""Flow `heads`: small heads on a FROZEN backbone, against its random-init twin, over seeds.
+"""Flow `heads`: small heads on a FROZEN backbone, against its random-init twin and the floors, over seeds.
 
-    labelled images at size S (tasks.heads.data)
-    ->  features once per backbone, cached under HOME/cache/features (mapped: pretrained, random-init)
-    ->  fan-out (backbone x task x seed): one Prefect task per branch trains, evaluates, logs a child
-        MLflow run and registers the pretrained branch's head as dax-head-<task>-<arch>
+    labelled images, one view per input size (tasks.heads.data): region at S, metal and screws at dense_size
+    ->  features once per (backbone, view), cached under HOME/cache/features (mapped)
+    ->  fan-out (backbone x task x seed, and the floors of region and metal x seed): one Prefect task per
+        branch trains, evaluates, logs a child MLflow run and registers the pretrained branch's head as
+        dax-head-<task>-<arch>; a progress line per branch as it finishes
     ->  alias `candidate` on the best-validation seed of each task (tasks.release.registry)
-    ->  results table: pretrained, random-init, paper (tasks.heads.results), figures, a Prefect artifact
+    ->  results table: floor, random-init, pretrained, ceiling, paper (tasks.heads.results), figures, a
+        Prefect artifact
 
 The random-init twin is ``create_backbone(arch, in_chans)`` after ``torch.manual_seed(random_seed)``
 (seed 0 by default: the very initialisation DINO pretraining starts from with its default seed), so the
