@@ -40,7 +40,7 @@ HEADLINES = [("region", "accuracy"), ("metal", "dice"), ("screws", "recall"), ("
 
 def dax(*args: str, env: dict) -> None:
     command = [str(Path(sys.executable).with_name("dax")), *args]
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         sys.exit(f"dax {args[0]} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
 
@@ -142,21 +142,21 @@ def report(args, summary: dict, oracle: dict, top: dict | None, rows: list[dict]
         table = "\n".join(lines)
     m, s = oracle["metal"], oracle["screws"]
     out = [f"Measured {date.today():%Y-%m-%d} on {os.cpu_count()} CPU cores, in {minutes:.0f} min; command:", "",
-           "```", "  ".join(["$", shlex.join(["python", "benchmarks/heads_eval.py", *sys.argv[1:]])]), "```", "",
-           f"Evaluation corpus: `dax synth --preset eval --seed {args.seed} --studies {args.studies}` "
-           f"({data['images']} labelled images of {data['patients']} patients; train {data['train_images']}, val "
-           f"{data['val_images']}, test {data['test_images']} images, split by patient), ingested after the "
-           f"backbone `{summary['backbone']}` was registered: it never saw them. Region at {data['size']} px, metal "
-           f"and screws at {data['dense_size']} px; {args.seeds} seed(s), head config `{args.config}`"
-           + (f" with {' '.join(args.overrides)}" if args.overrides else "") + ".", "",
-           f"Oracles at {oracle['size']} px (a perfect head of each design, native px): metal Dice {m['dice']:.3f} "
-           f"over {m['images']} images; screws recall {s['recall']:.3f}, precision {s['precision']:.3f}, head / tip "
-           f"L1 {s['head_l1_px']:.2f} / {s['tip_l1_px']:.2f} px, angle {s['angle_deg']:.2f} deg (matching gate "
-           f"{s['gate_px']:.0f} native px on average: 5 % of the long side).", "", table, ""]
+           "```", " ".join(["$", shlex.join(["python", "benchmarks/heads_eval.py", *sys.argv[1:]])]), "```", "",
+           (f"Evaluation corpus: `dax synth --preset eval --seed {args.seed} --studies {args.studies}` "
+            f"({data['images']} labelled images of {data['patients']} patients; train {data['train_images']}, val "
+            f"{data['val_images']}, test {data['test_images']} images, split by patient), ingested after the "
+            f"backbone `{summary['backbone']}` was registered: it never saw them. Region at {data['size']} px, metal "
+            f"and screws at {data['dense_size']} px; {args.seeds} seed(s), head config `{args.config}`"
+            + (f" with {' '.join(args.overrides)}" if args.overrides else "") + "."), "",
+           (f"Oracles at {oracle['size']} px (a perfect head of each design, native px): metal Dice {m['dice']:.3f} "
+            f"over {m['images']} images; screws recall {s['recall']:.3f}, precision {s['precision']:.3f}, head / tip "
+            f"L1 {s['head_l1_px']:.2f} / {s['tip_l1_px']:.2f} px, angle {s['angle_deg']:.2f} deg (matching gate "
+            f"{s['gate_px']:.0f} native px on average: 5 % of the long side)."), "", table, ""]
     if top is not None:
-        out += [f"Supervised ceiling (region): the random-init {summary['arch']} trained end to end with a linear "
-                f"head, {top['epochs']} epochs at {data['size']} px, seed 0: accuracy {top['accuracy']:.3f} "
-                f"({top['minutes']:.0f} min).", ""]
+        out += [(f"Supervised ceiling (region): the random-init {summary['arch']} trained end to end with a linear "
+                 f"head, {top['epochs']} epochs at {data['size']} px, seed 0: accuracy {top['accuracy']:.3f} "
+                 f"({top['minutes']:.0f} min)."), ""]
     out += ["95 % intervals with the test patients resampled (seed 0):", "",
             "| task | metric | floor | random-init | pretrained | pretrained - floor | pretrained - random-init |",
             "|---|---|---|---|---|---|---|"]

@@ -142,8 +142,8 @@ def screw_counts_per_image(predictions: Sequence[Sequence[dict]], data: HeadData
     counts: dict[str, list[float]] = {"tp": [], "fp": [], "fn": []}
     for pred, i in zip(predictions, idx):
         m = native_screw_metrics([pred], data, [i], score_threshold=score_threshold, gate=gate)
-        for key in counts:
-            counts[key].append(float(m[key]))
+        for key, values in counts.items():
+            values.append(float(m[key]))
     return counts
 
 

@@ -86,8 +86,8 @@ def metal_threshold_floor(data: HeadDataset, train: np.ndarray, test: np.ndarray
 
 
 def run_floor(task: str, seed: int, data: HeadDataset, config) -> TaskResult:
-    """The floor of ``task`` (region or metal) on ``data``'s splits, as a ``TaskResult`` without a head; the
-    validation score is the floor's own (region: validation accuracy of the thumbnail regression; metal: NaN)."""
+    """The floor of ``task`` (region or metal) on ``data``'s splits, as a ``TaskResult`` without a head and with a
+    NaN validation score (no floor is a candidate for registration)."""
     if task not in FLOOR_TASKS:
         raise ValueError(f"no floor for {task!r}; floors: {', '.join(FLOOR_TASKS)}")
     train, val, test = data.indices("train"), data.indices("val"), data.indices("test")
