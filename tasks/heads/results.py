@@ -41,7 +41,7 @@ ROWS = [
     ("screws", "head_l1_px", "head L1 error (native px)", "px"),
     ("screws", "tip_l1_px", "tip L1 error (native px)", "px"),
     ("screws", "angle_deg", "angle error (deg)", "deg"),
-    ("screws", "gate_px", "matching gate (native px: 5 % of the long side)", "px"),
+    ("screws", "gate_px", "matching gate (native px; screw_gate x the long side)", "px"),
     ("screws", "precision", "precision", "%"),
     ("screws", "recall", "recall", "%"),
     ("screws", "f1", "F1", "%"),
