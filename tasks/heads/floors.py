@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dax_models.metrics import classification_metrics, knn_classify
+from dax_models.metrics import classification_metrics, dice, knn_classify
 from tasks.heads.data import HeadDataset
 from tasks.heads.evaluation import classifier_probabilities, native_segmentation_metrics
 from tasks.heads.training import TaskResult, fit_classifier
@@ -57,11 +57,6 @@ def region_floors(data: HeadDataset, config, seed: int, train: np.ndarray, val: 
     return result
 
 
-def _dice(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    inter = (pred & truth).flatten(1).sum(1).float()
-    return 2 * inter / (pred.flatten(1).sum(1) + truth.flatten(1).sum(1)).clamp(min=1).float()
-
-
 def metal_threshold_floor(data: HeadDataset, train: np.ndarray, test: np.ndarray) -> dict[str, float]:
     """The best (threshold, side) on training images with metal, scored at native resolution on ``test``."""
     with_metal = np.asarray([int(i) for i in train if bool(data.masks[i].any())], dtype=np.int64)
@@ -73,7 +68,7 @@ def metal_threshold_floor(data: HeadDataset, train: np.ndarray, test: np.ndarray
     for t in THRESHOLDS:
         for side in (1, -1):                      # metal brighter (+1) or darker (-1) than the threshold
             pred = images > t if side > 0 else images < t
-            score = float(_dice(pred, truth).mean())
+            score = dice(pred, truth)
             if score > best[0]:
                 best = (score, float(t), side)
     _, threshold, side = best

@@ -438,8 +438,8 @@ def _run_region(seed, data, store, config, arch, backbone, train, val, test, dev
         return classification_metrics(probs.argmax(1), labels[test], num_classes)
 
     head, info = fit(primary, "linear", train, config.linear_epochs)
-    main = test_metrics(head, primary)
     predicted = classifier_probabilities(head, store, primary, test, device).argmax(1)
+    main = classification_metrics(predicted, labels[test], num_classes)
     metrics = {k: main[k] for k in ("accuracy", "precision", "recall", "f1")}
     if primary != "pooled":
         pooled_head, _ = fit("pooled", "linear", train, config.linear_epochs)
