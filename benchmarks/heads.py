@@ -11,6 +11,12 @@ epochs on the same batches of the same images (no validation, so nothing else di
 - recomputed: ``LiveFeatures``, the backbone runs on every batch of every epoch of every head.
 
 Target: cached >= 5x faster. Prints a markdown table and the command that made it.
+
+``--windows CROP`` measures the dense heads' training windows instead (``HeadConfig.dense_crop``): the metal
+decoder and the screw head trained on the same cached features, whole images against CROP px windows
+(``tasks.heads.training.DenseCrop``), same images, epochs and batches, in milliseconds per image and epoch:
+
+    .venv/bin/python benchmarks/heads.py --windows 256 --size 512 --images 96 --epochs 2
 """
 from __future__ import annotations
 
@@ -67,6 +73,33 @@ def train_all_heads(source, data: HeadDataset, epochs: int, device) -> None:
     fit_screw_head(source, idx, data.screws, data.size, batch_size=32, **common)
 
 
+def time_dense_heads(store, data: HeadDataset, epochs: int, crop: int, hidden: int, device) -> dict[str, float]:
+    """Milliseconds per training image and epoch of the metal decoder and the screw head (``crop`` 0: whole images)."""
+    idx = np.arange(len(data))
+    common = {"epochs": epochs, "seed": 0, "device": device, "hidden": hidden, "crop": crop, "batch_size": 32}
+    spent = {}
+    for name, fit, target in (("metal", fit_segmenter, data.masks), ("screws", fit_screw_head, data.screws)):
+        began = time.perf_counter()
+        fit(store, idx, target, data.size, **common)
+        spent[name] = (time.perf_counter() - began) / (epochs * len(idx)) * 1000
+    return spent
+
+
+def windows_table(store, data: HeadDataset, args, device) -> None:
+    """``--windows``: whole images against windows, one run, one table."""
+    whole = time_dense_heads(store, data, args.epochs, 0, args.hidden, device)
+    windows = time_dense_heads(store, data, args.epochs, args.windows, args.hidden, device)
+    command = " ".join(["benchmarks/heads.py", *map(shlex.quote, sys.argv[1:])])
+    print(f"Measured on {torch.get_num_threads()} threads ({device}), torch {torch.__version__}, {date.today()}; "
+          f"{len(data)} images at {args.size} px, {args.arch} features cached, {args.hidden} decoder channels, "
+          f"{args.epochs} epochs.\n")
+    print(f"| head | whole {args.size} px images (ms per image-epoch) | {args.windows} px windows | speed-up |\n"
+          "| --- | --- | --- | --- |")
+    for name in whole:
+        print(f"| {name} | {whole[name]:.1f} | {windows[name]:.1f} | {whole[name] / windows[name]:.1f}x |")
+    print(f"\nCommand: `.venv/bin/python {command}`")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--home", help="a DAX home with ingested, labelled images (else random images)")
@@ -79,6 +112,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's); 1 on a busy shared machine")
     parser.add_argument("--quick", action="store_true", help="64 random images at 64 px, 5 epochs")
+    parser.add_argument("--windows", type=int, default=0, metavar="CROP",
+                        help="time the dense heads on whole images against CROP px training windows instead")
+    parser.add_argument("--hidden", type=int, default=32, help="dense decoder channels (with --windows)")
     args = parser.parse_args()
     if args.quick:
         args.images, args.size, args.epochs, args.home = 64, 64, 5, None
@@ -100,6 +136,9 @@ def main() -> None:
         store = FeatureStore.compute(backbone, data.images, device=device, cache_dir=Path(cache),
                                      data_digest=data.digest)
         extract_s = time.perf_counter() - began
+        if args.windows:
+            windows_table(store, data, args, device)
+            return
         train_all_heads(store, data, args.epochs, device)
         cached_s = time.perf_counter() - began
         feature_mb = store.nbytes / 2 ** 20

@@ -15,7 +15,7 @@
    twin, pretrained backbone; nothing registered;
 5. trains the supervised ceiling of the region task once (``--ceiling-epochs`` at the region size, seed 0:
    the same architecture from random init, end to end, on the same images);
-6. prints, and writes to BENCHMARKS.md (section "heads-eval"), the results table, each headline figure's
+6. prints, and writes to BENCHMARKS.md (a section per architecture, "heads-eval-<arch>"), the results table, each headline figure's
    95 % interval with test PATIENTS resampled (seed 0), the paired interval of pretrained minus floor, and
    the command.
 """
@@ -204,7 +204,8 @@ def main() -> None:
     print(text)
     if args.write:
         from benchmarks_md import write_section
-        write_section("heads-eval", "The heads on the evaluation corpus: floor, random init, pretrained, ceiling",
+        write_section(f"heads-eval-{summary['arch']}",
+                      f"The heads on the evaluation corpus ({summary['arch']}): floor, random init, pretrained, ceiling",
                       text)
 
 

@@ -327,13 +327,16 @@ def predict(
     files: list[Path] = typer.Argument(..., help="DICOM files (ingested or not, any manufacturer)."),
     out: Path = typer.Option(Path("predictions"), "--out", help="Output folder."),
     home: Optional[Path] = HOME_OPTION,
-    alias: str = typer.Option("champion", help="Alias of the backbone and heads to use (champion, candidate...)."),
-    arch: str = typer.Option("vit_tiny_patch16", help="Architecture of the registered backbone."),
-    backbone: Optional[str] = typer.Option(None, help="A backbone URI (default: models:/dax-backbone-ARCH@ALIAS)."),
+    alias: str = typer.Option("champion", help="Alias of the heads (and backbone) to use (champion, candidate...)."),
+    arch: Optional[str] = typer.Option(None, help="One architecture for every task: models:/dax-backbone-ARCH@ALIAS "
+                                                  "(default: per task, the best ALIAS head of any architecture)."),
+    backbone: Optional[str] = typer.Option(None, help="One backbone URI for every task (default: see --arch)."),
     device: Device = DEVICE_OPTION,
 ) -> None:
-    """De-identify in memory, normalize, run backbone + heads; per file <sha16>.json, _mask.png, .png overlay.
-    Without a configured secret, a random key for this run de-identifies (the outputs hold no identifier)."""
+    """De-identify in memory, normalize, run backbones + heads; per file <sha16>.json, _mask.png, .png overlay.
+    Per task, the best head under ALIAS on its own backbone (recorded in the JSON's "models"), unless --arch or
+    --backbone names one backbone. Without a configured secret, a random key for this run de-identifies (the outputs
+    hold no identifier)."""
     root = configure(home)
     from tasks.release.registry import configure_tracking
     configure_tracking(root)
@@ -354,9 +357,8 @@ def predict(
             console.print(f"[red]file {i}: refused:[/] {entry['error']}", highlight=False)
 
     with user_errors():
-        results = run_predict(files, out, backbone_uri=backbone or backbone_uri(arch, alias), alias=alias,
-                              home=root, device=device.value,
-                              on_result=report, key=key)
+        results = run_predict(files, out, backbone_uri=backbone or (backbone_uri(arch, alias) if arch else None),
+                              alias=alias, home=root, device=device.value, on_result=report, key=key)
     if any(r["status"] != "ok" for r in results):
         raise typer.Exit(1)
 

@@ -33,6 +33,7 @@ from tasks.heads.steps import FLOOR, branch_task, features_task
 from tasks.home import configure
 from tasks.release.registry import (
     DEFAULT_BACKBONE,
+    HEADLINE,
     HEADS_EXPERIMENT,
     alias_best_heads,
     configure_tracking,
@@ -166,9 +167,6 @@ def _heads(backbone, home, labels, seeds, tasks, size, where, max_images, config
     return {"run_id": run.info.run_id, "backbone": backbone_ref, "arch": arch, "data": summary_data, "table": rows,
             "markdown": markdown, "registered": registered, "branches": results, "figures": figures,
             "seconds": round(time.perf_counter() - began, 1)}
-
-
-HEADLINE = {"region": "accuracy", "metal": "dice", "screws": "f1"}     # the figure each branch's progress line shows
 
 
 def _collect(futures: list, logger) -> list[dict]:

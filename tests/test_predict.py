@@ -105,7 +105,7 @@ def stub_models(size=128):
     heads = {"region": FrozenHead("region", region, "pooled", size, "stub", classes=BODY_REGIONS),
              "metal": FrozenHead("metal", BrightMask(), "maps", size, "stub"),
              "screws": FrozenHead("screws", CentroidScrew(), "maps", size, "stub", threshold=0.5)}
-    return LoadedModels(backbone, heads, {"backbone": "stub/1"})
+    return LoadedModels({"stub/1": backbone}, heads, {task: {"head": "stub", "backbone": "stub/1"} for task in heads})
 
 
 @pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
@@ -142,6 +142,59 @@ def test_predictions_map_back_to_the_original_pixel_grid(tmp_path, monkeypatch, 
 
     written = b"".join(p.read_bytes() for p in out.iterdir())
     assert not any(value.encode() in written for value in PHI + ("Doe", "MRN"))
+
+
+class InvertedImage(ImageAsFeatures):
+    """Another stand-in backbone: its feature map is the inverted image."""
+
+    def forward_intermediates(self, x, indices=None, **_):
+        return 1 - x, [1 - x]
+
+
+def test_each_head_runs_on_its_own_backbone(tmp_path, monkeypatch):
+    """Region from one backbone, metal and screws from another: the metal mask is the one its own backbone's
+    features give (here the inverted block), and the JSON records which backbone served each task."""
+    monkeypatch.setenv("DAX_DEID_SECRET", "test-secret-0123456789")
+    models = stub_models()
+    models.backbones["other/2"] = Backbone("resnet18", InvertedImage(), 1)
+    for task in ("metal", "screws"):
+        models.refs[task] = {"head": "stub", "backbone": "other/2"}
+    source = write_dicom(tmp_path / "Doe^Jane MRN-0042.dcm")
+    result = predict_file(source, tmp_path / "out", models)
+    record = json.loads((tmp_path / "out" / f"{result['name']}.json").read_text())
+    assert record["models"] == {"region": {"head": "stub", "backbone": "stub/1"},
+                                "metal": {"head": "stub", "backbone": "other/2"},
+                                "screws": {"head": "stub", "backbone": "other/2"}}
+    mask = np.asarray(Image.open(tmp_path / "out" / record["mask"])) > 0
+    assert not mask[330:670, 1330:1870].any() and mask[1000:1400, 100:1000].all()   # everything but the block
+
+
+def test_best_heads_picks_each_task_from_the_architecture_that_scores_best(tmp_path):
+    """Registry entries as the heads flow and promotion leave them: per task the @champion head whose backbone
+    scored best (its ``dax.eval``), else the head's own test figure; other aliases are not considered."""
+    from mlflow.tracking import MlflowClient
+
+    from tasks.release.registry import backbone_model, best_heads, configure_tracking, head_model
+
+    configure_tracking(tmp_path)
+    client = MlflowClient()
+    evals = {"vit_tiny_patch16": {"region.accuracy": 0.8, "metal.dice": 0.3},
+             "resnet18": {"region.accuracy": 0.6, "metal.dice": 0.7}}
+    for arch, scores in evals.items():
+        client.create_registered_model(backbone_model(arch))
+        client.create_model_version(backbone_model(arch), str(tmp_path), tags={"dax.eval": json.dumps(scores)})
+        for task, alias, f1 in (("region", "champion", None), ("metal", "champion", None),
+                                ("screws", "champion" if arch == "resnet18" else "challenger", 0.2)):
+            client.create_registered_model(head_model(task, arch))
+            tags = {"dax.backbone": f"{backbone_model(arch)}/1", **({"metric.f1": str(f1)} if f1 else {})}
+            client.create_model_version(head_model(task, arch), str(tmp_path), tags=tags)
+            client.set_registered_model_alias(head_model(task, arch), alias, "1")
+    chosen = best_heads(("region", "metal", "screws"), "champion")
+    assert {task: c["backbone"] for task, c in chosen.items()} == {
+        "region": "dax-backbone-vit_tiny_patch16/1", "metal": "dax-backbone-resnet18/1",
+        "screws": "dax-backbone-resnet18/1"}
+    assert chosen["metal"]["uri"] == "models:/dax-head-metal-resnet18/1" and chosen["screws"]["score"] == 0.2
+    assert best_heads(("region",), "candidate") == {}
 
 
 def test_a_bad_file_is_refused_in_one_line(tmp_path, monkeypatch):
@@ -197,9 +250,10 @@ def test_predict_refuses_bad_files_and_still_writes_the_good_ones(heads_flow, he
         for screw in record["screws"]:
             assert set(screw) == {"head", "tip", "score"} and len(screw["head"]) == 2
         assert np.asarray(Image.open(out / record["mask"])).shape == (ds.Rows, ds.Columns)
-        assert record["models"]["backbone"] == f"dax-backbone-vit_tiny_patch16/{heads_env.backbone_version}"
-        assert record["models"]["region"] == "dax-head-region-vit_tiny_patch16/" + heads_flow["registered"]["region"][
-            "version"]
+        for task in ("region", "metal", "screws"):        # no backbone given: each task's best @candidate head
+            assert record["models"][task] == {
+                "head": f"dax-head-{task}-vit_tiny_patch16/{heads_flow['registered'][task]['version']}",
+                "backbone": f"dax-backbone-vit_tiny_patch16/{heads_env.backbone_version}"}
         assert Image.open(out / f"{entry['name']}.png").size[0] > 100
     written = b"".join(p.read_bytes() for p in out.glob("*.json"))
     assert b"Doe" not in written and b"MRN" not in written

@@ -7,8 +7,8 @@ ingestion quarantines it), de-identify (``tasks.ingest.deidentify.deidentify`` w
 normalize (``tasks.ingest.normalize.normalize``, the ingest default long side 1024). The source file is only
 read; no raw or de-identified DICOM, path or header value is written or logged.
 
-Then one frame (``frame``, default the first) goes through ``XrayEvalTransform`` at the heads' size,
-the backbone runs once, and each head's output is mapped back to the ORIGINAL DICOM pixel grid
+Then one frame (``frame``, default the first) goes through ``XrayEvalTransform`` at each head's size,
+each backbone runs once per size its heads read, and each head's output is mapped back to the ORIGINAL DICOM pixel grid
 (Rows x Columns) by the letterbox's inverse (``dax_models.augment.Letterbox``): normalize's resize and
 the letterbox's resize and padding are undone.
 
@@ -18,7 +18,8 @@ Outputs, named by the first 16 hex digits of the file's SHA-256, NOT by the inpu
 - ``<sha16>.json``: ``{"regions": [{"label", "probability"}] (top 3, best first), "screws":
   [{"head": [x, y], "tip": [x, y], "score"}] (original pixel coordinates, x = column, y = row,
   pixel edges at integers), "mask": "<sha16>_mask.png", "size": [rows, cols], "frame", "frames",
-  "models": {...}}``;
+  "models": {task: {"head", "backbone"}}}`` (the registered versions used: with no backbone given, each
+  task's best head under the alias, on its own backbone, ``load_models``);
 - ``<sha16>_mask.png``: the metal mask at the original size (8-bit, 0 or 255);
 - ``<sha16>.png``: an overlay like DAX's Figure 2 (top-3 regions, the mask, the screws with scores).
 
@@ -91,45 +92,71 @@ def prediction_key() -> tuple[DeidKey, bool]:
 
 @dataclass
 class LoadedModels:
-    backbone: torch.nn.Module
+    backbones: dict                  # "<name>/<version>" -> Backbone
     heads: dict                      # task -> FrozenHead
-    refs: dict = field(default_factory=dict)    # "backbone" / task -> "<name>/<version>"
+    refs: dict = field(default_factory=dict)    # task -> {"head": "<name>/<version>", "backbone": "<name>/<version>"}
     device: torch.device = torch.device("cpu")
 
 
 def load_models(backbone_uri: str | None = None, head_uris: dict[str, str] | None = None, alias: str = "candidate",
                 tasks: Sequence[str] = TASKS, home: str | Path | None = None, device: str = "auto") -> LoadedModels:
-    """The backbone and one head per task from the MLflow registry (the home's store by default).
+    """One head per task and the backbones they were trained on, from the MLflow registry (the home's store
+    by default).
 
-    A head is ``head_uris[task]`` or ``models:/dax-head-<task>-<arch>@<alias>``; it must have been trained
-    on this very backbone version (its ``dax.backbone`` tag), else the features would not be the ones it
-    learned on and a clear error says so.
+    - ``backbone_uri`` given: every head runs on that backbone; a head is ``head_uris[task]`` or
+      ``models:/dax-head-<task>-<arch>@<alias>`` and must have been trained on this very backbone version (its
+      ``dax.backbone`` tag), else the features would not be the ones it learned on and a clear error says so.
+    - no ``backbone_uri``: per task, the ``alias`` head of whichever architecture scores best
+      (``tasks.release.registry.best_heads``: region from one backbone, metal and screws from another is
+      fine), each on the backbone its tag names. ``head_uris`` still pins a task's head.
+
+    ``refs`` records, per task, the head and the backbone used (the prediction JSON's ``models``).
     """
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    from tasks.release.registry import best_heads
+
     configure_tracking(dax_home(home))
     dev = resolve_device(device)
-    name, version = resolve_model(backbone_uri or DEFAULT_BACKBONE)
-    backbone = mlflow.pytorch.load_model(f"models:/{name}/{version}", map_location="cpu").eval().to(dev)
-    refs = {"backbone": f"{name}/{version}"}
     client = MlflowClient()
-    heads = {}
-    for task in tasks:
-        uri = (head_uris or {}).get(task) or head_uri(task, backbone.arch, alias)
+    backbones: dict = {}
+
+    def backbone(ref: str):
+        if ref not in backbones:
+            backbones[ref] = mlflow.pytorch.load_model(f"models:/{ref}", map_location="cpu").eval().to(dev)
+        return backbones[ref]
+
+    fixed = None
+    if backbone_uri is not None:
+        name, version = resolve_model(backbone_uri)
+        fixed = f"{name}/{version}"
+        uris = {task: (head_uris or {}).get(task) or head_uri(task, backbone(fixed).arch, alias) for task in tasks}
+    else:
+        chosen = best_heads([t for t in tasks if t not in (head_uris or {})], alias)
+        missing = [t for t in tasks if t not in chosen and t not in (head_uris or {})]
+        if missing:
+            raise PredictError(f"no registered {' or '.join(missing)} head with alias @{alias} (run `dax heads` "
+                               "first, or give a backbone)")
+        uris = {task: (head_uris or {}).get(task) or chosen[task]["uri"] for task in tasks}
+    heads, refs = {}, {}
+    for task, uri in uris.items():
         try:
             head_name, head_version = resolve_model(uri)
         except Exception as error:  # noqa: BLE001 - MLflow raises several types for "not found"
             raise PredictError(f"no registered {task} head at {uri} (run `dax heads` first): "
                                f"{type(error).__name__}") from None
         tag = client.get_model_version(head_name, head_version).tags.get("dax.backbone")
-        if tag != refs["backbone"]:
+        if fixed is not None and tag != fixed:
             raise PredictError(f"the {task} head {head_name}/{head_version} was trained on backbone {tag}, "
-                               f"not on {refs['backbone']}: give the matching backbone or head")
+                               f"not on {fixed}: give the matching backbone or head")
+        if tag is None:
+            raise PredictError(f"the {task} head {head_name}/{head_version} names no backbone (tag dax.backbone)")
+        backbone(tag)
         head = mlflow.pytorch.load_model(f"models:/{head_name}/{head_version}", map_location="cpu")
         heads[task] = head.eval().to(dev)
-        refs[task] = f"{head_name}/{head_version}"
-    return LoadedModels(backbone, heads, refs, dev)
+        refs[task] = {"head": f"{head_name}/{head_version}", "backbone": tag}
+    return LoadedModels(backbones, heads, refs, dev)
 
 
 @dataclass
@@ -190,14 +217,14 @@ def run_models(models: LoadedModels, prepared: Prepared, top: int = 3) -> dict:
     """Backbone + heads on one prepared frame; outputs in ORIGINAL pixel coordinates."""
     rows, cols = prepared.original
     out: dict = {"size": [rows, cols]}
-    by_size: dict[int, list[str]] = {}
+    passes: dict[tuple[str, int], list[str]] = {}        # one backbone pass per (backbone, input size)
     for task, head in models.heads.items():
-        by_size.setdefault(int(head.size), []).append(task)
-    for size, tasks in sorted(by_size.items()):
+        passes.setdefault((models.refs[task]["backbone"], int(head.size)), []).append(task)
+    for (ref, size), tasks in sorted(passes.items()):
         box = Letterbox.for_stored(rows, cols, *prepared.pixels.shape, size)
         x = XrayEvalTransform(size=size)(prepared.pixels)[None].to(models.device)
         parts = {models.heads[t].features for t in tasks}
-        features = extract(models.backbone, x, parts)
+        features = extract(models.backbones[ref], x, parts)
         for task in tasks:
             head = models.heads[task]
             result = head(features[head.features])

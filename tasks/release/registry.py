@@ -17,6 +17,7 @@ process opened (the torchrun ranks, the Prefect tasks), by run id, in batches.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -25,7 +26,7 @@ from pathlib import Path
 
 __all__ = ["DEFAULT_BACKBONE", "HEADS_EXPERIMENT", "PIP_REQUIREMENTS", "PRETRAIN_EXPERIMENT", "RunLogger",
            "backbone_model", "backbone_uri", "configure_tracking", "ensure_experiment", "head_model", "head_uri",
-           "alias_best_heads", "log_torch_model", "resolve_model", "tracking_uri"]
+           "alias_best_heads", "best_heads", "HEADLINE", "log_torch_model", "resolve_model", "tracking_uri"]
 
 PRETRAIN_EXPERIMENT = "dax-pretrain"
 HEADS_EXPERIMENT = "dax-heads"
@@ -126,6 +127,44 @@ def alias_best_heads(branches: list[dict], tasks: tuple[str, ...], alias: str) -
                             "alias": alias, "uri": f"models:/{best['model']}@{alias}",
                             "versions": sorted((r["version"] for r in candidates), key=int)}
     return registered
+
+
+HEADLINE = {"region": "accuracy", "metal": "dice", "screws": "f1"}   # each task's figure, higher is better
+
+
+def best_heads(tasks, alias: str) -> dict[str, dict]:
+    """Per task, the ``alias`` head (``dax-head-<task>-<arch>@<alias>``) of whichever architecture scores best on
+    the task's ``HEADLINE`` figure: its backbone version's seed mean (tag ``dax.eval``, written by promotion),
+    else the head's own test figure (tag ``metric.<figure>``). Returns task -> {"uri", "model", "version",
+    "backbone", "score"}; a task with no such head is absent."""
+    import json
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    chosen = {}
+    for task in tasks:
+        prefix, figure = head_model(task, ""), HEADLINE[task]
+        names = sorted(m.name for m in client.search_registered_models(filter_string=f"name LIKE '{prefix}%'"))
+        for name in names:
+            try:
+                head = client.get_model_version_by_alias(name, alias)
+            except MlflowException:
+                continue
+            backbone = head.tags.get("dax.backbone", "")
+            score = math.nan
+            if "/" in backbone:
+                model, _, version = backbone.rpartition("/")
+                with contextlib.suppress(MlflowException):
+                    score = json.loads(client.get_model_version(model, version).tags.get("dax.eval", "{}")).get(
+                        f"{task}.{figure}", math.nan)
+            if not math.isfinite(score):
+                score = float(head.tags.get(f"metric.{figure}", "nan"))
+            if task not in chosen or (math.isfinite(score) and not score <= chosen[task]["score"]):
+                chosen[task] = {"uri": f"models:/{name}/{head.version}", "model": name, "version": str(head.version),
+                                "backbone": backbone, "score": score}
+    return chosen
 
 
 class _DropPickleCaution(logging.Filter):
