@@ -13,8 +13,8 @@
    design reaches at native resolution);
 4. runs the ``heads`` flow on the corpus' labels (``--config`` demo, ``--seeds`` 3): floors, random-init
    twin, pretrained backbone; nothing registered;
-5. trains the supervised ceiling of the region task once (``--ceiling-epochs`` at the region size, seed 0:
-   the same architecture from random init, end to end, on the same images);
+5. trains the supervised ceiling of the region task once (``--ceiling-epochs`` at the head config's
+   ``e2e_side``, seed 0: the same architecture from random init, end to end, on the same images);
 6. prints, and writes to BENCHMARKS.md (a section per architecture, "heads-eval-<arch>"), the results table, each headline figure's
    95 % interval with test PATIENTS resampled (seed 0), the paired interval of pretrained minus floor, and
    the command.
@@ -95,8 +95,9 @@ def ceiling(home: Path, labels: Path, backbone_uri: str, config, epochs: int) ->
     twin = create_backbone(arch, 1, img_size=config.size)
     began = time.perf_counter()
     result = train_end_to_end(twin, data, data.indices("train"), data.indices("val"), data.indices("test"), epochs,
-                              config.e2e_lr, config.e2e_batch, 0, resolve_device(config.device))
-    return {**result, "epochs": epochs, "minutes": (time.perf_counter() - began) / 60}
+                              config.e2e_lr, config.e2e_batch, 0, resolve_device(config.device), size=config.e2e_side)
+    return {**result, "epochs": epochs, "size": config.e2e_side,
+            "minutes": (time.perf_counter() - began) / 60}
 
 
 def intervals(branches: list[dict]) -> list[dict]:
@@ -155,7 +156,7 @@ def report(args, summary: dict, oracle: dict, top: dict | None, rows: list[dict]
             f"{s['gate_px']:.0f} native px on average: 5 % of the long side)."), "", table, ""]
     if top is not None:
         out += [(f"Supervised ceiling (region): the random-init {summary['arch']} trained end to end with a linear "
-                 f"head, {top['epochs']} epochs at {data['size']} px, seed 0: accuracy {top['accuracy']:.3f} "
+                 f"head, {top['epochs']} epochs at {top['size']} px, seed 0: accuracy {top['accuracy']:.3f} "
                  f"({top['minutes']:.0f} min)."), ""]
     out += ["95 % intervals with the test patients resampled (seed 0):", "",
             "| task | metric | floor | random-init | pretrained | pretrained - floor | pretrained - random-init |",
@@ -176,7 +177,7 @@ def main() -> None:
     parser.add_argument("--config", default="demo", help="head config (deployments/heads/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="head config override, e.g. seg_epochs=20")
-    parser.add_argument("--ceiling-epochs", type=int, default=5, help="region ceiling epochs (0: skip)")
+    parser.add_argument("--ceiling-epochs", type=int, default=10, help="region ceiling epochs (0: skip)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/dax-heads-eval"), help="scratch folder")
     parser.add_argument("--no-write", dest="write", action="store_false", help="do not update BENCHMARKS.md")
     args = parser.parse_args()

@@ -382,7 +382,11 @@ def _print_retrained(retrained: dict) -> None:
                       + (f"; on 16x16 pixel thumbnails {thumbnails:.3f}" if thumbnails is not None else ""))
         if retrained.get("knn_margin"):
             console.print(f"kNN margin over random init: {margin_text(retrained['knn_margin'])}")
-    console.print(f"promotion: {retrained['backbone']} is now @{retrained['promotion']['alias']}")
+    promotion = retrained["promotion"]
+    why = [f"{r['metric']} {r['candidate']:.3f} against {r['champion']:.3f} ({r['verdict']})"
+           for r in promotion.get("rows", []) if r["verdict"] in ("worse", "not above floor")]
+    console.print(f"promotion: {retrained['backbone']} is now @{promotion['alias']}"
+                  + (": " + "; ".join(why) if why else ""), highlight=False)
 
 
 @app.command()

@@ -61,3 +61,16 @@ def test_the_stages_errors_are_still_one_line_and_exit_code_2(capsys):
         assert capsys.readouterr().out == f"error: {error}\n"
     with pytest.raises(KeyError), user_errors():          # anything else is not a user error
         raise KeyError("a bug")
+
+
+def test_a_refused_promotion_says_which_figures_held_it_back(capsys):
+    """The demo's last line on promotion names the figures below their floor or the champion, not just the alias."""
+    from flows.cli import _print_retrained
+
+    rows = [{"metric": "region.accuracy (floor)", "candidate": 0.056, "champion": 0.352, "verdict": "not above floor"},
+            {"metric": "metal.dice", "candidate": 0.4, "champion": 0.3, "verdict": "better"}]
+    _print_retrained({"backbone": "models:/dax-backbone-vit_tiny_patch16/1", "results_markdown": "| table |",
+                      "promotion": {"alias": "challenger", "rows": rows}})
+    line = " ".join(capsys.readouterr().out.split())                  # the console wraps long lines
+    assert "@challenger: region.accuracy (floor) 0.056 against 0.352 (not above floor)" in line
+    assert "metal.dice" not in line                                   # figures that did not hold it back

@@ -194,6 +194,24 @@ def test_heads_beat_the_random_init_twin_given_a_backbone_with_a_clear_signal(he
         assert results["signal"][metric] > results["random"][metric] + 0.2, (metric, results)
 
 
+def test_the_supervised_bound_trains_and_tests_at_its_own_smaller_side(heads_corpus):
+    """``e2e_size`` shrinks the end-to-end bound's images (never enlarges them): every image the copied
+    backbone sees, in training and in testing, is at that side."""
+    assert HeadConfig(size=224).e2e_side == 96
+    assert HeadConfig(size=32).e2e_side == 32                       # at most the region size
+    assert HeadConfig(size=224, e2e_size=None).e2e_side == 224
+    data = load_head_dataset(heads_corpus.home, heads_corpus.labels, size=32, masks=False)
+    torch.manual_seed(0)
+    twin = create_backbone("resnet18", 1, img_size=32)
+    seen = []
+    twin.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[-2:])))
+    train, val, test = np.array_split(np.arange(len(data)), 3)
+    result = train_end_to_end(twin, data, train, val, test, epochs=1, lr=3e-4, batch_size=16, seed=0, device="cpu",
+                              size=16)
+    assert seen and set(seen) == {(16, 16)}, set(seen)
+    assert 0.0 <= result["accuracy"] <= 1.0
+
+
 # --- the flow ---------------------------------------------------------------------------------------------
 
 def test_the_flow_fans_out_and_registers_every_head_with_its_backbone(heads_flow, heads_env):

@@ -9,6 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from conftest import heads_tracking
 from PIL import Image
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -174,27 +175,27 @@ def test_best_heads_picks_each_task_from_the_architecture_that_scores_best(tmp_p
     scored best (its ``dax.eval``), else the head's own test figure; other aliases are not considered."""
     from mlflow.tracking import MlflowClient
 
-    from tasks.release.registry import backbone_model, best_heads, configure_tracking, head_model
+    from tasks.release.registry import backbone_model, best_heads, head_model
 
-    configure_tracking(tmp_path)
-    client = MlflowClient()
     evals = {"vit_tiny_patch16": {"region.accuracy": 0.8, "metal.dice": 0.3},
              "resnet18": {"region.accuracy": 0.6, "metal.dice": 0.7}}
-    for arch, scores in evals.items():
-        client.create_registered_model(backbone_model(arch))
-        client.create_model_version(backbone_model(arch), str(tmp_path), tags={"dax.eval": json.dumps(scores)})
-        for task, alias, f1 in (("region", "champion", None), ("metal", "champion", None),
-                                ("screws", "champion" if arch == "resnet18" else "challenger", 0.2)):
-            client.create_registered_model(head_model(task, arch))
-            tags = {"dax.backbone": f"{backbone_model(arch)}/1", **({"metric.f1": str(f1)} if f1 else {})}
-            client.create_model_version(head_model(task, arch), str(tmp_path), tags=tags)
-            client.set_registered_model_alias(head_model(task, arch), alias, "1")
-    chosen = best_heads(("region", "metal", "screws"), "champion")
+    with heads_tracking(tmp_path):          # a store of its own, whatever an earlier test left configured
+        client = MlflowClient()
+        for arch, scores in evals.items():
+            client.create_registered_model(backbone_model(arch))
+            client.create_model_version(backbone_model(arch), str(tmp_path), tags={"dax.eval": json.dumps(scores)})
+            for task, alias, f1 in (("region", "champion", None), ("metal", "champion", None),
+                                    ("screws", "champion" if arch == "resnet18" else "challenger", 0.2)):
+                client.create_registered_model(head_model(task, arch))
+                tags = {"dax.backbone": f"{backbone_model(arch)}/1", **({"metric.f1": str(f1)} if f1 else {})}
+                client.create_model_version(head_model(task, arch), str(tmp_path), tags=tags)
+                client.set_registered_model_alias(head_model(task, arch), alias, "1")
+        chosen = best_heads(("region", "metal", "screws"), "champion")
+        assert best_heads(("region",), "candidate") == {}
     assert {task: c["backbone"] for task, c in chosen.items()} == {
         "region": "dax-backbone-vit_tiny_patch16/1", "metal": "dax-backbone-resnet18/1",
         "screws": "dax-backbone-resnet18/1"}
     assert chosen["metal"]["uri"] == "models:/dax-head-metal-resnet18/1" and chosen["screws"]["score"] == 0.2
-    assert best_heads(("region",), "candidate") == {}
 
 
 def test_a_bad_file_is_refused_in_one_line(tmp_path, monkeypatch):

@@ -104,6 +104,7 @@ class HeadConfig:
     e2e_epochs: int = 10              # supervised end-to-end baseline (0: skipped)
     e2e_lr: float = 3e-4
     e2e_batch: int = 32
+    e2e_size: int | None = 96         # its input side, at most ``size`` (None: ``size``): more epochs of smaller images
     device: str = "auto"
 
     @classmethod
@@ -119,6 +120,11 @@ class HeadConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def e2e_side(self) -> int:
+        """The side the supervised end-to-end bound trains and tests at (``e2e_size``, at most ``size``)."""
+        return min(self.e2e_size or self.size, self.size)
 
 
 def load_head_config(name_or_path: str | None = None, overrides: dict | None = None) -> HeadConfig:
@@ -296,11 +302,20 @@ def fit_screw_head(source, train_idx: np.ndarray, screws: Sequence[np.ndarray], 
 
 def train_end_to_end(backbone: Backbone, data: HeadDataset, train_idx, val_idx, test_idx, epochs: int, lr: float,
                      batch_size: int, seed: int, device, eval_every: int = 1, return_model: bool = False,
-                     augment: bool = True):
+                     augment: bool = True, size: int | None = None):
     """Supervised upper bound: a copy of ``backbone`` + a linear head trained end to end on regions
     (AdamW, random flips with ``augment``); best validation epoch; test accuracy and macro P/R/F1.
-    With ``return_model``: (metrics, the trained backbone copy in eval mode, on CPU)."""
+    ``size`` resizes the images to that side first (None: ``data.size``), so the bound can spend its budget
+    on more epochs of smaller images. With ``return_model``: (metrics, the trained backbone copy in eval mode,
+    on CPU)."""
     device = torch.device(device)
+
+    def images(b) -> torch.Tensor:
+        x = data.images[b].to(device, dtype=torch.float32)
+        if size and size != x.shape[-1]:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        return x
+
     generator = torch.Generator().manual_seed(seed)
     num_classes = len(data.classes)
     net = copy.deepcopy(backbone).to(device).train()
@@ -313,14 +328,14 @@ def train_end_to_end(backbone: Backbone, data: HeadDataset, train_idx, val_idx, 
         out = []
         with torch.no_grad():
             for b in batches(np.asarray(idx), 64, None):
-                out.append(head(net(data.images[b].to(device, dtype=torch.float32))).argmax(1).cpu())
+                out.append(head(net(images(b))).argmax(1).cpu())
         net.train()
         return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
 
     best, best_state = -1.0, None
     for epoch in range(1, epochs + 1):
         for b in batches(np.asarray(train_idx), batch_size, generator):
-            x = data.images[b].to(device, dtype=torch.float32)
+            x = images(b)
             if augment:
                 flips = torch.rand(len(b), 2, generator=generator)
                 x = torch.where((flips[:, 0] < 0.5).view(-1, 1, 1, 1).to(device), x.flip(-1), x)
@@ -456,7 +471,7 @@ def _run_region(seed, data, store, config, arch, backbone, train, val, test, dev
         metrics[f"fewshot{n}_accuracy"] = test_metrics(few, primary)["accuracy"]
     if backbone is not None and config.e2e_epochs > 0:
         e2e = train_end_to_end(backbone, data, train, val, test, config.e2e_epochs, config.e2e_lr, config.e2e_batch,
-                               seed, device)
+                               seed, device, size=config.e2e_side)
         metrics["e2e_accuracy"] = e2e["accuracy"]
     frozen = FrozenHead("region", head.cpu(), primary, data.size, arch, classes=data.classes,
                         info={"best_epoch": info["epoch"]})
