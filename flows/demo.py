@@ -25,7 +25,7 @@ __all__ = ["demo"]
 
 DEMO_PRETRAIN = ["demo-cpu"]
 DEMO_HEADS = "demo"
-DEMO_SEEDS = 2          # seeds per head: 3 put the demo over its 30 minutes (README, "State")
+DEMO_SEEDS = 2          # seeds per head: 3 put the demo over its 30 minutes (README, "Status"; the CLI's --seeds default)
 
 
 @flow(name="demo")

@@ -127,18 +127,19 @@ def load_models(backbone_uri: str | None = None, head_uris: dict[str, str] | Non
             backbones[ref] = mlflow.pytorch.load_model(f"models:/{ref}", map_location="cpu").eval().to(dev)
         return backbones[ref]
 
+    pinned = head_uris or {}
     fixed = None
     if backbone_uri is not None:
         name, version = resolve_model(backbone_uri)
         fixed = f"{name}/{version}"
-        uris = {task: (head_uris or {}).get(task) or head_uri(task, backbone(fixed).arch, alias) for task in tasks}
+        uris = {task: pinned.get(task) or head_uri(task, backbone(fixed).arch, alias) for task in tasks}
     else:
-        chosen = best_heads([t for t in tasks if t not in (head_uris or {})], alias)
-        missing = [t for t in tasks if t not in chosen and t not in (head_uris or {})]
+        chosen = best_heads([t for t in tasks if t not in pinned], alias)
+        missing = [t for t in tasks if t not in chosen and t not in pinned]
         if missing:
             raise PredictError(f"no registered {' or '.join(missing)} head with alias @{alias} (run `dax heads` "
                                "first, or give a backbone)")
-        uris = {task: (head_uris or {}).get(task) or chosen[task]["uri"] for task in tasks}
+        uris = {task: pinned.get(task) or chosen[task]["uri"] for task in tasks}
     heads, refs = {}, {}
     for task, uri in uris.items():
         try:
