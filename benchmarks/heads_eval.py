@@ -13,8 +13,9 @@
    design reaches at native resolution);
 4. runs the ``heads`` flow on the corpus' labels (``--config`` demo, ``--seeds`` 3): floors, random-init
    twin, pretrained backbone; nothing registered;
-5. trains the supervised ceiling of the region task once (``--ceiling-epochs`` at the head config's
-   ``e2e_side``, seed 0: the same architecture from random init, end to end, on the same images);
+5. trains the supervised ceiling of each task once (``--ceiling-epochs``, seed 0: the same architecture from
+   random init, end to end, on the same images; region at the head config's ``e2e_side``, metal and screws with
+   their heads on the dense windows);
 6. prints, and writes to BENCHMARKS.md (a section per architecture, "heads-eval-<arch>"), the results table, each headline figure's
    95 % interval with test PATIENTS resampled (seed 0), the paired interval of pretrained minus floor, and
    the command.
@@ -22,6 +23,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import secrets
 import shlex
@@ -77,27 +79,41 @@ def oracles(labels: Path, size: int) -> dict:
     return {"metal": metal, "screws": screws, "size": size}
 
 
-def ceiling(home: Path, labels: Path, backbone_uri: str, config, epochs: int) -> dict:
-    """The region task's supervised ceiling: the random-init twin trained end to end (seed 0)."""
+def ceilings(home: Path, labels: Path, backbone_uri: str, config, epochs: int) -> dict[str, dict]:
+    """The supervised ceilings (seed 0): the random-init twin trained end to end with each task's head, on the
+    images the flow's heads read: region at the config's ``e2e_side``, metal and screws on their windows of the
+    dense view (``tasks.heads.training.dense_ceiling``), ``epochs`` each."""
+    import dataclasses
+
     import mlflow
     import torch
 
     from dax_models.backbones import create_backbone, resolve_device
     from tasks.heads.data import load_head_dataset
-    from tasks.heads.training import train_end_to_end
+    from tasks.heads.training import dense_ceiling, train_end_to_end
     from tasks.release.registry import configure_tracking, resolve_model
 
     configure_tracking(home)
     name, version = resolve_model(backbone_uri)
     arch = mlflow.pytorch.load_model(f"models:/{name}/{version}", map_location="cpu").arch
+
+    def twin():
+        torch.manual_seed(0)
+        return create_backbone(arch, 1, img_size=config.size)
+
+    out = {}
     data = load_head_dataset(home, labels, size=config.size, masks=False)
-    torch.manual_seed(0)
-    twin = create_backbone(arch, 1, img_size=config.size)
     began = time.perf_counter()
-    result = train_end_to_end(twin, data, data.indices("train"), data.indices("val"), data.indices("test"), epochs,
-                              config.e2e_lr, config.e2e_batch, 0, resolve_device(config.device), size=config.e2e_side)
-    return {**result, "epochs": epochs, "size": config.e2e_side,
-            "minutes": (time.perf_counter() - began) / 60}
+    out["region"] = {**train_end_to_end(twin(), data, data.indices("train"), data.indices("val"), data.indices("test"),
+                                        epochs, config.e2e_lr, config.e2e_batch, 0, resolve_device(config.device),
+                                        size=config.e2e_side),
+                     "size": config.e2e_side, "minutes": (time.perf_counter() - began) / 60}
+    dense = load_head_dataset(home, labels, size=config.dense_size, max_images=config.dense_max_images)
+    for task in ("metal", "screws"):
+        began = time.perf_counter()
+        result = dense_ceiling(task, 0, dense, twin(), dataclasses.replace(config, e2e_epochs=epochs))
+        out[task] = {**result.metrics, "size": config.dense_size, "minutes": (time.perf_counter() - began) / 60}
+    return {task: {**figures, "epochs": epochs} for task, figures in out.items()}
 
 
 def intervals(branches: list[dict]) -> list[dict]:
@@ -130,17 +146,32 @@ def _ci(v: dict | None, signed: bool = False) -> str:
     return f"{f.format(v['value'])} ({f.format(v['low'])} to {f.format(v['high'])})"
 
 
-def report(args, summary: dict, oracle: dict, top: dict | None, rows: list[dict], minutes: float) -> str:
+def ceiling_cells(table: str, top: dict[str, dict]) -> str:
+    """The flow's table with its ceiling cells filled from ``ceilings`` (seed 0) where the flow ran none."""
+    from tasks.heads.results import CEILING, ROWS
+
+    cells_of = {}
+    for task, metric, label, unit in ROWS:
+        key = CEILING.get((task, metric))
+        value = top.get(task, {}).get(key.removeprefix("e2e_")) if key else None
+        if isinstance(value, float) and math.isfinite(value):
+            shown = f"{100 * value:.1f} %" if unit == "%" else f"{value:.2f} {unit}"
+            cells_of[f"| {task} | {label} |"] = f"{shown} (seed 0, {top[task]['epochs']} epochs)"
+    lines = table.split("\n")
+    for i, line in enumerate(lines):
+        for start, cell in cells_of.items():
+            if line.startswith(start + " "):
+                cells = line.split(" | ")
+                cells[5] = cell
+                lines[i] = " | ".join(cells)
+    return "\n".join(lines)
+
+
+def report(args, summary: dict, oracle: dict, top: dict[str, dict] | None, rows: list[dict], minutes: float) -> str:
     data = summary["data"]
     table = summary["markdown"].split("\n\n", 2)[-1]        # the flow's table without its header
-    if top is not None:              # the ceiling cell of the headline region row
-        lines = table.split("\n")
-        for i, line in enumerate(lines):
-            if line.startswith("| region | accuracy (linear, last-4 CLS / pooled) |"):
-                cells = line.split(" | ")
-                cells[5] = f"{100 * top['accuracy']:.1f} % (seed 0, {top['epochs']} epochs)"
-                lines[i] = " | ".join(cells)
-        table = "\n".join(lines)
+    if top is not None:
+        table = ceiling_cells(table, top)
     m, s = oracle["metal"], oracle["screws"]
     out = [f"Measured {date.today():%Y-%m-%d} on {os.cpu_count()} CPU cores, in {minutes:.0f} min; command:", "",
            "```", " ".join(["$", shlex.join(["python", "benchmarks/heads_eval.py", *sys.argv[1:]])]), "```", "",
@@ -155,9 +186,13 @@ def report(args, summary: dict, oracle: dict, top: dict | None, rows: list[dict]
             f"L1 {s['head_l1_px']:.2f} / {s['tip_l1_px']:.2f} px, angle {s['angle_deg']:.2f} deg (matching gate "
             f"{s['gate_px']:.0f} native px on average: 5 % of the long side)."), "", table, ""]
     if top is not None:
-        out += [(f"Supervised ceiling (region): the random-init {summary['arch']} trained end to end with a linear "
-                 f"head, {top['epochs']} epochs at {top['size']} px, seed 0: accuracy {top['accuracy']:.3f} "
-                 f"({top['minutes']:.0f} min)."), ""]
+        region, metal, screws = top["region"], top["metal"], top["screws"]
+        out += [(f"Supervised ceilings: the random-init {summary['arch']} trained end to end, seed 0, "
+                 f"{region['epochs']} epochs each, with a linear head at {region['size']} px (region accuracy "
+                 f"{region['accuracy']:.3f}, {region['minutes']:.0f} min), with the metal decoder (Dice "
+                 f"{metal['dice']:.3f}, {metal['minutes']:.0f} min) and with the screw head (recall "
+                 f"{screws['recall']:.3f}, precision {screws['precision']:.3f}, {screws['minutes']:.0f} min) on the "
+                 f"dense heads' windows of the {metal['size']} px images."), ""]
     out += ["95 % intervals with the test patients resampled (seed 0):", "",
             "| task | metric | floor | random-init | pretrained | pretrained - floor | pretrained - random-init |",
             "|---|---|---|---|---|---|---|"]
@@ -177,7 +212,7 @@ def main() -> None:
     parser.add_argument("--config", default="demo", help="head config (deployments/heads/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="head config override, e.g. seg_epochs=20")
-    parser.add_argument("--ceiling-epochs", type=int, default=10, help="region ceiling epochs (0: skip)")
+    parser.add_argument("--ceiling-epochs", type=int, default=10, help="the ceilings' epochs (0: skip)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/dax-heads-eval"), help="scratch folder")
     parser.add_argument("--no-write", dest="write", action="store_false", help="do not update BENCHMARKS.md")
     args = parser.parse_args()
@@ -200,7 +235,7 @@ def main() -> None:
     backbone = args.backbone or DEFAULT_BACKBONE
     summary = heads(backbone=backbone, home=str(home), labels=str(labels), seeds=args.seeds, config=args.config,
                     overrides={**overrides, "e2e_epochs": 0}, register_heads=False)
-    top = ceiling(home, labels, backbone, config, args.ceiling_epochs) if args.ceiling_epochs > 0 else None
+    top = ceilings(home, labels, backbone, config, args.ceiling_epochs) if args.ceiling_epochs > 0 else None
     text = report(args, summary, oracle, top, intervals(summary["branches"]), (time.perf_counter() - began) / 60)
     print(text)
     if args.write:

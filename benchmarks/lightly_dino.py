@@ -178,37 +178,58 @@ def train_lightly(job_dir: Path, out: Path | None = None) -> dict:
     return result
 
 
-def step_speed(job_dir: Path, steps: int = 8, rounds: int = 3) -> dict:
-    """Images/s of DAX's DINO step and lightly's on one in-memory batch of the job's config, alternated."""
+def step_speed(job_dir: Path, steps: int = 8, rounds: int = 3, device: str = "cpu", precision: str = "fp32",
+               config_name: str | None = None) -> dict:
+    """Images/s of DAX's DINO step and lightly's on one in-memory batch of the job's config (or of
+    ``config_name``, on the job's images), alternated; on ``device``, both under the same autocast."""
     from dax_models.augment import XrayMultiCrop
     from tasks.pretrain.data import train_loader
-    from tasks.pretrain.main_dino import Dist, build_training, dino_step
+    from tasks.pretrain.main_dino import Dist, build_training, dino_step, load_config
 
     _, config, selection = read_job(Path(job_dir))
+    if config_name is not None:
+        config = load_config(config_name)
     crops = next(iter(train_loader(selection, XrayMultiCrop(config.augment), config.batch_size, 1, epoch=0,
                                    workers=0)))
-    ours = build_training(config, Dist(0, 1, 0, torch.device("cpu")), "fp32")
+    where = torch.device(device)
+    ours = build_training(config, Dist(0, 1, 0, where), precision)
     theirs = LightlyTraining(config)
+    theirs.model.to(where)
+    theirs.criterion.to(where)
+    theirs.optimizer = torch.optim.AdamW(param_groups(theirs.student), lr=0.0,
+                                         **({"fused": True} if where.type == "cuda" else {}))
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     kwargs = {"lr": 1e-4, "weight_decay": 0.04, "momentum": 0.996}
 
     def run_ours() -> None:
         dino_step(ours, crops, teacher_temp=config.teacher_temp, epoch=1, **kwargs)
 
-    def run_theirs() -> None:
-        theirs.step(crops, epoch=1, **kwargs)
+    def run_theirs() -> None:    # the batch moved per step, as a loader's would be
+        views = [c.to(where, non_blocking=True) for c in crops]
+        with torch.autocast(where.type, dtype=amp or torch.float32, enabled=amp is not None):
+            theirs.step(views, epoch=1, **kwargs)
+
+    def sync() -> None:
+        if where.type == "cuda":
+            torch.cuda.synchronize()
 
     rates: dict[str, list[float]] = {"dax": [], "lightly": []}
     for run in (run_ours, run_theirs, run_ours, run_theirs):      # warm-up
         run()
     for _ in range(rounds):
         for name, run in (("dax", run_ours), ("lightly", run_theirs)):
+            sync()
             began = time.perf_counter()
             for _ in range(steps):
                 run()
+            sync()
             rates[name].append(steps * config.batch_size / (time.perf_counter() - began))
     dax, lightly = float(np.median(rates["dax"])), float(np.median(rates["lightly"]))
     return {"dax": dax, "lightly": lightly, "ratio": dax / lightly, "threads": torch.get_num_threads(),
-            "batch": config.batch_size, "arch": config.arch, "rounds": rates}
+            "batch": config.batch_size, "arch": config.arch, "rounds": rates, "device": device,
+            "device_name": torch.cuda.get_device_name(where) if where.type == "cuda" else "cpu",
+            "precision": precision, "config": config_name or "the job's",
+            "peak_gpu_mb": torch.cuda.max_memory_allocated(where) / 2 ** 20 if where.type == "cuda" else None}
 
 
 def write_speed_section(speed: dict, command: str) -> None:
@@ -230,6 +251,9 @@ def main() -> None:
     parser.add_argument("--job", type=Path, required=True, help="a finished dax pretrain job folder (with knn.pt)")
     parser.add_argument("--speed", action="store_true", help="measure the two steps' images/s instead of training")
     parser.add_argument("--out", type=Path, help="where lightly.json goes (default: the job folder)")
+    parser.add_argument("--device", default="cpu", help="--speed on this device (cuda: JSON only, no section)")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="--speed's autocast")
+    parser.add_argument("--config", help="--speed with this named config on the job's images")
     args = parser.parse_args()
     import os
 
@@ -237,9 +261,10 @@ def main() -> None:
     for key, value in QUIET_DEFAULTS.items():
         os.environ.setdefault(key, value)
     if args.speed:
-        speed = step_speed(args.job)
+        speed = step_speed(args.job, device=args.device, precision=args.precision, config_name=args.config)
         print(json.dumps(speed))
-        write_speed_section(speed, shlex.join([".venv/bin/python", "benchmarks/lightly_dino.py", *sys.argv[1:]]))
+        if args.device == "cpu" and args.precision == "fp32" and args.config is None:
+            write_speed_section(speed, shlex.join([".venv/bin/python", "benchmarks/lightly_dino.py", *sys.argv[1:]]))
     else:
         print(json.dumps(train_lightly(args.job, args.out or args.job)["knn_margin"]))
 

@@ -23,6 +23,7 @@ from tasks.heads.evaluation import evaluate_screws, predict_masks, predict_screw
 from tasks.heads.features import FeatureStore, LiveFeatures
 from tasks.heads.training import (
     HeadConfig,
+    TrainedMaps,
     fit_classifier,
     fit_screw_head,
     fit_segmenter,
@@ -212,6 +213,41 @@ def test_the_supervised_bound_trains_and_tests_at_its_own_smaller_side(heads_cor
     assert 0.0 <= result["accuracy"] <= 1.0
 
 
+def test_the_dense_ceiling_trains_a_copy_of_the_backbone_on_windows_and_learns(corpus64):
+    """``TrainedMaps``: the segmentation head's end-to-end run trains a copy of the backbone with it (the twin is
+    untouched), runs it on the training windows while it trains and on whole images when it is scored, and fits
+    the training images' metal far better than the same run untrained."""
+    data = corpus64
+    train = data.indices("train")
+    torch.manual_seed(0)
+    twin = create_backbone("resnet18", 1, img_size=64)
+    before = {k: v.clone() for k, v in twin.state_dict().items()}
+
+    def fit(epochs, crop=0, seen=None):
+        source = TrainedMaps(twin, data.images, "cpu", lr=1e-3)
+        if seen is not None:
+            stem = source.backbone.model.conv1       # every pass of the backbone starts here
+            stem.register_forward_pre_hook(lambda m, a: seen.append((m.training, tuple(a[0].shape[-2:]))))
+        decoder, _ = fit_segmenter(source, train, data.masks, 64, epochs=epochs, lr=3e-3, batch_size=16, seed=0,
+                                   crop=crop, val_idx=train[:8], eval_every=1)
+        return source, decoder
+
+    seen = []
+    windowed, _ = fit(1, crop=32, seen=seen)
+    assert {shape for training, shape in seen if training} == {(32, 32)}
+    assert {shape for training, shape in seen if not training} == {(64, 64)}
+    assert all(torch.equal(before[k], v) for k, v in twin.state_dict().items())          # the twin is untouched
+    assert any(not torch.equal(before[k], v) for k, v in windowed.backbone.state_dict().items())
+
+    metal = np.asarray([i for i in train if data.masks[i].any()])
+    dice = {}
+    for name, epochs in (("trained", 30), ("untrained", 0)):
+        source, decoder = fit(epochs)
+        dice[name] = segmentation_metrics(predict_masks(decoder, source, metal, 64, "cpu") > 0.5,
+                                          data.masks[metal])["dice"]
+    assert dice["trained"] > max(2 * dice["untrained"], dice["untrained"] + 0.3), dice
+
+
 # --- the flow ---------------------------------------------------------------------------------------------
 
 def test_the_flow_fans_out_and_registers_every_head_with_its_backbone(heads_flow, heads_env):
@@ -262,6 +298,11 @@ def test_the_flow_fans_out_and_registers_every_head_with_its_backbone(heads_flow
         assert rows[key]["floor_n"] == 2 and 0 <= rows[key]["floor_mean"] <= 1, rows[key]   # the floors ran
     assert rows[("region", "accuracy")]["ceiling_n"] == 2                 # e2e from random init: the ceiling
     assert rows[("region", "accuracy")]["ceiling_mean"] == rows[("region", "e2e_accuracy")]["random_mean"]
+    for key in (("metal", "dice"), ("screws", "recall"), ("screws", "f1")):   # the dense tasks' ceilings ran too
+        assert rows[key]["ceiling_n"] == 2, rows[key]
+    ceiling_runs = [b for b in branches if b["role"] == "random" and b["task"] == "metal"]
+    assert rows[("metal", "dice")]["ceiling_mean"] == pytest.approx(np.mean([b["metrics"]["e2e_dice"]
+                                                                              for b in ceiling_runs]))
     assert "| floor | random-init | pretrained | supervised ceiling | DAX paper |" in summary["markdown"]
     table = json.loads(mlflow.artifacts.load_text(f"runs:/{summary['run_id']}/results/heads_table.json"))
     assert {"floor", "pretrained", "random", "ceiling", "paper"} <= set(table["columns"])

@@ -14,6 +14,10 @@ metrics in ``tasks.heads.evaluation``:
 - ``screws``: CenterNet-style ``ScrewHead`` at stride 4 (midpoint heatmap + offset + head/tip vectors); the
   score threshold is the one with the best F1 on validation images.
 
+The dense tasks' supervised end-to-end run (``e2e_*`` metrics, with ``e2e_epochs``): the same head with a copy of
+the backbone that trains with it (``TrainedMaps``: the backbone runs on each training window), evaluated as the
+frozen head is; from the random-init twin it is the task's supervised ceiling.
+
 Randomness: each (task, seed) run seeds its own ``torch.Generator`` for data order, few-shot
 picks and augmentation; heads are initialised under a lock with the global RNG forked and seeded,
 so concurrent branches (the flow's thread pool) stay reproducible.
@@ -22,7 +26,7 @@ from __future__ import annotations
 
 import copy
 import threading
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -31,7 +35,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from dax_models.backbones import Backbone, autocast, resolve_device
+from dax_models.backbones import Backbone, autocast, extract, resolve_device
 from dax_models.heads import (
     FrozenHead,
     LinearHead,
@@ -60,8 +64,9 @@ from tasks.heads.evaluation import (
     screw_counts_per_image,
 )
 
-__all__ = ["DENSE_TASKS", "TASKS", "DenseCrop", "HeadConfig", "TaskResult", "fit_classifier", "fit_screw_head",
-           "fit_segmenter", "load_head_config", "run_task", "seeded", "task_view", "train_end_to_end"]
+__all__ = ["DENSE_TASKS", "TASKS", "DenseCrop", "HeadConfig", "TaskResult", "TrainedMaps", "dense_ceiling",
+           "fit_classifier", "fit_screw_head", "fit_segmenter", "load_head_config", "run_task", "seeded", "task_view",
+           "train_end_to_end"]
 
 TASKS = ("region", "metal", "screws")
 DENSE_TASKS = ("metal", "screws")
@@ -101,7 +106,7 @@ class HeadConfig:
     knn_temperature: float = 0.07
     few_shot: tuple[int, ...] = (1, 5, 10)
     few_shot_epochs: int = 100
-    e2e_epochs: int = 10              # supervised end-to-end baseline (0: skipped)
+    e2e_epochs: int = 10              # supervised end-to-end runs, region's and the dense tasks' (0: skipped)
     e2e_lr: float = 3e-4
     e2e_batch: int = 32
     e2e_size: int | None = 96         # its input side, at most ``size`` (None: ``size``): more epochs of smaller images
@@ -214,18 +219,84 @@ class DenseCrop:
                 for m, s in zip(maps, self.strides)]
 
 
+class TrainedMaps:
+    """A copy of the backbone that trains with a dense head: the supervised end-to-end run's feature source.
+
+    ``get`` has ``FeatureStore``'s interface (maps of whole images, eval mode, no gradients: strides, validation,
+    test); ``window_maps`` runs the backbone in train mode, with gradients, on a training window of the input
+    (a backbone that trains has no cached maps to cut). Its parameters train at ``lr`` (``param_groups``).
+    """
+
+    def __init__(self, backbone: Backbone, images: torch.Tensor, device: torch.device | str, lr: float):
+        self.device = torch.device(device)
+        self.backbone = copy.deepcopy(backbone).to(self.device)
+        self.images, self.lr = images, lr
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def map_channels(self) -> list[int]:
+        return list(self.backbone.feature_channels)
+
+    def get(self, part: str, idx, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+        if part != "maps":
+            raise ValueError(f"TrainedMaps gives maps only, not {part!r}")
+        self.backbone.eval()
+        with torch.no_grad():
+            return self._maps(self._images(idx), device)
+
+    def window_maps(self, idx, top: int, left: int, crop: int, device: torch.device | str) -> list[torch.Tensor]:
+        self.backbone.train()
+        return self._maps(self._images(idx)[..., top:top + crop, left:left + crop], device)
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": list(self.backbone.parameters()), "lr": self.lr}]
+
+    def _images(self, idx) -> torch.Tensor:
+        return self.images[torch.as_tensor(np.asarray(idx, dtype=np.int64))].to(self.device, dtype=torch.float32)
+
+    def _maps(self, x: torch.Tensor, device: torch.device | str) -> list[torch.Tensor]:
+        with autocast(self.device):
+            maps = extract(self.backbone, x, ("maps",))["maps"]
+        return [m.float().to(device) for m in maps]
+
+
+def _window_maps(source, window: DenseCrop, idx, top: int, left: int, device) -> list[torch.Tensor]:
+    """A training window's maps: cut from the cached maps, or from a backbone that trains run on the window."""
+    if isinstance(source, TrainedMaps):
+        return source.window_maps(idx, top, left, window.crop, device)
+    return window.maps(source.get("maps", idx, device), top, left)
+
+
+def _parameters(head: nn.Module, source) -> list[dict]:
+    """The optimizer's groups: the head, and the backbone when it trains with it."""
+    return [{"params": list(head.parameters())}, *(source.param_groups() if isinstance(source, TrainedMaps) else [])]
+
+
+def _snapshot(head: nn.Module, source) -> dict:
+    return copy.deepcopy({"head": head.state_dict(),
+                          "backbone": source.backbone.state_dict() if isinstance(source, TrainedMaps) else None})
+
+
+def _restore(head: nn.Module, source, state: dict) -> None:
+    head.load_state_dict(state["head"])
+    if state["backbone"] is not None:
+        source.backbone.load_state_dict(state["backbone"])
+
+
 def fit_segmenter(source, train_idx: np.ndarray, masks: torch.Tensor, size: int, epochs: int = 40, lr: float = 1e-3,
                   weight_decay: float = 1e-4, batch_size: int = 32, hidden: int = 64, seed: int = 0,
                   val_idx: np.ndarray | None = None, eval_every: int = 5, crop: int = 0,
                   device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
-    """``SegmentationDecoder`` on the cached maps; BCE + soft Dice on ``crop`` px windows (``DenseCrop``); best
-    validation Dice (whole images) kept."""
+    """``SegmentationDecoder`` on the cached maps (or a ``TrainedMaps``); BCE + soft Dice on ``crop`` px windows
+    (``DenseCrop``); best validation Dice (whole images) kept."""
     device = torch.device(device)
     generator = torch.Generator().manual_seed(seed)
     strides = _map_strides(source, train_idx, size)
     window = DenseCrop(size, crop, strides, generator)
     decoder = seeded(seed, lambda: SegmentationDecoder(source.map_channels, strides, hidden=hidden)).to(device)
-    optimizer = torch.optim.AdamW(decoder.parameters(), lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(_parameters(decoder, source), lr=lr, weight_decay=weight_decay)
     best, best_state = {"val_dice": float("nan"), "epoch": epochs}, None
     # selection only on validation images that show metal (empty ones reward predicting nothing)
     with_metal = [int(i) for i in (val_idx if val_idx is not None else []) if bool(masks[i].any())]
@@ -235,7 +306,7 @@ def fit_segmenter(source, train_idx: np.ndarray, masks: torch.Tensor, size: int,
             if len(b) < 2 and len(train_idx) >= 2:
                 continue
             top, left = window.draw()
-            logits = decoder(window.maps(source.get("maps", b, device), top, left), (window.crop, window.crop))
+            logits = decoder(_window_maps(source, window, b, top, left, device), (window.crop, window.crop))
             target = masks[b][:, top:top + window.crop, left:left + window.crop].to(device, dtype=torch.float32)[:, None]
             loss = F.binary_cross_entropy_with_logits(logits, target) + _dice_loss(logits, target)
             optimizer.zero_grad(set_to_none=True)
@@ -246,9 +317,9 @@ def fit_segmenter(source, train_idx: np.ndarray, masks: torch.Tensor, size: int,
             score = segmentation_metrics(probs > 0.5, masks[with_metal])["dice"]
             if best_state is None or score > best["val_dice"]:
                 best.update(val_dice=score, epoch=epoch)
-                best_state = copy.deepcopy(decoder.state_dict())
+                best_state = _snapshot(decoder, source)
     if best_state is not None:
-        decoder.load_state_dict(best_state)
+        _restore(decoder, source, best_state)
     return decoder.eval(), best
 
 
@@ -260,8 +331,8 @@ def fit_screw_head(source, train_idx: np.ndarray, screws: Sequence[np.ndarray], 
                    lr: float = 1e-3, weight_decay: float = 1e-4, batch_size: int = 32, hidden: int = 64, seed: int = 0,
                    val_idx: np.ndarray | None = None, val_score: Callable[[list[list[dict]]], float] | None = None,
                    eval_every: int = 5, crop: int = 0, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
-    """``ScrewHead`` on the cached maps with ``screw_targets`` / ``screw_loss`` (screws in INPUT pixels), trained
-    on ``crop`` px windows (``DenseCrop``; the targets are made on the whole grid, then cut).
+    """``ScrewHead`` on the cached maps (or a ``TrainedMaps``) with ``screw_targets`` / ``screw_loss`` (screws in
+    INPUT pixels), trained on ``crop`` px windows (``DenseCrop``; the targets are made on the whole grid, then cut).
 
     ``val_score(predictions on val_idx)`` picks the best epoch (e.g. F1 at native resolution).
     """
@@ -270,7 +341,7 @@ def fit_screw_head(source, train_idx: np.ndarray, screws: Sequence[np.ndarray], 
     strides = _map_strides(source, train_idx, size)
     window = DenseCrop(size, crop, strides, generator)
     head = seeded(seed, lambda: ScrewHead(source.map_channels, strides, hidden=hidden)).to(device)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(_parameters(head, source), lr=lr, weight_decay=weight_decay)
     grid, cells = size // head.out_stride, window.crop // head.out_stride
     best, best_state = {"val_score": float("nan"), "epoch": epochs}, None
     # selection only when validation images show screws (else predicting nothing scores best)
@@ -282,7 +353,7 @@ def fit_screw_head(source, train_idx: np.ndarray, screws: Sequence[np.ndarray], 
             if len(b) < 2 and len(train_idx) >= 2:
                 continue
             top, left = window.draw()
-            out = head(window.maps(source.get("maps", b, device), top, left))
+            out = head(_window_maps(source, window, b, top, left, device))
             y0, x0 = top // head.out_stride, left // head.out_stride
             targets = screw_targets([screws[i] for i in b], (size, size), (grid, grid))
             loss = screw_loss(out, {k: v[..., y0:y0 + cells, x0:x0 + cells] for k, v in targets.items() if v.dim() == 4})
@@ -294,9 +365,9 @@ def fit_screw_head(source, train_idx: np.ndarray, screws: Sequence[np.ndarray], 
             score = val_score(predict_screws(head, source, val_idx, size, device))
             if best_state is None or score > best["val_score"]:
                 best.update(val_score=score, epoch=epoch)
-                best_state = copy.deepcopy(head.state_dict())
+                best_state = _snapshot(head, source)
     if best_state is not None:
-        head.load_state_dict(best_state)
+        _restore(head, source, best_state)
     return head.eval(), best
 
 
@@ -386,8 +457,8 @@ def run_task(task: str, seed: int, data: HeadDataset, store, config: HeadConfig,
              backbone: Backbone | None = None) -> TaskResult:
     """Train and evaluate one task with one seed on cached features (``store``); see the module doc.
 
-    ``backbone`` is needed only for the region task's end-to-end baseline (skipped when None or
-    ``config.e2e_epochs`` is 0).
+    ``backbone`` is needed only for the supervised end-to-end runs (``e2e_*`` metrics: skipped when None or
+    ``config.e2e_epochs`` is 0): region's at ``e2e_side``, the dense tasks' with ``dense_ceiling``.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
@@ -396,15 +467,37 @@ def run_task(task: str, seed: int, data: HeadDataset, store, config: HeadConfig,
     if not len(train) or not len(test):
         raise ValueError(f"the {task} task needs training and test images (got {len(train)} and {len(test)}): "
                          "label more patients")
-    size = data.size
     if task == "region":
         return _run_region(seed, data, store, config, arch, backbone, train, val, test, device)
+    result = _run_dense(task, seed, data, store, config, arch, device)
+    if backbone is not None and config.e2e_epochs > 0:
+        ceiling = dense_ceiling(task, seed, data, backbone, config)
+        result.metrics.update({f"e2e_{k}": v for k, v in ceiling.metrics.items() if k != "gate_px"})
+    return result
+
+
+def dense_ceiling(task: str, seed: int, data: HeadDataset, backbone: Backbone, config: HeadConfig) -> TaskResult:
+    """A dense task's supervised end-to-end run: a copy of ``backbone`` trained with the task's head
+    (``TrainedMaps``, backbone at ``e2e_lr``) for ``e2e_epochs`` on the same windows, selected and evaluated as
+    the frozen head is. From the random-init twin it is the task's supervised ceiling. No head to register."""
+    device = resolve_device(config.device)
+    source = TrainedMaps(backbone, data.images, device, config.e2e_lr)
+    budget = replace(config, seg_epochs=config.e2e_epochs, screw_epochs=config.e2e_epochs)
+    result = _run_dense(task, seed, data, source, budget, getattr(backbone, "arch", ""), device)
+    result.head = None
+    return result
+
+
+def _run_dense(task: str, seed: int, data: HeadDataset, source, config: HeadConfig, arch: str, device) -> TaskResult:
+    """Metal or screws with one seed on ``source`` (cached maps, or a ``TrainedMaps``)."""
+    train, val, test = data.indices("train"), data.indices("val"), data.indices("test")
+    size = data.size
     if task == "metal":
-        decoder, info = fit_segmenter(store, train, data.masks, size, epochs=config.seg_epochs, lr=config.seg_lr,
+        decoder, info = fit_segmenter(source, train, data.masks, size, epochs=config.seg_epochs, lr=config.seg_lr,
                                       weight_decay=config.weight_decay, batch_size=config.dense_batch,
                                       hidden=config.seg_hidden, seed=seed, val_idx=val, eval_every=config.eval_every,
                                       crop=config.dense_crop, device=device)
-        probs = predict_masks(decoder, store, test, size, device)
+        probs = predict_masks(decoder, source, test, size, device)
         metrics = native_segmentation_metrics(probs, data, test)
         per_image = {"dice": metrics.pop("per_image_dice")}
         metrics["dice_input"] = segmentation_metrics(probs > 0.5, data.masks[test])["dice"]
@@ -417,16 +510,17 @@ def run_task(task: str, seed: int, data: HeadDataset, store, config: HeadConfig,
     def val_f1(predictions):
         return evaluate_screws(predictions, data, val, gate)[1]["f1"]
 
-    screw_head, info = fit_screw_head(store, train, data.screws, size, epochs=config.screw_epochs, lr=config.screw_lr,
-                                      weight_decay=config.weight_decay, batch_size=config.dense_batch,
-                                      hidden=config.screw_hidden, seed=seed, val_idx=val, val_score=val_f1,
-                                      eval_every=config.eval_every, crop=config.dense_crop, device=device)
+    screw_head, info = fit_screw_head(source, train, data.screws, size, epochs=config.screw_epochs,
+                                      lr=config.screw_lr, weight_decay=config.weight_decay,
+                                      batch_size=config.dense_batch, hidden=config.screw_hidden, seed=seed,
+                                      val_idx=val, val_score=val_f1, eval_every=config.eval_every,
+                                      crop=config.dense_crop, device=device)
     # the score threshold: best F1 on validation images, on the training images when val shows no screw
     pick = val if any(len(data.screws[i]) for i in val) else train
-    threshold, val_metrics = evaluate_screws(predict_screws(screw_head, store, pick, size, device), data, pick, gate)
+    threshold, val_metrics = evaluate_screws(predict_screws(screw_head, source, pick, size, device), data, pick, gate)
     if pick is train:
         val_metrics = {"f1": float("nan")}
-    predictions = predict_screws(screw_head, store, test, size, device)
+    predictions = predict_screws(screw_head, source, test, size, device)
     metrics = native_screw_metrics(predictions, data, test, score_threshold=threshold, gate=gate)
     metrics["score_threshold"] = threshold
     head = FrozenHead("screws", screw_head.cpu(), "maps", size, arch, threshold=threshold,
