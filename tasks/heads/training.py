@@ -53,6 +53,7 @@ from dax_models.metrics import (
 )
 from deployments import find_config
 from tasks.heads.data import HeadDataset
+from tasks.heads.features import LiveFeatures
 from tasks.heads.evaluation import (
     batches,
     classifier_probabilities,
@@ -219,47 +220,34 @@ class DenseCrop:
                 for m, s in zip(maps, self.strides)]
 
 
-class TrainedMaps:
+class TrainedMaps(LiveFeatures):
     """A copy of the backbone that trains with a dense head: the supervised end-to-end run's feature source.
 
-    ``get`` has ``FeatureStore``'s interface (maps of whole images, eval mode, no gradients: strides, validation,
+    ``get`` is ``LiveFeatures``' (maps of whole images), in eval mode and without gradients (strides, validation,
     test); ``window_maps`` runs the backbone in train mode, with gradients, on a training window of the input
     (a backbone that trains has no cached maps to cut). Its parameters train at ``lr`` (``param_groups``).
     """
 
     def __init__(self, backbone: Backbone, images: torch.Tensor, device: torch.device | str, lr: float):
-        self.device = torch.device(device)
-        self.backbone = copy.deepcopy(backbone).to(self.device)
-        self.images, self.lr = images, lr
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    @property
-    def map_channels(self) -> list[int]:
-        return list(self.backbone.feature_channels)
+        super().__init__(copy.deepcopy(backbone), images, device)
+        self.lr = lr
 
     def get(self, part: str, idx, device: torch.device | str = "cpu") -> list[torch.Tensor]:
         if part != "maps":
             raise ValueError(f"TrainedMaps gives maps only, not {part!r}")
         self.backbone.eval()
         with torch.no_grad():
-            return self._maps(self._images(idx), device)
+            return super().get(part, idx, device)
 
     def window_maps(self, idx, top: int, left: int, crop: int, device: torch.device | str) -> list[torch.Tensor]:
         self.backbone.train()
-        return self._maps(self._images(idx)[..., top:top + crop, left:left + crop], device)
+        x = self.images[torch.as_tensor(np.asarray(idx, dtype=np.int64))][..., top:top + crop, left:left + crop]
+        with autocast(self.device):
+            maps = extract(self.backbone, x.to(self.device, dtype=torch.float32), ("maps",))["maps"]
+        return [m.float().to(device) for m in maps]
 
     def param_groups(self) -> list[dict]:
         return [{"params": list(self.backbone.parameters()), "lr": self.lr}]
-
-    def _images(self, idx) -> torch.Tensor:
-        return self.images[torch.as_tensor(np.asarray(idx, dtype=np.int64))].to(self.device, dtype=torch.float32)
-
-    def _maps(self, x: torch.Tensor, device: torch.device | str) -> list[torch.Tensor]:
-        with autocast(self.device):
-            maps = extract(self.backbone, x, ("maps",))["maps"]
-        return [m.float().to(device) for m in maps]
 
 
 def _window_maps(source, window: DenseCrop, idx, top: int, left: int, device) -> list[torch.Tensor]:
