@@ -4,19 +4,20 @@
     .venv/bin/python benchmarks/knn_splits.py --splits 2 --studies 40 --set epochs=1 --no-lightly   # a quick look
 
 Patients are split by a hash of their pseudonymous key (``tasks.ingest.labels.patient_split``), and that key
-comes from the de-identification secret. ``make demo`` draws a throw-away secret, so every demo holds
-out different patients and reports its kNN monitor on them. This script measures the spread of that
-must-show figure: it generates the demo corpus once, ingests it under N fresh secrets (each held in
-memory only, in the environment of its own ``dax ingest``), pretrains ``--config`` (``demo-cpu``) on each
-home with the corpus' labels, one after the other, then (unless ``--no-lightly``; needs the ``bench``
-extra) trains lightly's DINO on the same job's images, config and kNN probe (``benchmarks/lightly_dino.py``),
-and prints one row per split: the held-out images, their patients, the majority-class share (what always
-answering the held-out set's most frequent region scores), the upper-limb share (the regions the demo
-backbone confuses with their lower-limb look-alikes), the same kNN on 16 x 16 pixel thumbnails (no
-backbone), the kNN accuracy at random init, at its best epoch and after the last epoch, the margin's 95 %
-interval with the held-out patients resampled (``tasks.pretrain.main_dino.knn_margin``), lightly's final
-kNN accuracy and the interval of ours minus lightly's (the same paired resampling). Each home is deleted
-after its row unless ``--keep``.
+comes from the de-identification secret. ``make demo`` draws a throw-away secret, so every demo holds out
+different patients and reports its kNN monitor on them. This script measures the spread of that must-show
+figure: it generates the demo corpus once, ingests it under N fresh secrets (each held in memory only, in the
+environment of its own ``dax ingest``), pretrains ``--config`` (``demo-cpu``) on each home with the corpus'
+labels, one after the other, then trains the same architecture supervised on the kNN bank's regions with the
+same image budget (``benchmarks/knn_ceiling.py``: the ceiling) and (unless ``--no-lightly``; needs the
+``bench`` extra) lightly's DINO on the same job's images, config and kNN probe
+(``benchmarks/lightly_dino.py``), and prints one row per split: the held-out images, their patients, the
+majority-class share (what always answering the held-out set's most frequent region scores), the upper-limb
+share (the regions the demo backbone confuses with their lower-limb look-alikes), the same kNN on 16 x 16
+pixel thumbnails (no backbone), the kNN accuracy at random init, at its best epoch and after the last epoch,
+the margin's 95 % interval with the held-out patients resampled (``tasks.pretrain.main_dino.knn_margin``), the
+supervised ceiling's kNN accuracy, lightly's final kNN accuracy and the interval of ours minus lightly's (the
+same paired resampling). Each home is deleted after its row unless ``--keep``.
 """
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ def one_split(index: int, corpus: Path, out: Path, overrides: list[str], config:
               lightly: bool = True) -> dict:
     import torch
 
+    from knn_ceiling import knn_ceiling
     from tasks.pretrain.main_dino import CHECKPOINT, load_checkpoint
     from tasks.pretrain.monitor import knn_margin, margin_verdict
 
@@ -83,6 +85,7 @@ def one_split(index: int, corpus: Path, out: Path, overrides: list[str], config:
     result = json.loads((job / "result.json").read_text())
     knn = result["knn"]
     patients, majority_region, upper_limb = held_out_patients(home, corpus / "labels.parquet")
+    ceiling = knn_ceiling(job)
     theirs = {}
     if lightly:
         began = time.perf_counter()
@@ -100,15 +103,16 @@ def one_split(index: int, corpus: Path, out: Path, overrides: list[str], config:
             "thumbnails": prepared["knn_thumbnails"], "random": knn[0]["knn_accuracy"],
             "best": max(k["knn_accuracy"] for k in knn[1:] or knn), "final": knn[-1]["knn_accuracy"],
             "interval": (result["knn_margin"]["low"], result["knn_margin"]["high"]),
-            "verdict": margin_verdict(result["knn_margin"]),
+            "verdict": margin_verdict(result["knn_margin"]), "ceiling": ceiling["ceiling"],
             "pretrain_min": (time.perf_counter() - ingested) / 60}
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| split | held-out images (patients) | majority region of the held-out set | its share | upper limb | "
              "kNN 16x16 thumbnails | kNN random init | kNN best epoch | kNN final | final - random | "
-             "its 95 % interval (held-out patients resampled) | lightly's DINO, final | ours - lightly's (95 %) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "its 95 % interval (held-out patients resampled) | kNN supervised ceiling | lightly's DINO, final | "
+             "ours - lightly's (95 %) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "lightly" in r:
             v = r["versus_lightly"]
@@ -118,7 +122,8 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| {r['split']} | {r['held_out']} ({r['patients']}) | {r['majority_region']} | "
                      f"{r['majority']:.3f} | {r['upper_limb']:.0%} | {r['thumbnails']:.3f} | {r['random']:.3f} | "
                      f"{r['best']:.3f} | {r['final']:.3f} | {r['final'] - r['random']:+.3f} | "
-                     f"{r['interval'][0]:+.3f} to {r['interval'][1]:+.3f}: {r['verdict']} | {lightly} |")
+                     f"{r['interval'][0]:+.3f} to {r['interval'][1]:+.3f}: {r['verdict']} | {r['ceiling']:.3f} | "
+                     f"{lightly} |")
     return "\n".join(lines)
 
 
@@ -145,7 +150,7 @@ def main() -> None:
         rows.append(one_split(index, corpus, args.out, args.overrides, args.config, args.lightly))
         r = rows[-1]
         print(f"split {index}: kNN {r['random']:.3f} -> {r['final']:.3f} (majority {r['majority']:.3f}, "
-              f"thumbnails {r['thumbnails']:.3f}"
+              f"thumbnails {r['thumbnails']:.3f}, supervised ceiling {r['ceiling']:.3f}"
               + (f", lightly's {r['lightly']:.3f}" if "lightly" in r else "")
               + f"), pretraining {r['pretrain_min']:.1f} min", flush=True)
         if not args.keep:
@@ -157,6 +162,8 @@ def main() -> None:
           f"min {min(margins):+.3f}, max {max(margins):+.3f}")
     beaten = sum(r["final"] > r["thumbnails"] for r in rows)
     print(f"the pretrained backbone beats the 16x16 thumbnails on {beaten} of {len(rows)} splits")
+    capped = sum(r["ceiling"] <= r["thumbnails"] for r in rows)
+    print(f"the supervised ceiling itself is at or under the thumbnails on {capped} of {len(rows)} splits")
     clear = sum(r["verdict"] == "clear" for r in rows)
     print(f"a clear margin (its interval above 0) on {clear} of {len(rows)} splits")
     if all("lightly" in r for r in rows):

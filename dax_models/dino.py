@@ -7,7 +7,8 @@
 - ``DINOLoss``: cross-entropy between the centred, sharpened teacher distribution of each global crop
   and the student distribution of every other crop; the centre is an EMA (0.9) of the teacher's batch
   mean, all-reduced across ranks. It also returns the numbers that reveal collapse: teacher entropy
-  and the student-teacher KL (loss = teacher entropy + KL for every pair).
+  (per crop and of the batch mean; their difference is the teacher's information about the crop) and
+  the student-teacher KL (loss = teacher entropy + KL for every pair).
 - Schedules: ``cosine_schedule`` (per step, with linear warm-up) for lr, weight decay and EMA momentum;
   ``teacher_temperature_schedule`` (per epoch, linear warm-up).
 - ``ema_update`` (teacher <- m * teacher + (1 - m) * student), ``clip_gradients`` (per parameter, not
@@ -27,8 +28,8 @@ from torch.nn.utils.parametrizations import weight_norm
 
 __all__ = [
     "DINOHead", "DINOLoss", "LARS", "MultiCropWrapper", "cancel_last_layer_gradients", "clip_gradients",
-    "cosine_schedule", "ema_update", "momentum_for_half_life", "param_groups", "teacher_temperature_schedule",
-    "teacher_weights",
+    "cosine_schedule", "ema_update", "entropy_ceiling", "momentum_for_half_life", "param_groups",
+    "teacher_temperature_schedule", "teacher_weights",
 ]
 
 
@@ -131,6 +132,10 @@ class DINOLoss(nn.Module):
                 "teacher_entropy": float(entropy),
                 "kl": float(loss.detach() - entropy),            # CE = H(teacher) + KL(teacher || student)
                 "teacher_batch_entropy": float(batch_entropy),   # log(out_dim) when usage is spread evenly
+                # what the teacher's output tells about which crop it saw (the mutual information between
+                # crop and prototype over the batch, nats): exp() of it is how many equally likely groups
+                # the teacher sorts the batch into; it falls to 0 in both collapse modes, partial ones too
+                "teacher_information": float(batch_entropy - entropy),
                 "center_norm": float(self.center.norm()),
             }
         self.update_center(teacher_output)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -99,6 +100,19 @@ def test_dino_loss_is_dinos_cross_entropy_with_centering():
     entropy = -(torch.cat(q) * torch.cat(q).log()).sum(-1).mean()
     assert stats["teacher_entropy"] == pytest.approx(float(entropy), rel=1e-5)
     assert stats["kl"] == pytest.approx(float(loss) - float(entropy), rel=1e-4, abs=1e-6)
+    mean = torch.cat(q).mean(0)
+    information = -(mean * mean.log()).sum() - entropy
+    assert stats["teacher_information"] == pytest.approx(float(information), rel=1e-4, abs=1e-6)
+
+
+def test_the_teacher_information_counts_the_groups_it_sorts_a_batch_into():
+    """Four images, each crop put on its image's own prototype: log 4 nats; every crop on the same output
+    (one prototype for all, or a uniform output for all): 0."""
+    out_dim, sharp = 16, 20.0
+    own = torch.eye(out_dim)[torch.arange(4)].repeat(2, 1) * sharp          # 2 global crops x 4 images
+    for teacher_out, expected in ((own, math.log(4)), (own[:1].expand(8, -1), 0.0), (torch.zeros(8, out_dim), 0.0)):
+        _, stats = DINOLoss(out_dim)(torch.zeros(8, out_dim), teacher_out, 1.0, 2)
+        assert stats["teacher_information"] == pytest.approx(expected, abs=1e-4)
 
 
 def test_schedules():
@@ -188,6 +202,33 @@ def test_collapse_monitor_needs_patience_steps_in_a_row():
     assert monitor.fired_at == 5
     monitor = CollapseMonitor(min_kl=0.01, min_entropy=0.5, patience=1)
     assert monitor.update(0, {"kl": 1.0, "teacher_batch_entropy": 0.1})   # one dimension dominates
+    assert monitor.message.startswith("collapse at step 0")
+
+
+def _teacher_stats(entropy: float, batch_entropy: float) -> dict[str, float]:
+    return {"kl": 0.5, "teacher_entropy": entropy, "teacher_batch_entropy": batch_entropy,
+            "teacher_information": batch_entropy - entropy}
+
+
+def test_the_collapse_monitor_sees_partial_collapse_in_either_mode():
+    """Split 11's kept demo-cpu (docs/experiments.md, section 10) in round figures, 1,024 prototypes: first a
+    healthy teacher (3.4 of 6.93 nats per crop, 6.0 for the batch: 2.6 nats of information, 13 groups),
+    then a few prototypes for every image (0.9 / 1.3 nats) or near-uniform outputs for every image (6.5 /
+    6.9), both 0.4 nats (1.5 groups). The whole-collapse thresholds (KL 1e-3, batch entropy 0.1) never
+    fire on it. The partial one fires on the mean of the last 10 steps, so the healthy-looking step 25 does
+    not reset it: at step 29 the window holds it and 9 collapsed steps, (2.6 + 9 x 0.4) / 10 = 0.62 nats, 1.86
+    groups, under 2. It names the mode."""
+    healthy, dominance, uniform = _teacher_stats(3.4, 6.0), _teacher_stats(0.9, 1.3), _teacher_stats(6.5, 6.9)
+    for phase, mode in ((dominance, "dominance"), (uniform, "uniform")):
+        monitor = CollapseMonitor(1e-3, 0.1, patience=10, min_groups=2.0, out_dim=1024)
+        steps = [healthy] * 20 + [phase] * 5 + [healthy] + [phase] * 20
+        fired = [monitor.update(i, s) for i, s in enumerate(steps)]
+        assert fired.index(True) == 29 and sum(fired) == 1 and monitor.fired_at == 29
+        assert mode in monitor.message and "1.86 groups" in monitor.message
+        silent = CollapseMonitor(1e-3, 0.1, patience=10)            # min_groups 0: the whole-collapse alarm only
+        assert not any(silent.update(i, s) for i, s in enumerate(steps))
+    monitor = CollapseMonitor(1e-3, 0.1, patience=10, min_groups=2.0, out_dim=1024)
+    assert not any(monitor.update(i, s) for i, s in enumerate([healthy, dominance] * 20))   # 4.5 groups on average
 
 
 def test_the_thumbnail_reference_is_the_knn_on_shrunk_images():
@@ -449,9 +490,11 @@ def test_pretraining_learns_and_registers_a_loadable_backbone(small_corpus, tmp_
 def test_knn_accuracy_rises_above_the_random_init_backbone(knn_corpus):
     """120 steps of the demo-cpu recipe (its crops, teacher and head; 2 local crops, a higher lr for the
     short run): the kNN monitor's body-region accuracy on held-out patients beats step 0, the same
-    architecture at random init, by a clear margin (measured: 0.029 -> 0.041 -> 0.120 on 242 queries; the
-    margin's 95 % interval over the 8 held-out patients +0.019 to +0.162). With neglog drawn per crop the
-    same run ended at 0.050 (docs/experiments.md, section 7)."""
+    architecture at random init, by a clear margin (measured: 0.029 -> 0.037 -> 0.128 on 242 queries; the
+    margin's 95 % interval over the 8 held-out patients +0.023 to +0.210). With neglog drawn per crop the
+    same run ended at 0.050 (docs/experiments.md, section 7). Its teacher never collapses whole, but it does
+    partly: from step 21 it sorts a batch of 32 into 1.2 to 1.6 groups, and the partial alarm fires at step
+    51. The backbone learns all the same, so that alarm warns and does not judge (section 11)."""
     from tasks.pretrain.steps import prepare_job, run_training
     config = load_config("demo-cpu", {"epochs": 6, "steps_per_epoch": 20, "batch_size": 32, "lr": 0.004,
                                       "augment.local_crops": 2, "checkpoint_every": 1000, "knn_every": 3,
@@ -460,12 +503,13 @@ def test_knn_accuracy_rises_above_the_random_init_backbone(knn_corpus):
     prepared = prepare_job(knn_corpus.home, job, config, None, knn_corpus.labels, device="cpu")
     assert prepared["knn_queries"] >= 150
     result = run_training(job)
-    assert result["status"] == "finished" and result["collapse_alarm_step"] is None
+    assert result["status"] == "finished"
+    assert result["collapse_alarm_step"] is None or result["collapse_alarm"].startswith("partial collapse")
     knn = {k["step"]: k["knn_accuracy"] for k in result["knn"]}
     assert sorted(knn) == [0, 60, 120]
     print(f"kNN accuracy by step {knn}; chance {prepared['chance_uniform']:.3f} uniform, "
           f"{prepared['chance_majority']:.3f} majority class; 16x16 thumbnails {prepared['knn_thumbnails']:.3f}; "
-          f"margin {result['knn_margin']}")
+          f"margin {result['knn_margin']}; collapse alarm: {result['collapse_alarm']}")
     assert knn[120] >= knn[0] + 0.05, knn
     assert result["knn_margin"]["low"] > 0, result["knn_margin"]     # with the 8 held-out patients resampled
     assert result["teacher_init_weight"] < 0.01                      # the teacher scored is not its random init

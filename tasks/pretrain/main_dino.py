@@ -19,12 +19,14 @@ optimizer, scaler, loss centre, schedules, step (the data position: the epoch's 
 from its seed and the steps already done are skipped) and the training process's RNG states.
 
 Monitoring: loss, lr, weight decay, momentum, teacher temperature, teacher entropy (per sample and of
-the batch mean), student-teacher KL, centre norm and images/s, to MLflow every ``log_every`` steps.
+the batch mean, and their difference, the teacher's information about the crop), student-teacher KL,
+centre norm and images/s, to MLflow every ``log_every`` steps.
 The collapse alarm fires when the KL or the batch entropy of the teacher stays below its threshold
 for ``collapse_patience`` steps (both fall to zero in DINO's two collapse modes: one dimension
-dominating, or a uniform output); it warns and, with ``stop_on_collapse``, ends the run. The kNN
-monitor (k=20, T=0.07, cosine; DINO's) classifies held-out images by body region at step 0 (the
-random-init backbone) and after every ``knn_every`` epochs, with the teacher (what is registered) and the
+dominating, or a uniform output), or when over those steps the teacher sorts a batch into fewer than
+``collapse_min_groups`` groups (either mode, partial); it warns and, with ``stop_on_collapse``, ends the
+run. The kNN monitor (k=20, T=0.07, cosine; DINO's) classifies held-out images by body region at step 0
+(the random-init backbone) and after every ``knn_every`` epochs, with the teacher (what is registered) and the
 student; ``knn_thumbnails`` gives the same kNN on 16 x 16 pixel thumbnails of the images, a reference that
 needs no backbone at all. The share of crop boxes the augmentation redrew for too little content is logged
 (``crop_rejection_rate``). At the end,
@@ -134,6 +136,8 @@ class PretrainConfig:
     collapse_min_kl: float = 1e-3
     collapse_min_entropy: float = 0.1      # teacher batch entropy, nats
     collapse_patience: int = 100           # steps
+    collapse_min_groups: float = 2.0       # partial collapse: the teacher sorts a batch into fewer groups than
+                                           # this, on average over collapse_patience steps; 0 = off
     stop_on_collapse: bool = False
 
     def to_dict(self) -> dict:
@@ -487,7 +491,8 @@ def train(job_dir: Path) -> dict:
         log.info("kNN accuracy at random init: %.3f", accuracy)
 
     transform = XrayMultiCrop(config.augment)
-    alarm = CollapseMonitor(config.collapse_min_kl, config.collapse_min_entropy, config.collapse_patience)
+    alarm = CollapseMonitor(config.collapse_min_kl, config.collapse_min_entropy, config.collapse_patience,
+                            config.collapse_min_groups, config.out_dim)
     status, window_start, window_images = "finished", time.perf_counter(), 0
     draws = CropDraws()                  # the crop boxes this rank's loader drew in this run (resumed: since)
     window_draws = CropDraws()           # ... up to the start of the current log window
@@ -524,16 +529,13 @@ def train(job_dir: Path) -> dict:
                         window_start, window_images, window_draws = time.perf_counter(), 0, dataclasses.replace(draws)
                         if logger:
                             logger.log_metrics({k: v for k, v in record.items() if k not in ("step", "epoch")}, step)
-                        log.info("step %d/%d  loss %.4f  kl %.4f  entropy %.3f  %.1f img/s", step, total_steps,
-                                 record["loss"], stats["kl"], stats["teacher_entropy"], record["images_per_s"])
+                        log.info("step %d/%d  loss %.4f  kl %.4f  entropy %.3f  groups %.1f  %.1f img/s", step,
+                                 total_steps, record["loss"], stats["kl"], stats["teacher_entropy"],
+                                 math.exp(stats["teacher_information"]), record["images_per_s"])
                 if alarm.update(step, stats) and d.main:
-                    message = (f"collapse alarm at step {step}: KL {stats['kl']:.2e} (min {config.collapse_min_kl}) "
-                               f"or teacher batch entropy {stats['teacher_batch_entropy']:.3f} "
-                               f"(min {config.collapse_min_entropy}) for {config.collapse_patience} steps; "
-                               "DINO's advice: lower the teacher temperature")
-                    log.warning(message)
+                    log.warning("collapse alarm: %s", alarm.message)
                     if logger:
-                        logger.set_tag("collapse_alarm", message)
+                        logger.set_tag("collapse_alarm", alarm.message)
                 if config.stop_on_collapse and _any_rank(alarm.fired_at is not None, d):
                     raise TrainingCollapsed(f"training collapsed (alarm at step {alarm.fired_at})")
                 if step % config.checkpoint_every == 0 and d.main:
@@ -559,7 +561,7 @@ def _finish(job_dir: Path, d: Dist, status: str, step: int, total_steps: int, kn
             alarm: CollapseMonitor, knn: dict | None, facts: dict) -> dict:
     result = {"status": status, "step": step, "total_steps": total_steps, "world_size": d.world,
               "knn": [{k: v for k, v in entry.items() if k != "hits"} for entry in knn_history],
-              "collapse_alarm_step": alarm.fired_at, **facts}
+              "collapse_alarm_step": alarm.fired_at, "collapse_alarm": alarm.message, **facts}
     scored = [entry for entry in knn_history if "hits" in entry]   # checkpoints of older runs lack hits
     if knn is not None and "query_patients" in knn and len(scored) > 1 and scored[0]["epoch"] == 0:
         result["knn_margin"] = knn_margin(knn, scored[0]["hits"], scored[-1]["hits"])

@@ -2,7 +2,8 @@
 
 - ``CollapseMonitor``: fires when the student-teacher KL or the teacher's batch entropy stays below its
   threshold for ``patience`` steps (both fall to zero in DINO's two collapse modes: one dimension
-  dominating, or a uniform output).
+  dominating, or a uniform output), or when the teacher, on average over those steps, sorts a batch into
+  fewer than ``min_groups`` groups (either mode, partial).
 - kNN monitor (k=20, T=0.07, cosine; DINO's): classifies held-out images by body region with a bank of
   training-split images, at step 0 (the random-init backbone) and after every ``knn_every`` epochs.
 - ``knn_thumbnails``: the same kNN on 16 x 16 pixel thumbnails of the images, a yardstick that needs no
@@ -12,10 +13,14 @@
 """
 from __future__ import annotations
 
+import math
+from collections import deque
+
 import numpy as np
 import torch
 from torch import nn
 
+from dax_models.dino import entropy_ceiling
 from dax_models.metrics import knn_classify
 
 __all__ = ["MARGIN_MIN_PATIENTS", "CollapseMonitor", "features", "hits_bits", "knn_hits", "knn_margin", "knn_monitor",
@@ -23,21 +28,69 @@ __all__ = ["MARGIN_MIN_PATIENTS", "CollapseMonitor", "features", "hits_bits", "k
 
 
 class CollapseMonitor:
-    """Counts consecutive steps with KL or teacher batch entropy below threshold."""
+    """DINO's two collapse modes, whole or partial, from the loss's per-step statistics.
 
-    def __init__(self, min_kl: float, min_entropy: float, patience: int):
+    - Whole: the KL or the teacher's batch entropy below its threshold for ``patience`` steps in a row
+      (both fall to zero when one prototype takes every image, or every output is uniform).
+    - Partial: the teacher's information about the crop (``teacher_information``: batch entropy minus
+      per-crop entropy) averages under ``log(min_groups)`` over the last ``patience`` steps, i.e. the
+      teacher sorts a batch into fewer than ``min_groups`` equally likely groups. It catches what the
+      whole-collapse thresholds miss: a teacher that settles on a few prototypes for every image
+      (dominance: batch entropy far under ``log(out_dim)``) or on near-uniform outputs for every image
+      (per-crop entropy near it). On the demo corpus kNN accuracy fell in both, but a backbone can still
+      learn under such a teacher (docs/experiments.md, section 11): it warns, it does not judge.
+      ``min_groups`` 0 turns it off.
+
+    ``fired_at`` is the step of the first alarm, ``message`` what it found.
+    """
+
+    def __init__(self, min_kl: float, min_entropy: float, patience: int, min_groups: float = 0.0,
+                 out_dim: int | None = None):
         self.min_kl, self.min_entropy, self.patience = min_kl, min_entropy, patience
+        self.min_information = math.log(min_groups) if min_groups > 1 else None
+        self.half_ceiling = 0.5 * entropy_ceiling(out_dim) if out_dim else None
         self.low_steps = 0
+        self.recent: deque[dict[str, float]] = deque(maxlen=max(patience, 1))
         self.fired_at: int | None = None
+        self.message: str | None = None
 
     def update(self, step: int, stats: dict[str, float]) -> bool:
         """True on the step the alarm fires."""
         low = stats["kl"] < self.min_kl or stats["teacher_batch_entropy"] < self.min_entropy
         self.low_steps = self.low_steps + 1 if low else 0
-        if self.low_steps >= self.patience and self.fired_at is None:
-            self.fired_at = step
-            return True
-        return False
+        self.recent.append(stats)
+        if self.fired_at is not None:
+            return False
+        if self.low_steps >= self.patience:
+            self.message = (f"collapse at step {step}: KL {stats['kl']:.2e} (min {self.min_kl}) or teacher batch "
+                            f"entropy {stats['teacher_batch_entropy']:.3f} nats (min {self.min_entropy}) for "
+                            f"{self.patience} steps")
+        elif self._partial():
+            self.message = self._partial_message(step)
+        else:
+            return False
+        self.fired_at = step
+        return True
+
+    def _mean(self, key: str) -> float:
+        return float(np.mean([s[key] for s in self.recent]))
+
+    def _partial(self) -> bool:
+        return (self.min_information is not None and len(self.recent) == self.recent.maxlen
+                and "teacher_information" in self.recent[0]
+                and self._mean("teacher_information") < self.min_information)
+
+    def _partial_message(self, step: int) -> str:
+        batch_entropy = self._mean("teacher_batch_entropy")
+        if self.half_ceiling is not None:
+            mode = ("dominance: a few prototypes take every image" if batch_entropy < self.half_ceiling
+                    else "uniform: every image gets a near-uniform output")
+        else:
+            mode = "the teacher tells the images apart less and less"
+        return (f"partial collapse at step {step} ({mode}): over the last {len(self.recent)} steps the teacher "
+                f"sorted a batch into {math.exp(self._mean('teacher_information')):.2f} groups (min "
+                f"{math.exp(self.min_information):g}); per-crop entropy {self._mean('teacher_entropy'):.2f}, "
+                f"batch entropy {batch_entropy:.2f} nats")
 
 
 @torch.no_grad()
