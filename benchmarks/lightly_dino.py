@@ -96,7 +96,8 @@ class LightlyDINO(torch.nn.Module):
 
 
 class LightlyTraining:
-    """lightly's model, loss and an optimizer over the student as DAX's (same parameter groups)."""
+    """lightly's model, loss and an optimizer over the student as DAX's (same parameter groups): AdamW, or
+    lightly's own LARS (momentum 0.9, as DINO's) for LARS configs such as ``demo-cpu-resnet18``."""
 
     def __init__(self, config: PretrainConfig) -> None:
         from lightly.loss import DINOLoss
@@ -109,7 +110,12 @@ class LightlyTraining:
                                   student_temp=config.student_temp, center_momentum=config.center_momentum)
         student = torch.nn.ModuleDict({"backbone": self.model.student_backbone, "head": self.model.student_head})
         self.student = student
-        self.optimizer = torch.optim.AdamW(param_groups(student), lr=0.0)
+        if config.optimizer == "lars":
+            from lightly.utils.lars import LARS
+
+            self.optimizer = LARS(param_groups(student), lr=0.0, momentum=0.9)
+        else:
+            self.optimizer = torch.optim.AdamW(param_groups(student), lr=0.0)
 
     def step(self, views: list[torch.Tensor], *, lr: float, weight_decay: float, momentum: float,
              epoch: int) -> float:
@@ -141,8 +147,8 @@ def train_lightly(job_dir: Path, out: Path | None = None) -> dict:
 
     job_dir = Path(job_dir)
     _, config, selection = read_job(job_dir)
-    if config.optimizer != "adamw":
-        raise SystemExit(f"this comparison runs AdamW configs only, not {config.optimizer}")
+    if config.optimizer not in ("adamw", "lars"):
+        raise SystemExit(f"this comparison runs AdamW and LARS configs only, not {config.optimizer}")
     knn = torch.load(job_dir / "knn.pt", weights_only=False)
     device = torch.device("cpu")
     steps_per_epoch = config.steps_per_epoch or max(1, len(selection.keys) // config.batch_size)
@@ -196,8 +202,9 @@ def step_speed(job_dir: Path, steps: int = 8, rounds: int = 3, device: str = "cp
     theirs = LightlyTraining(config)
     theirs.model.to(where)
     theirs.criterion.to(where)
-    theirs.optimizer = torch.optim.AdamW(param_groups(theirs.student), lr=0.0,
-                                         **({"fused": True} if where.type == "cuda" else {}))
+    if config.optimizer == "adamw":      # the same fused AdamW as ours on CUDA
+        theirs.optimizer = torch.optim.AdamW(param_groups(theirs.student), lr=0.0,
+                                             **({"fused": True} if where.type == "cuda" else {}))
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     kwargs = {"lr": 1e-4, "weight_decay": 0.04, "momentum": 0.996}
 
