@@ -54,7 +54,7 @@ def knn_ceiling(job_dir: Path, lr: float | None = None, threads: int = 2) -> dic
 
     bank, queries = knn["bank"], knn["queries"]
     n_bank, n_queries = len(bank), len(queries)
-    steps = config.epochs * (config.steps_per_epoch or max(1, len(selection.keys) // config.batch_size))
+    steps = config.epochs * config.epoch_steps(len(selection.keys))
     epochs = max(1, round(steps * config.batch_size / n_bank))
     data = HeadDataset(size=bank.shape[-1], keys=[str(i) for i in range(n_bank + n_queries)],
                        images=torch.cat([bank, queries]),

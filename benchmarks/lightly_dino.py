@@ -151,7 +151,7 @@ def train_lightly(job_dir: Path, out: Path | None = None) -> dict:
         raise SystemExit(f"this comparison runs AdamW and LARS configs only, not {config.optimizer}")
     knn = torch.load(job_dir / "knn.pt", weights_only=False)
     device = torch.device("cpu")
-    steps_per_epoch = config.steps_per_epoch or max(1, len(selection.keys) // config.batch_size)
+    steps_per_epoch = config.epoch_steps(len(selection.keys))
     schedules = build_schedules(config, steps_per_epoch, config.batch_size)
     training = LightlyTraining(config)
     model = training.model

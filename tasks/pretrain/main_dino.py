@@ -143,6 +143,10 @@ class PretrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def epoch_steps(self, images: int, world: int = 1) -> int:
+        """Steps per epoch on each of ``world`` ranks for ``images`` selected images (``steps_per_epoch`` if set)."""
+        return self.steps_per_epoch or max(1, images // (self.batch_size * world))
+
     @classmethod
     def from_dict(cls, data: dict) -> "PretrainConfig":
         data = dict(data)
@@ -433,7 +437,7 @@ def train(job_dir: Path) -> dict:
         logger = RunLogger(job["run_id"])
 
     precision = config.precision if config.precision != "auto" else ("bf16" if d.device.type == "cuda" else "fp32")
-    steps_per_epoch = config.steps_per_epoch or max(1, len(selection.keys) // (config.batch_size * d.world))
+    steps_per_epoch = config.epoch_steps(len(selection.keys), d.world)
     total_steps = config.epochs * steps_per_epoch
     total_batch = config.batch_size * d.world
 
