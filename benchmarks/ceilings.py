@@ -2,8 +2,12 @@
 
     .venv/bin/python benchmarks/ceilings.py --home HOME resnet18:96:8:1e-3 vit_tiny_patch16:96:8:3e-4
     .venv/bin/python benchmarks/ceilings.py --home HOME --task metal --max-images 250 resnet18:512:10:3e-4
+    .venv/bin/python benchmarks/ceilings.py --home HOME --task metal frozen:resnet18:512:60 frozen:JOB:512:60
 
-Each recipe is ARCH:SIDE:EPOCHS:LR. The labelled images of HOME (its ``corpus/labels.parquet``, or ``--labels``);
+Each recipe is ARCH:SIDE:EPOCHS:LR (a ceiling) or, for metal and screws, frozen:BACKBONE:SIDE:EPOCHS: the task's
+frozen head for EPOCHS on the cached maps of BACKBONE, an architecture (its random init, the ceiling's own
+starting point) or a pretraining job folder (its final teacher), beside the ceilings at the same budget.
+The labelled images of HOME (its ``corpus/labels.parquet``, or ``--labels``);
 the patient split is the home's, seed 0, best validation epoch.
 
 - ``--task region`` (default): the images are loaded once at ``--size`` (the region size, 224) and resized per
@@ -13,15 +17,50 @@ the patient split is the home's, seed 0, best validation epoch.
   (the demo's ``dense_max_images``: 250), and ``tasks.heads.training.dense_ceiling`` with the head config
   ``--config`` (windows, batch, hidden channels, head learning rate); LR is the backbone's. Metal: Dice at native
   resolution on test images with metal; screws: recall, precision, head / tip L1 and angle at native resolution.
+  A frozen recipe trains the same head with the same config (``seg_epochs`` / ``screw_epochs`` = EPOCHS), its lr
+  column the head's.
 
-Prints one markdown row per recipe. Not a speed figure: it finds what caps a task (a head whose ceiling is low
-cannot be rescued by pretraining) within a CPU budget (docs/experiments.md, sections 9 and 10).
+Prints one markdown row per recipe (metal and screws: with the 95 % interval of the headline figure resampling
+test patients, and after the table each row minus the first, paired on the same images). Not a speed figure: it
+finds what caps a task (a head whose ceiling is low cannot be rescued by pretraining) within a CPU budget
+(docs/experiments.md, sections 9, 10 and 12).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
+
+
+def frozen_backbone(name: str, side: int):
+    """(backbone, row label) of a frozen recipe: a job folder's final teacher, or an architecture's random init
+    (seed 0, as the ceilings start from)."""
+    import torch
+
+    from dax_models.backbones import create_backbone
+    from tasks.pretrain.main_dino import teacher_backbone
+
+    if Path(name).is_dir():
+        backbone = teacher_backbone(Path(name))
+        return backbone, f"frozen {backbone.arch}, pretrained ({Path(name).name})"
+    torch.manual_seed(0)
+    return create_backbone(name, 1, img_size=min(side, 224)), f"frozen {name}, random init"
+
+
+def differences(rows: list[dict], metric: str) -> list[str]:
+    """Each row minus the first, on the same test images, with its 95 % interval resampling test patients
+    (``patient_interval``, paired): the first recipe is the reference (a random-init twin, say)."""
+    from tasks.heads.evaluation import patient_interval
+
+    first = rows[0]
+    lines = []
+    for row in rows[1:]:
+        assert row["test_idx"] == first["test_idx"], "rows on different test images cannot be paired"
+        d = patient_interval(row["per_image"], row["patients"], metric, minus=first["per_image"])
+        lines.append(f"{row['label']} minus {first['label']}: {metric} {d['value']:+.1%} "
+                     f"({d['low']:+.1%} to {d['high']:+.1%}, {d['patients']} patients)")
+    return lines
 
 
 def main() -> None:
@@ -33,6 +72,8 @@ def main() -> None:
     parser.add_argument("--max-images", type=int, default=250, help="metal, screws: an evenly spread subset")
     parser.add_argument("--config", default="demo", help="metal, screws: the head config (deployments/heads/)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="metal, screws: a JSON of every row with its per-image figures and test patients")
     parser.add_argument("recipes", nargs="+", metavar="ARCH:SIDE:EPOCHS:LR")
     args = parser.parse_args()
 
@@ -40,12 +81,20 @@ def main() -> None:
 
     from dax_models.backbones import create_backbone
     from tasks.heads.data import load_head_dataset
-    from tasks.heads.training import dense_ceiling, load_head_config, train_end_to_end
+    from tasks.heads.evaluation import patient_interval
+    from tasks.heads.features import FeatureStore
+    from tasks.heads.training import dense_ceiling, load_head_config, run_task, train_end_to_end
 
     recipes = []
     for recipe in args.recipes:
-        arch, side, epochs, lr = recipe.split(":")
-        recipes.append((arch, int(side), int(epochs), float(lr)))
+        if recipe.startswith("frozen:"):
+            if args.task == "region":
+                parser.error("frozen recipes are for metal and screws (the heads flow trains region's)")
+            _, backbone, side, epochs = recipe.rsplit(":", 3)
+            recipes.append((recipe, backbone, int(side), int(epochs), None))
+        else:
+            arch, side, epochs, lr = recipe.split(":")
+            recipes.append((recipe, arch, int(side), int(epochs), float(lr)))
     torch.set_num_threads(args.threads)
     labels = args.labels or args.home / "corpus" / "labels.parquet"
     if args.task == "region":
@@ -56,15 +105,19 @@ def main() -> None:
                   "|---|---|---|---|---|---|---|---|")
     else:
         loaded = {}
-        header = {"metal": "| architecture | side (px) | epochs | lr | Dice (native) | val Dice | IoU | minutes |\n"
-                           "|---|---|---|---|---|---|---|---|",
-                  "screws": "| architecture | side (px) | epochs | lr | recall | precision | head / tip L1 (px) | "
-                            "angle (deg) | minutes |\n|---|---|---|---|---|---|---|---|---|"}[args.task]
+        header = {"metal": "| architecture | side (px) | epochs | lr | Dice (native) | 95 % (patients) | val Dice "
+                           "| IoU | minutes |\n|---|---|---|---|---|---|---|---|---|",
+                  "screws": "| architecture | side (px) | epochs | lr | recall | 95 % (patients) | precision | "
+                            "head / tip L1 (px) | angle (deg) | minutes |\n" + "|---" * 10 + "|"}[args.task]
     print(header, flush=True)
-    for arch, side, epochs, lr in recipes:
-        torch.manual_seed(0)
-        twin = create_backbone(arch, 1, img_size=min(side, 224))
+    rows = []
+    for recipe, arch, side, epochs, lr in recipes:
         began = time.perf_counter()
+        if lr is None:   # frozen:BACKBONE
+            twin, arch = frozen_backbone(arch, side)
+        else:
+            torch.manual_seed(0)
+            twin = create_backbone(arch, 1, img_size=min(side, 224))
         if args.task == "region":
             train, val, test = data.indices("train"), data.indices("val"), data.indices("test")
             result = train_end_to_end(twin, data, train, val, test, epochs, lr, 32, 0, "cpu", size=side)
@@ -75,17 +128,35 @@ def main() -> None:
             loaded[side] = load_head_dataset(args.home, labels, size=side, max_images=args.max_images)
             print(f"<!-- {len(loaded[side])} images at {side} px: {len(loaded[side].indices('train'))} train, "
                   f"{len(loaded[side].indices('test'))} test (split by patient) -->", flush=True)
-        config = load_head_config(args.config, {"dense_size": side, "e2e_epochs": epochs, "e2e_lr": lr,
-                                                "device": "cpu"})
-        result = dense_ceiling(args.task, 0, loaded[side], twin, config)
+        if lr is None:
+            config = load_head_config(args.config, {"dense_size": side, "seg_epochs": epochs, "screw_epochs": epochs,
+                                                    "device": "cpu"})
+            lr = config.seg_lr if args.task == "metal" else config.screw_lr
+            store = FeatureStore.compute(twin, loaded[side].images, ("maps",), "cpu", config.feature_batch)
+            result = run_task(args.task, 0, loaded[side], store, config, twin.arch)
+        else:
+            config = load_head_config(args.config, {"dense_size": side, "e2e_epochs": epochs, "e2e_lr": lr,
+                                                    "device": "cpu"})
+            result = dense_ceiling(args.task, 0, loaded[side], twin, config)
         minutes = (time.perf_counter() - began) / 60
-        m = result.metrics
+        m, data = result.metrics, loaded[side]
+        test = data.indices("test")
+        headline = "dice" if args.task == "metal" else "recall"
+        interval = patient_interval(result.per_image, [data.patient_keys[i] for i in test], headline)
+        spread = f"{interval['low']:.1%} to {interval['high']:.1%} ({interval['patients']})"
+        rows.append({"recipe": recipe, "label": arch, "metrics": m, "val_score": result.val_score,
+                     "per_image": result.per_image, "test_idx": [int(i) for i in test],
+                     "patients": [data.patient_keys[i] for i in test], "interval": interval, "minutes": minutes})
+        if args.out:
+            args.out.write_text(json.dumps(rows, indent=1))
         if args.task == "metal":
-            print(f"| {arch} | {side} | {epochs} | {lr:g} | {m['dice']:.1%} | {result.val_score:.1%} | "
+            print(f"| {arch} | {side} | {epochs} | {lr:g} | {m['dice']:.1%} | {spread} | {result.val_score:.1%} | "
                   f"{m['iou']:.1%} | {minutes:.1f} |", flush=True)
         else:
-            print(f"| {arch} | {side} | {epochs} | {lr:g} | {m['recall']:.1%} | {m['precision']:.1%} | "
+            print(f"| {arch} | {side} | {epochs} | {lr:g} | {m['recall']:.1%} | {spread} | {m['precision']:.1%} | "
                   f"{m['head_l1_px']:.1f} / {m['tip_l1_px']:.1f} | {m['angle_deg']:.1f} | {minutes:.1f} |", flush=True)
+    if len(rows) > 1:
+        print("\n" + "\n".join(differences(rows, "dice" if args.task == "metal" else "recall")))
 
 
 if __name__ == "__main__":

@@ -346,15 +346,16 @@ def predict(
     with user_errors():            # a configured secret that is unusable still fails, as one line
         key, ephemeral = prediction_key()
     if ephemeral:
-        console.print(f"[dim]{EPHEMERAL_KEY_NOTE}[/]", highlight=False)
+        console.print(f"[dim]{EPHEMERAL_KEY_NOTE}[/]", highlight=False, soft_wrap=True)
 
     def report(i: int, entry: dict) -> None:   # files by position and hash only: paths can carry names
+        # one line per file whatever the terminal's width, so its output path can be copied whole
         if entry["status"] == "ok":
             top = entry["regions"][0] if entry["regions"] else {"label": "?", "probability": 0.0}
             console.print(f"file {i}: {entry['name']}: {top['label']} ({top['probability']:.2f}), "
-                          f"{len(entry['screws'])} screws -> {entry['overlay']}", highlight=False)
+                          f"{len(entry['screws'])} screws -> {entry['overlay']}", highlight=False, soft_wrap=True)
         else:
-            console.print(f"[red]file {i}: refused:[/] {entry['error']}", highlight=False)
+            console.print(f"[red]file {i}: refused:[/] {entry['error']}", highlight=False, soft_wrap=True)
 
     with user_errors():
         results = run_predict(files, out, backbone_uri=backbone or (backbone_uri(arch, alias) if arch else None),

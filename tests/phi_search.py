@@ -35,6 +35,7 @@ _WHOLE_NUMBER = r"(?<![0-9])(?<![0-9]\.){}(?![0-9])"
 _HEX_ID_DIGITS = 12
 _HEX_OR_DASH = frozenset(b"0123456789abcdef-")
 _HEX_LETTERS = frozenset(b"abcdef")
+_HEX_DIGITS = frozenset(b"0123456789abcdef")
 
 
 def _inside_hex_id(data: bytes, start: int, end: int) -> bool:
@@ -47,9 +48,28 @@ def _inside_hex_id(data: bytes, start: int, end: int) -> bool:
     return len(token) - token.count(b"-") >= _HEX_ID_DIGITS and any(c in _HEX_LETTERS for c in token)
 
 
+def _fused_to_hex_id(data: bytes, start: int, end: int) -> bool:
+    """Whether the text ``data[start:end]`` begins or ends with hex letters that continue a hex identifier
+    written right before or after it, with no separator: an SQLite index page stores an MLflow run id and
+    its metric key back to back ('...5bcbcace' + 'linear_pooled_accuracy' holds 'celine')."""
+    def is_id(token: bytes) -> bool:
+        return len(token) >= _HEX_ID_DIGITS and any(c in _HEX_LETTERS for c in token)
+    left, head = start, start
+    while left > 0 and data[left - 1] in _HEX_DIGITS:
+        left -= 1
+    while head < end and data[head] in _HEX_DIGITS:
+        head += 1
+    right, tail = end, end
+    while right < len(data) and data[right] in _HEX_DIGITS:
+        right += 1
+    while tail > start and data[tail - 1] in _HEX_DIGITS:
+        tail -= 1
+    return (left < start and is_id(data[left:head])) or (right > end and is_id(data[tail:right]))
+
+
 def _found(pattern: re.Pattern, data: bytes, number: bool) -> bool:
     if not number:
-        return pattern.search(data) is not None
+        return any(not _fused_to_hex_id(data, m.start(), m.end()) for m in pattern.finditer(data))
     return any(not _inside_hex_id(data, m.start(), m.end()) for m in pattern.finditer(data))
 
 
@@ -62,7 +82,9 @@ def phi_hits(values: set[str], haystacks: dict[str, bytes]) -> list[tuple[str, s
     hex identifier: a test session's Prefect and MLflow stores hold some 600 distinct 6-digit runs in
     their UUIDs and ids ('...-e3469c455395', '...-b301473a9692'), new ones every session, which the
     small corpus's 24 six-digit study IDs meet by chance about once in 70 sessions. None of these is a
-    leak; 'id888832' or 'pred_888832' still is."""
+    leak; 'id888832' or 'pred_888832' still is. A name counts unless its leading or trailing hex letters
+    continue such an identifier with no separator ('...5bcbcace' + 'linear' is no 'Celine'); 'id-celine',
+    'celine.dcm' or 'run_celine' still is one."""
     patterns = [(re.compile(_WHOLE_NUMBER.format(re.escape(v)).encode()), True) if v.isdigit()
                 else (re.compile(re.escape(v.lower().encode())), False) for v in values]
     hits = []

@@ -315,8 +315,8 @@ def test_dax_predict_without_a_secret(tmp_path, monkeypatch):
     files = without_a_secret(monkeypatch, tmp_path)
     monkeypatch.setattr("tasks.release.registry.configure_tracking", lambda home: None)   # stub models: no store
     out = tmp_path / "predictions"
-    done = CliRunner().invoke(app, ["predict", *map(str, files), "--out", str(out), "--home", str(tmp_path / "home")],
-                              env={"COLUMNS": "300"})
+    monkeypatch.setattr("flows.cli.console.width", 60)    # a narrow terminal: still one line per file
+    done = CliRunner().invoke(app, ["predict", *map(str, files), "--out", str(out), "--home", str(tmp_path / "home")])
     assert done.exit_code == 0, done.output
     assert done.output.count(EPHEMERAL_KEY_NOTE) == 1 and "error" not in done.output
     assert [line.split(":")[0] for line in done.output.splitlines()[1:]] == ["file 1", "file 2"]
