@@ -307,6 +307,7 @@ def test_predict_without_a_secret_uses_a_key_of_its_own(tmp_path, monkeypatch, c
 
 def test_dax_predict_without_a_secret(tmp_path, monkeypatch):
     """The CLI as the README runs it after `make demo`: one dim line says so, the files are predicted."""
+    from rich.console import Console
     from typer.testing import CliRunner
 
     from flows.cli import app
@@ -315,7 +316,7 @@ def test_dax_predict_without_a_secret(tmp_path, monkeypatch):
     files = without_a_secret(monkeypatch, tmp_path)
     monkeypatch.setattr("tasks.release.registry.configure_tracking", lambda home: None)   # stub models: no store
     out = tmp_path / "predictions"
-    monkeypatch.setattr("flows.cli.console.width", 60)    # a narrow terminal: still one line per file
+    monkeypatch.setattr("flows.cli.console", Console(width=60))   # a narrow terminal: still one line per file
     done = CliRunner().invoke(app, ["predict", *map(str, files), "--out", str(out), "--home", str(tmp_path / "home")])
     assert done.exit_code == 0, done.output
     assert done.output.count(EPHEMERAL_KEY_NOTE) == 1 and "error" not in done.output
