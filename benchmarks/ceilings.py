@@ -33,19 +33,18 @@ import time
 from pathlib import Path
 
 
-def frozen_backbone(name: str, side: int):
-    """(backbone, row label) of a frozen recipe: a job folder's final teacher, or an architecture's random init
-    (seed 0, as the ceilings start from)."""
+def recipe_backbone(name: str, side: int):
+    """(backbone, what it is) for a recipe: a job folder's final teacher ('pretrained (JOB)'), or an
+    architecture's random init, seed 0 ('random init'), where every ceiling starts."""
     import torch
 
     from dax_models.backbones import create_backbone
     from tasks.pretrain.main_dino import teacher_backbone
 
     if Path(name).is_dir():
-        backbone = teacher_backbone(Path(name))
-        return backbone, f"frozen {backbone.arch}, pretrained ({Path(name).name})"
+        return teacher_backbone(Path(name)), f"pretrained ({Path(name).name})"
     torch.manual_seed(0)
-    return create_backbone(name, 1, img_size=min(side, 224)), f"frozen {name}, random init"
+    return create_backbone(name, 1, img_size=min(side, 224)), "random init"
 
 
 def differences(rows: list[dict], metric: str) -> list[str]:
@@ -79,7 +78,6 @@ def main() -> None:
 
     import torch
 
-    from dax_models.backbones import create_backbone
     from tasks.heads.data import load_head_dataset
     from tasks.heads.evaluation import patient_interval
     from tasks.heads.features import FeatureStore
@@ -110,14 +108,13 @@ def main() -> None:
                   "screws": "| architecture | side (px) | epochs | lr | recall | 95 % (patients) | precision | "
                             "head / tip L1 (px) | angle (deg) | minutes |\n" + "|---" * 10 + "|"}[args.task]
     print(header, flush=True)
+    headline = "dice" if args.task == "metal" else "recall"
     rows = []
     for recipe, arch, side, epochs, lr in recipes:
         began = time.perf_counter()
+        twin, origin = recipe_backbone(arch, side)
         if lr is None:   # frozen:BACKBONE
-            twin, arch = frozen_backbone(arch, side)
-        else:
-            torch.manual_seed(0)
-            twin = create_backbone(arch, 1, img_size=min(side, 224))
+            arch = f"frozen {twin.arch}, {origin}"
         if args.task == "region":
             train, val, test = data.indices("train"), data.indices("val"), data.indices("test")
             result = train_end_to_end(twin, data, train, val, test, epochs, lr, 32, 0, "cpu", size=side)
@@ -139,14 +136,13 @@ def main() -> None:
                                                     "device": "cpu"})
             result = dense_ceiling(args.task, 0, loaded[side], twin, config)
         minutes = (time.perf_counter() - began) / 60
-        m, data = result.metrics, loaded[side]
-        test = data.indices("test")
-        headline = "dice" if args.task == "metal" else "recall"
-        interval = patient_interval(result.per_image, [data.patient_keys[i] for i in test], headline)
+        m, test = result.metrics, loaded[side].indices("test")
+        patients = [loaded[side].patient_keys[i] for i in test]
+        interval = patient_interval(result.per_image, patients, headline)
         spread = f"{interval['low']:.1%} to {interval['high']:.1%} ({interval['patients']})"
         rows.append({"recipe": recipe, "label": arch, "metrics": m, "val_score": result.val_score,
-                     "per_image": result.per_image, "test_idx": [int(i) for i in test],
-                     "patients": [data.patient_keys[i] for i in test], "interval": interval, "minutes": minutes})
+                     "per_image": result.per_image, "test_idx": [int(i) for i in test], "patients": patients,
+                     "interval": interval, "minutes": minutes})
         if args.out:
             args.out.write_text(json.dumps(rows, indent=1))
         if args.task == "metal":
@@ -156,7 +152,7 @@ def main() -> None:
             print(f"| {arch} | {side} | {epochs} | {lr:g} | {m['recall']:.1%} | {spread} | {m['precision']:.1%} | "
                   f"{m['head_l1_px']:.1f} / {m['tip_l1_px']:.1f} | {m['angle_deg']:.1f} | {minutes:.1f} |", flush=True)
     if len(rows) > 1:
-        print("\n" + "\n".join(differences(rows, "dice" if args.task == "metal" else "recall")))
+        print("\n" + "\n".join(differences(rows, headline)))
 
 
 if __name__ == "__main__":
