@@ -27,6 +27,8 @@ from types import SimpleNamespace  # noqa: E402
 
 import pytest  # noqa: E402
 
+from tests.prefect_home import prefect_home  # noqa: E402
+
 CORPUS_SECRET = "dax-test-secret-not-for-production"
 DAX = str(Path(sys.executable).with_name("dax"))
 
@@ -34,7 +36,7 @@ DAX = str(Path(sys.executable).with_name("dax"))
 def synth_and_ingest(tmp: Path, studies: int, seed: int, preset: str, max_size: int, timeout: int = 600):
     """A corpus through the real `dax synth` and `dax ingest` under ``tmp``: ``home`` (catalog, shards),
     ``labels`` (labels.parquet), ``tmp`` and the ``env`` the commands ran with."""
-    env = dict(os.environ, DAX_DEID_SECRET=CORPUS_SECRET, PREFECT_HOME=str(tmp / "prefect"), COLUMNS="200")
+    env = dict(os.environ, DAX_DEID_SECRET=CORPUS_SECRET, PREFECT_HOME=prefect_home(tmp / "prefect"), COLUMNS="200")
     for args in (["synth", str(tmp / "corpus"), "--studies", str(studies), "--seed", str(seed), "--preset", preset],
                  ["ingest", str(tmp / "corpus" / "dicom"), "--home", str(tmp / "home"), "--max-size", str(max_size)]):
         done = subprocess.run([DAX, *args], env=env, capture_output=True, text=True, timeout=timeout)

@@ -85,13 +85,16 @@ def phi_hits(values: set[str], haystacks: dict[str, bytes]) -> list[tuple[str, s
     leak; 'id888832' or 'pred_888832' still is. A name counts unless its leading or trailing hex letters
     continue such an identifier with no separator ('...5bcbcace' + 'linear' is no 'Celine'); 'id-celine',
     'celine.dcm' or 'run_celine' still is one."""
-    patterns = [(re.compile(_WHOLE_NUMBER.format(re.escape(v)).encode()), True) if v.isdigit()
-                else (re.compile(re.escape(v.lower().encode())), False) for v in values]
+    patterns = [(v.lower().encode(), re.compile(_WHOLE_NUMBER.format(re.escape(v)).encode()), True) if v.isdigit()
+                else (v.lower().encode(), re.compile(re.escape(v.lower().encode())), False) for v in values]
     hits = []
     for where, data in haystacks.items():
         lowered = data.lower()
-        hits += [(where, p.pattern.decode(errors="replace")) for p, number in patterns
-                 if _found(p, lowered, number)]
+        # the plain substring test first, the regex only where the value occurs: most values occur in no
+        # file, and a regex scan is some 20 times slower (a number's pattern starts with a look-behind, so
+        # re cannot skip ahead to its digits; 179 s against 8 s for 400 values in 20 MB of random bytes)
+        hits += [(where, p.pattern.decode(errors="replace")) for literal, p, number in patterns
+                 if literal in lowered and _found(p, lowered, number)]
     return hits
 
 

@@ -34,6 +34,7 @@ import yaml
 from conftest import TINY_DINO
 
 from tasks.ingest.events import INGEST_COMPLETED, QUARANTINE_ALERT, READY_FOR_RETRAINING
+from tests.prefect_home import prefect_home
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -119,7 +120,7 @@ def server(tmp_path_factory):
     port = _free_port()
     base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "DAX_", "MLFLOW_TRACKING"))}
     quiet = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "COLUMNS": "200"}
-    server_env = base | quiet | {"PREFECT_HOME": str(tmp / "server-home")}
+    server_env = base | quiet | {"PREFECT_HOME": prefect_home(tmp / "server-home")}
     log = open(tmp / "server.log", "w")
     process = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                                env=server_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

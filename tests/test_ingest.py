@@ -28,13 +28,14 @@ from pydicom.uid import JPEG2000Lossless
 from tasks.ingest.shards import iter_shard
 from tasks.synth.study import PRESETS, generate_study
 from tests.phi_search import files_under, phi_hits, phi_values
+from tests.prefect_home import prefect_home
 
 SECRET = "test-secret-0123456789abcdef"
 DAX = str(Path(sys.executable).with_name("dax"))
 
 
 def _env(tmp: Path) -> dict:
-    return dict(os.environ, DAX_DEID_SECRET=SECRET, PREFECT_HOME=str(tmp / "prefect"), COLUMNS="200")
+    return dict(os.environ, DAX_DEID_SECRET=SECRET, PREFECT_HOME=prefect_home(tmp / "prefect"), COLUMNS="200")
 
 
 def run_dax(tmp: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -356,6 +356,14 @@ def test_the_loader_gives_exact_seeded_epochs_of_selected_images(small_corpus):
     other_rank = epoch(epoch=0, workers=2, rank=1)
     assert not all(torch.equal(p[1], q[1]) for p, q in zip(a, other_rank))
     assert len(epoch(epoch=1, workers=0)) == 5
+    # one loader over three epochs (as training takes them; 5 batches do not split evenly over 2 workers)
+    # gives each epoch's batches as the epoch's own loader does, in order, a resumed first epoch included
+    for workers in (2, 0):
+        first = a[3:] if workers == 2 else epoch(epoch=0, workers=0, skip=3)
+        singles = first + epoch(epoch=1, workers=workers) + epoch(epoch=2, workers=workers)
+        span = epoch(epoch=0, workers=workers, skip=3, epochs=3)
+        assert len(span) == len(singles) == 2 + 5 + 5
+        assert all(torch.equal(x, y) for p, q in zip(singles, span) for x, y in zip(p, q))
 
 
 # --- training -------------------------------------------------------------------------------------------

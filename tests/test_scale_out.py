@@ -27,6 +27,7 @@ import pytest
 from tasks.ingest.catalog import TABLES, open_snapshot
 from tasks.ingest.shards import iter_shard
 from tasks.synth.study import PRESETS, generate_study
+from tests.prefect_home import prefect_home
 
 DAX = str(Path(sys.executable).with_name("dax"))
 SECRET = "scale-out-test-secret-0123456789"
@@ -36,8 +37,8 @@ ORDER = {"images": "key", "sources": "sha256", "shards": "name"}
 
 def _ingest(tmp: Path, source: Path, runner: str) -> tuple[Path, str]:
     home = tmp / f"home-{runner}"
-    # one Prefect home for both runs (the ephemeral API's database is made once); INFO logs show the runner
-    env = dict(os.environ, DAX_DEID_SECRET=SECRET, PREFECT_HOME=str(tmp / "prefect"), COLUMNS="200",
+    # one Prefect home for both runs (its empty database copied in once); INFO logs show the runner
+    env = dict(os.environ, DAX_DEID_SECRET=SECRET, PREFECT_HOME=prefect_home(tmp / "prefect"), COLUMNS="200",
                PREFECT_LOGGING_LEVEL="INFO")
     for name in ("DAX_INGEST_RUNNER", "DAX_DASK_ADDRESS", "DAX_INGEST_WORKERS", "PREFECT_API_URL"):
         env.pop(name, None)

@@ -12,7 +12,7 @@ linear in intensity, from the normalization recorded with the sample) and batche
 ``steps_per_epoch`` batches per epoch on every rank, so no rank waits for another at the end.
 Everything random is seeded from (seed, epoch, rank, worker, sample index): the stream of an epoch is
 the same every time it is built (with the same number of workers), so resuming at step s of an
-epoch is rebuilding the epoch's loader and skipping s batches (read, not decoded nor augmented).
+epoch is building the loader from that epoch on and skipping s batches (read, not decoded nor augmented).
 
 ``read_samples`` reads given keys (for the kNN monitor and the heads) from their shards in order.
 """
@@ -125,26 +125,36 @@ def collate_crops(samples: list[list[torch.Tensor]]) -> list[torch.Tensor]:
 
 
 class _Stream(torch.utils.data.IterableDataset):
-    """One rank's epoch: ``steps`` batches, dealt round-robin to the DataLoader workers.
+    """One rank's run over the range ``epochs``: ``steps`` batches per epoch, batch b made by worker ``b % workers``.
 
     Every sample's augmentation is seeded from (stream seed, sample index) inside ``fork_rng``, so a
     skipped batch costs only its tar reading (no decode, no augmentation) and the training process's
     RNG is untouched even with ``workers=0``. A batch comes with the crop boxes its augmentation drew
     (``CropDraws``, when the transform keeps a tally).
+
+    The DataLoader asks its workers in turn, so every worker yields the same number of items per epoch,
+    ``ceil(steps / workers)``: a slot with no batch (past ``steps``, or before ``skip`` in the first epoch)
+    is a filler (``None``). Then the loader's turn order is the batch order, epoch after epoch, whatever
+    ``steps`` and ``skip`` are, and the training process only drops the fillers.
     """
 
-    def __init__(self, selection: Selection, transform: Callable, batch_size: int, seed: int, epoch: int,
+    def __init__(self, selection: Selection, transform: Callable, batch_size: int, seed: int, epochs: range,
                  rank: int, steps: int, skip: int, shuffle_buffer: int):
         super().__init__()
         self.urls = selection.shard_paths
         self.keys = frozenset(selection.keys)
         self.transform, self.batch_size = transform, batch_size
-        self.seed, self.epoch, self.rank, self.shuffle_buffer = seed, epoch, rank, shuffle_buffer
+        self.seed, self.epochs, self.rank, self.shuffle_buffer = seed, epochs, rank, shuffle_buffer
         self.steps, self.skip = steps, skip
 
-    def __iter__(self) -> Iterator[list[torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple]:
         worker, workers = _worker_index()
-        stream_seed = _seed(self.seed, self.epoch, self.rank, worker)
+        for epoch in self.epochs:
+            skip = self.skip if epoch == self.epochs.start else 0
+            yield from self._epoch(epoch, skip, worker, workers)
+
+    def _epoch(self, epoch: int, skip: int, worker: int, workers: int) -> Iterator[tuple]:
+        stream_seed = _seed(self.seed, epoch, self.rank, worker)
         keys = self.keys
         samples = iter(wds.DataPipeline(
             wds.ResampledShards(self.urls, seed=stream_seed, worker_seed=lambda: 0, deterministic=True),
@@ -153,13 +163,15 @@ class _Stream(torch.utils.data.IterableDataset):
             lambda src: _shuffle(src, bufsize=self.shuffle_buffer, initial=self.shuffle_buffer // 4,
                                  rng=random.Random(stream_seed)),
         ))
-        my_batches = len(range(worker, self.steps, workers))
-        my_skip = len(range(worker, self.skip, workers))
         index = 0
-        for b in range(my_batches):
+        for b in range(worker, -(-self.steps // workers) * workers, workers):
+            if b >= self.steps:
+                yield epoch, b, None, None
+                continue
             batch = [next(samples) for _ in range(self.batch_size)]
             index += self.batch_size
-            if b < my_skip:
+            if b < skip:
+                yield epoch, b, None, None
                 continue
             views, before = [], _tally(self.transform)
             for i, sample in enumerate(batch):
@@ -168,7 +180,7 @@ class _Stream(torch.utils.data.IterableDataset):
                     views.append(self.transform(*_decode(sample)))
             draws = _tally(self.transform)
             draws = draws.since(before) if draws is not None else None
-            yield worker + b * workers, collate_crops(views), draws     # (batch index in the epoch, batch, draws)
+            yield epoch, b, collate_crops(views), draws
 
 
 def _tally(transform: Callable) -> CropDraws | None:
@@ -187,35 +199,41 @@ def _decode(sample: dict) -> tuple[np.ndarray, bool]:
 
 def train_loader(selection: Selection, transform: Callable, batch_size: int, steps_per_epoch: int, epoch: int,
                  seed: int = 0, rank: int = 0, workers: int = 2, skip: int = 0,
-                 shuffle_buffer: int = 256, draws: CropDraws | None = None) -> Iterator[list[torch.Tensor]]:
-    """Exactly ``steps_per_epoch - skip`` batches of epoch ``epoch`` for this rank, the same every time.
+                 shuffle_buffer: int = 256, draws: CropDraws | None = None,
+                 epochs: int = 1) -> Iterator[list[torch.Tensor]]:
+    """Epochs ``epoch`` to ``epoch + epochs - 1`` for this rank, ``steps_per_epoch`` batches each (the first
+    ``skip`` of the first epoch left out), the same every time.
 
-    ``transform(image, linear)`` makes a sample's crops. Batch b of an epoch is always made by worker
-    ``b % workers``; after a skip the DataLoader's round-robin starts with worker 0 whatever batch is due,
-    so batches are put back in order here. ``draws``, if given, gets each yielded batch's crop-box tally
-    added (the workers' transforms are copies, so their own tallies never reach this process).
+    ``transform(image, linear)`` makes a sample's crops. An epoch's batches do not depend on how many epochs
+    one loader spans: the training loop takes all its epochs from one loader, so the worker processes start
+    once per run and make the next epoch's first batches while the last one's end is trained and scored,
+    instead of starting again every epoch (each spawned worker imports torch first: about 3 s on 2 cores).
+    ``draws``, if given, gets each yielded batch's crop-box tally added (the workers' transforms are copies,
+    so their own tallies never reach this process).
     """
-    dataset = _Stream(selection, transform, batch_size, seed, epoch, rank, steps_per_epoch, skip, shuffle_buffer)
+    span = range(epoch, epoch + epochs)
+    dataset = _Stream(selection, transform, batch_size, seed, span, rank, steps_per_epoch, skip, shuffle_buffer)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
-        persistent_workers=False, prefetch_factor=4 if workers else None,
+        prefetch_factor=4 if workers else None,
         # fresh worker processes: forked from a Prefect flow run (its threads, event loop and atexit
-        # hooks), workers exit with status 1 at the end of an epoch and the DataLoader fails
+        # hooks), workers exit with status 1 at the end of their stream and the DataLoader fails
         multiprocessing_context="spawn" if workers else None,
         # its own generator: making the iterator draws a base seed, which must not come from (and
         # advance) the training process's global RNG, or a resumed run would diverge
         generator=torch.Generator().manual_seed(_seed(seed, epoch, rank)))
-    pending, due = {}, skip
-    for index, batch, batch_draws in loader:
-        pending[index] = batch, batch_draws
-        while due in pending:
-            batch, batch_draws = pending.pop(due)
-            if draws is not None and batch_draws is not None:
-                draws.add(batch_draws)
-            yield batch
-            due += 1
-    if pending:
-        raise RuntimeError(f"the loader lost batches before {sorted(pending)}")
+    due = (epoch, skip) if skip < steps_per_epoch else (epoch + 1, 0)      # (epoch, batch) expected next
+    for e, b, batch, batch_draws in loader:
+        if batch is None:
+            continue
+        if (e, b) != due:
+            raise RuntimeError(f"the loader gave epoch {e} batch {b} where batch {due[1]} of epoch {due[0]} was due")
+        due = (e, b + 1) if b + 1 < steps_per_epoch else (e + 1, 0)
+        if draws is not None and batch_draws is not None:
+            draws.add(batch_draws)
+        yield batch
+    if epochs > 0 and due != (epoch + epochs, 0):
+        raise RuntimeError(f"the loader lost batches from batch {due[1]} of epoch {due[0]} on")
 
 
 def read_samples(shard_dir: Path, shard_keys: dict[str, list[str]]) -> Iterator[tuple[str, np.ndarray, dict]]:

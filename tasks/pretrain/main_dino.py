@@ -15,8 +15,9 @@ in the first ``freeze_last_layer`` epochs; then the EMA update of the teacher. O
 channels-last, fused AdamW and optional ``torch.compile``; fp16 uses a GradScaler. LARS for ResNets.
 
 A checkpoint holds everything a resumed run needs to continue bit-for-bit on CPU: student, teacher,
-optimizer, scaler, loss centre, schedules, step (the data position: the epoch's loader is rebuilt
-from its seed and the steps already done are skipped) and the training process's RNG states.
+optimizer, scaler, loss centre, schedules, step (the data position: the loader is rebuilt from the
+step's epoch on, from its seed, and the epoch's steps already done are skipped) and the training process's
+RNG states.
 
 Monitoring: loss, lr, weight decay, momentum, teacher temperature, teacher entropy (per sample and of
 the batch mean, and their difference, the teacher's information about the crop), student-teacher KL,
@@ -36,6 +37,7 @@ held-out patients (``result.json`` and MLflow).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -507,12 +509,13 @@ def train(job_dir: Path) -> dict:
     models.student.train()
     teacher.train()
     start_epoch = step // steps_per_epoch
+    # one loader for every epoch left: its workers start once per run, not once per epoch
+    batches = train_loader(selection, transform, config.batch_size, steps_per_epoch, start_epoch, seed=config.seed,
+                           rank=d.rank, workers=config.workers, skip=step - start_epoch * steps_per_epoch,
+                           shuffle_buffer=config.shuffle_buffer, draws=draws, epochs=config.epochs - start_epoch)
     try:
         for epoch in range(start_epoch, config.epochs):
-            loader = train_loader(selection, transform, config.batch_size, steps_per_epoch, epoch, seed=config.seed,
-                                  rank=d.rank, workers=config.workers, skip=step - epoch * steps_per_epoch,
-                                  shuffle_buffer=config.shuffle_buffer, draws=draws)
-            for batch in loader:
+            for batch in itertools.islice(batches, (epoch + 1) * steps_per_epoch - step):
                 it = step
                 loss, stats = dino_step(models, batch, lr=schedules["lr"][it], weight_decay=schedules["wd"][it],
                                         momentum=schedules["momentum"][it],
@@ -558,6 +561,8 @@ def train(job_dir: Path) -> dict:
         status = "collapsed"
         if d.main:
             checkpoint()
+    finally:
+        batches.close()      # stops the loader's workers, also when the run ends early
     return _finish(job_dir, d, status, step, total_steps, knn_history, alarm, knn, run_facts())
 
 
