@@ -6,9 +6,11 @@ migrated once per session by Prefect's own CLI, into each new home instead. The 
 what a command writes there is still only its own."""
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -21,6 +23,7 @@ PREFECT = str(Path(sys.executable).with_name("prefect"))
 @functools.cache
 def _empty_database() -> Path:
     home = Path(tempfile.mkdtemp(prefix="dax-test-prefect-empty-"))
+    atexit.register(shutil.rmtree, home, True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")} | {"PREFECT_HOME": str(home)}
     done = subprocess.run([PREFECT, "server", "database", "upgrade", "-y"], env=env, capture_output=True, text=True,
                           timeout=300)
