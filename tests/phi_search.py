@@ -85,8 +85,11 @@ def phi_hits(values: set[str], haystacks: dict[str, bytes]) -> list[tuple[str, s
     leak; 'id888832' or 'pred_888832' still is. A name counts unless its leading or trailing hex letters
     continue such an identifier with no separator ('...5bcbcace' + 'linear' is no 'Celine'); 'id-celine',
     'celine.dcm' or 'run_celine' still is one."""
-    patterns = [(v.lower().encode(), re.compile(_WHOLE_NUMBER.format(re.escape(v)).encode()), True) if v.isdigit()
-                else (v.lower().encode(), re.compile(re.escape(v.lower().encode())), False) for v in values]
+    patterns = []          # (the value's bytes, lower-cased; its pattern; whether it is a number)
+    for v in values:
+        literal = v.lower().encode()
+        source = _WHOLE_NUMBER.format(re.escape(v)).encode() if v.isdigit() else re.escape(literal)
+        patterns.append((literal, re.compile(source), v.isdigit()))
     hits = []
     for where, data in haystacks.items():
         lowered = data.lower()
