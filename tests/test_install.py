@@ -17,8 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.prefect_home import prefect_home
-
 REPO = Path(__file__).resolve().parents[1]
 TINY_PRETRAINING = ["--epochs", "1", "--set", "steps_per_epoch=2", "--set", "batch_size=4",
                     "--set", "augment.global_size=32", "--set", "augment.local_size=16",
@@ -38,7 +36,8 @@ def test_a_plain_install_runs_synth_ingest_and_pretrain_from_an_empty_folder(tmp
     wheels, venv, work = tmp_path / "wheels", tmp_path / "venv", tmp_path / "empty"
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "DAX_", "MLFLOW_TRACKING"))}
-    env.update(DAX_DEID_SECRET="install-test-secret-0123456789abcdef", PREFECT_HOME=prefect_home(tmp_path / "prefect"))
+    # an empty Prefect home, as a new user's: the first command makes and migrates its database
+    env.update(DAX_DEID_SECRET="install-test-secret-0123456789abcdef", PREFECT_HOME=str(tmp_path / "prefect"))
     source = tmp_path / "source"       # a copy: building in the checkout would leave build/ there
     for name in ("flows", "tasks", "dax_models", "deployments"):
         shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
