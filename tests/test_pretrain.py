@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,7 @@ from dax_models.dino import (
     teacher_weights,
 )
 from tasks.pretrain.data import SelectionError, select_images, stored_linear, train_loader
-from tasks.pretrain.main_dino import load_config, momentum_schedule, read_job, teacher_backbone
+from tasks.pretrain.main_dino import PretrainConfig, load_config, momentum_schedule, read_job, teacher_backbone
 from tasks.pretrain.monitor import CollapseMonitor
 
 TINY = {"knn_size": 48, "augment.global_size": 48, "augment.local_size": 32, "augment.local_crops": 2,
@@ -296,6 +297,14 @@ def test_configs_load_and_refuse_unknown_settings(tmp_path):
         load_config("demo-cpu", {"learning_rate": 1})
     with pytest.raises(ValueError, match="no pretraining config"):
         load_config("no-such-config")
+    # YAML 1.1 reads 1e-5 (no dot) as a string: as a number setting it is the number; words are refused by name
+    assert load_config("demo-cpu", {"min_lr": "1e-5", "augment.jitter": "2e-1"}).min_lr == 1e-5
+    for setting, value, message in (("lr", "fast", "lr must be a number, not 'fast'"),
+                                    ("epochs", 6.5, "epochs must be a whole number, not 6.5"),
+                                    ("augment.solarize_p", True, "augment.solarize_p must be a number, not True")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            load_config("demo-cpu", {setting: value})
+    assert PretrainConfig.from_dict({"teacher_half_life": None, "steps_per_epoch": None}).steps_per_epoch is None
 
 
 # --- data -----------------------------------------------------------------------------------------------
@@ -396,6 +405,17 @@ def test_a_killed_run_resumed_gives_the_same_loss_curve(small_corpus):
     for key in a["teacher"]:
         torch.testing.assert_close(a["teacher"][key], b["teacher"][key], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(a["loss"]["center"], b["loss"]["center"])
+
+
+def test_the_resnet18_demo_config_lets_lars_move_each_layer_by_its_norm():
+    """LARS scales each step to 0.001 of a layer's norm: the lr schedule decides how far a run can go."""
+    from dax_models.dino import lars_reach
+    from tasks.pretrain.main_dino import build_schedules
+    config = load_config("demo-cpu-resnet18")
+    steps = config.epoch_steps(2086)        # the demo corpus' training images
+    reach = lars_reach(build_schedules(config, steps, config.batch_size)["lr"])
+    assert 1.0 <= reach < 3.0               # lr 0.3 (DINO's ResNet recipe) reached 0.08 on this schedule
+    assert lars_reach([1.0] * 10) == pytest.approx(0.1)
 
 
 def test_the_resnet18_demo_config_trains_and_its_run_records_teacher_crops_and_both_knn(small_corpus):

@@ -161,6 +161,7 @@ class PretrainConfig:
         if set(augment) - aug_known:
             raise ConfigError(f"unknown augment settings: {', '.join(sorted(set(augment) - aug_known))}")
         augment = {k: tuple(v) if isinstance(v, list) else v for k, v in augment.items()}
+        data, augment = _numbers(cls, data), _numbers(MultiCropConfig, augment, "augment.")
         try:
             config = cls(**data, augment=MultiCropConfig(**augment))
         except (TypeError, ValueError) as error:
@@ -172,6 +173,27 @@ class PretrainConfig:
         if config.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"unknown precision {config.precision!r} (auto, fp32, bf16 or fp16)")
         return config
+
+
+def _numbers(cls: type, values: dict, prefix: str = "") -> dict:
+    """``values`` with their number settings checked: PyYAML reads ``1e-5`` (no dot) as a string, so such a
+    string becomes a float; anything else that is not a number is a ConfigError naming the setting."""
+    kinds = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    checked = dict(values)
+    for key, value in values.items():
+        kind = kinds[key]
+        if not kind.startswith(("float", "int")) or (value is None and kind.endswith("None")):
+            continue
+        if isinstance(value, str) and kind.startswith("float"):
+            try:
+                value = checked[key] = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                (kind.startswith("int") and not isinstance(value, int)):
+            raise ConfigError(f"{prefix}{key} must be {'a whole number' if kind.startswith('int') else 'a number'},"
+                              f" not {value!r}")
+    return checked
 
 
 def load_config(name_or_path: str, overrides: dict | None = None) -> PretrainConfig:
