@@ -28,7 +28,7 @@ from torch.nn.utils.parametrizations import weight_norm
 
 __all__ = [
     "DINOHead", "DINOLoss", "LARS", "MultiCropWrapper", "cancel_last_layer_gradients", "clip_gradients",
-    "cosine_schedule", "ema_update", "entropy_ceiling", "momentum_for_half_life", "param_groups",
+    "cosine_schedule", "ema_update", "entropy_ceiling", "lars_reach", "momentum_for_half_life", "param_groups",
     "teacher_temperature_schedule", "teacher_weights",
 ]
 
@@ -215,10 +215,14 @@ def param_groups(model: nn.Module) -> list[dict]:
     return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
 
 
+LARS_ETA, LARS_MOMENTUM = 0.001, 0.9    # DINO's LARS defaults (trust coefficient, momentum)
+
+
 class LARS(torch.optim.Optimizer):
     """LARS as in DINO's utils (SGD with momentum, layer-wise trust ratio; 1-D parameters skip both)."""
 
-    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9, eta: float = 0.001):
+    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = LARS_MOMENTUM,
+                 eta: float = LARS_ETA):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
 
     @torch.no_grad()
@@ -243,7 +247,7 @@ class LARS(torch.optim.Optimizer):
                 p.add_(mu, alpha=-group["lr"])
 
 
-def lars_reach(lrs, eta: float = 0.001, momentum: float = 0.9) -> float:
+def lars_reach(lrs, eta: float = LARS_ETA, momentum: float = LARS_MOMENTUM) -> float:
     """How far LARS can move a layer over a run, relative to the layer's norm: each step's update is scaled to
     ``eta`` times the weights' norm, momentum adds up to ``1 / (1 - momentum)`` of it, and ``lrs`` (the per-step
     schedule) multiply. The linear batch scaling of DINO's ResNet recipe (lr 0.3 at batch 256) over a few hundred

@@ -2,10 +2,11 @@
 (``deid/``) and the named configs of pretraining (``pretrain/``) and of the heads (``heads/``)."""
 from __future__ import annotations
 
+import dataclasses
 from importlib.resources import files
 from pathlib import Path
 
-__all__ = ["SHIPPED", "find_config"]
+__all__ = ["SHIPPED", "checked_numbers", "find_config"]
 
 SHIPPED = Path(str(files(__name__)))
 
@@ -20,3 +21,26 @@ def find_config(kind: str, name_or_path: str, what: str) -> Path:
         known = ", ".join(sorted(p.stem for p in (SHIPPED / kind).glob("*.yaml")))
         raise FileNotFoundError(f"no {what} {name_or_path!r} (named configs: {known})")
     return path
+
+
+def checked_numbers(cls: type, values: dict, prefix: str = "") -> dict:
+    """``values`` for the dataclass ``cls`` (a config) with its number settings checked: PyYAML reads ``1e-5`` (no
+    dot) as a string, so such a string becomes a float; anything else that is not a number raises ValueError
+    naming the setting. Fields typed ``int`` or ``float`` (optionally ``| None``) are checked; ``cls`` must use
+    string annotations (``from __future__ import annotations``)."""
+    kinds = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    checked = dict(values)
+    for key, value in values.items():
+        kind = kinds.get(key, "")
+        if not kind.startswith(("float", "int")) or (value is None and kind.endswith("None")):
+            continue
+        if isinstance(value, str) and kind.startswith("float"):
+            try:
+                value = checked[key] = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                (kind.startswith("int") and not isinstance(value, int)):
+            raise ValueError(f"{prefix}{key} must be {'a whole number' if kind.startswith('int') else 'a number'},"
+                             f" not {value!r}")
+    return checked

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections import Counter
 
 import mlflow
@@ -27,6 +28,7 @@ from tasks.heads.training import (
     fit_classifier,
     fit_screw_head,
     fit_segmenter,
+    load_head_config,
     run_task,
     train_end_to_end,
 )
@@ -193,6 +195,14 @@ def test_heads_beat_the_random_init_twin_given_a_backbone_with_a_clear_signal(he
         results[name] = run_task("region", 0, data, store, config, "vit_tiny_patch16").metrics
     for metric in ("accuracy", "knn_accuracy", "linear_pooled_accuracy"):
         assert results["signal"][metric] > results["random"][metric] + 0.2, (metric, results)
+
+
+def test_head_config_numbers_are_checked_as_the_pretraining_configs():
+    """PyYAML reads ``1e-3`` (no dot) as a string: as a number setting it is the number (deployments.checked_numbers);
+    a word is refused by name."""
+    assert load_head_config("demo", {"linear_lr": "1e-3"}).linear_lr == 1e-3
+    with pytest.raises(ValueError, match=re.escape("seg_epochs must be a whole number, not 'many'")):
+        load_head_config("demo", {"seg_epochs": "many"})
 
 
 def test_the_supervised_bound_trains_and_tests_at_its_own_smaller_side(heads_corpus):

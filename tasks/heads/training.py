@@ -51,7 +51,7 @@ from dax_models.metrics import (
     knn_classify,
     segmentation_metrics,
 )
-from deployments import find_config
+from deployments import checked_numbers, find_config
 from tasks.heads.data import HeadDataset
 from tasks.heads.features import LiveFeatures
 from tasks.heads.evaluation import (
@@ -122,7 +122,7 @@ class HeadConfig:
             raise ValueError(f"unknown head settings: {', '.join(sorted(unknown))}")
         if "few_shot" in data:
             data["few_shot"] = tuple(int(n) for n in data["few_shot"])
-        return cls(**data)
+        return cls(**checked_numbers(cls, data))
 
     def to_dict(self) -> dict:
         return asdict(self)

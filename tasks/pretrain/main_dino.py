@@ -71,7 +71,7 @@ from dax_models.dino import (
     teacher_temperature_schedule,
     teacher_weights,
 )
-from deployments import find_config
+from deployments import checked_numbers, find_config
 from tasks.pretrain.data import Selection, train_loader
 from tasks.pretrain.monitor import CollapseMonitor, hits_bits, knn_margin, knn_monitor
 
@@ -161,8 +161,8 @@ class PretrainConfig:
         if set(augment) - aug_known:
             raise ConfigError(f"unknown augment settings: {', '.join(sorted(set(augment) - aug_known))}")
         augment = {k: tuple(v) if isinstance(v, list) else v for k, v in augment.items()}
-        data, augment = _numbers(cls, data), _numbers(MultiCropConfig, augment, "augment.")
         try:
+            data, augment = checked_numbers(cls, data), checked_numbers(MultiCropConfig, augment, "augment.")
             config = cls(**data, augment=MultiCropConfig(**augment))
         except (TypeError, ValueError) as error:
             raise ConfigError(f"invalid pretraining config: {error}") from None
@@ -173,27 +173,6 @@ class PretrainConfig:
         if config.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"unknown precision {config.precision!r} (auto, fp32, bf16 or fp16)")
         return config
-
-
-def _numbers(cls: type, values: dict, prefix: str = "") -> dict:
-    """``values`` with their number settings checked: PyYAML reads ``1e-5`` (no dot) as a string, so such a
-    string becomes a float; anything else that is not a number is a ConfigError naming the setting."""
-    kinds = {f.name: str(f.type) for f in dataclasses.fields(cls)}
-    checked = dict(values)
-    for key, value in values.items():
-        kind = kinds[key]
-        if not kind.startswith(("float", "int")) or (value is None and kind.endswith("None")):
-            continue
-        if isinstance(value, str) and kind.startswith("float"):
-            try:
-                value = checked[key] = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                (kind.startswith("int") and not isinstance(value, int)):
-            raise ConfigError(f"{prefix}{key} must be {'a whole number' if kind.startswith('int') else 'a number'},"
-                              f" not {value!r}")
-    return checked
 
 
 def load_config(name_or_path: str, overrides: dict | None = None) -> PretrainConfig:
