@@ -12,7 +12,9 @@ DAX's full multi-crop augmentation, 16-bit images decoded from the shards):
   - the loader's margin: loader images/s (2 workers) / training images/s (target >= 2);
   - end to end: ``tasks.pretrain.main_dino.train`` for a few epochs (loader and training share the 2 cores);
   - peak resident memory of each measurement's process (its loader workers not included);
-  - the same DINO step under bf16 autocast (what ``precision: bf16`` gives on a CPU), beside fp32.
+  - the same DINO step under bf16 autocast (what ``precision: bf16`` gives on a CPU), beside fp32;
+  - for ResNets, the DINO step with the backbone in the contiguous layout (the baseline of ``Backbone``'s
+    channels-last ResNets), beside the channels-last one.
 Each architecture is measured in a fresh process, so peaks do not mix.
 """
 from __future__ import annotations
@@ -52,6 +54,7 @@ def measure(arch: str, home: str, steps: int) -> dict:
     from tasks.home import configure
     configure(home)
     from dax_models.augment import XrayMultiCrop
+    from dax_models.backbones import ARCHITECTURES
     from tasks.pretrain.data import select_images, train_loader
     from tasks.pretrain.main_dino import (
         Dist,
@@ -79,9 +82,14 @@ def measure(arch: str, home: str, steps: int) -> dict:
 
     crops = next(iter(train_loader(selection, transform, batch, 1, epoch=0, workers=0)))
 
-    def step_rate(precision: str) -> float:
-        """Images/s of the DINO step alone on ``crops`` (2 warm-up steps, then ``steps`` timed)."""
+    def step_rate(precision: str, contiguous: bool = False) -> float:
+        """Images/s of the DINO step alone on ``crops`` (2 warm-up steps, then ``steps`` timed); ``contiguous``:
+        with the backbones in the contiguous layout, as before ResNets went channels-last."""
         t = build_training(config, Dist(0, 1, 0, torch.device("cpu")), precision)
+        if contiguous:
+            for model in (t.student_plain, t.teacher):
+                model.to(memory_format=torch.contiguous_format)
+                model.backbone.channels_last = False
         kwargs = dict(lr=1e-4, weight_decay=0.04, momentum=0.996, teacher_temp=0.04, epoch=1)
         for _ in range(2):
             dino_step(t, crops, **kwargs)
@@ -93,6 +101,7 @@ def measure(arch: str, home: str, steps: int) -> dict:
     training = step_rate("fp32")
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # before bf16's models add theirs
     training_bf16 = step_rate("bf16")   # the same step under bf16 autocast
+    training_contiguous = step_rate("fp32", contiguous=True) if ARCHITECTURES[arch].kind == "resnet" else None
 
     job = Path(tempfile.mkdtemp(prefix="dax-bench-job-"))
     config.epochs, config.steps_per_epoch, config.log_every = 2, steps, 10 ** 9
@@ -101,7 +110,8 @@ def measure(arch: str, home: str, steps: int) -> dict:
     train(job)
     end_to_end = 2 * steps * batch / (time.perf_counter() - began)
     return {"arch": arch, "loader_one": loader_one, "loader_workers": loader_workers, "training": training,
-            "training_bf16": training_bf16, "end_to_end": end_to_end, "peak_mb": peak_mb,
+            "training_bf16": training_bf16, "training_contiguous": training_contiguous, "end_to_end": end_to_end,
+            "peak_mb": peak_mb,
             "workers": config.workers, "batch": batch, "threads": torch.get_num_threads()}
 
 
@@ -123,12 +133,16 @@ def main() -> None:
                              capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
     lines = ["| backbone | loader, 1 process (img/s) | loader, 2 workers (img/s) | DINO step (img/s) "
-             "| loader margin | end to end (img/s) | peak RSS (MB) | DINO step, bf16 autocast (img/s) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| loader margin | end to end (img/s) | peak RSS (MB) | DINO step, bf16 autocast (img/s) "
+             "| DINO step, contiguous layout (img/s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        contiguous = r["training_contiguous"]
         lines.append(f"| {r['arch']} | {r['loader_one']:.0f} | {r['loader_workers']:.0f} | {r['training']:.1f} "
                      f"| {r['loader_workers'] / r['training']:.1f}x | {r['end_to_end']:.1f} | {r['peak_mb']:.0f} "
-                     f"| {r['training_bf16']:.1f} ({r['training_bf16'] / r['training']:.2f}x fp32) |")
+                     f"| {r['training_bf16']:.1f} ({r['training_bf16'] / r['training']:.2f}x fp32) | "
+                     + (f"{contiguous:.1f} (channels-last {r['training'] / contiguous:.2f}x it) |" if contiguous
+                        else "- (no convolutions to lay out) |"))
     table = "\n".join(lines)
     print(table)
     if not args.quick:
