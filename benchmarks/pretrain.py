@@ -88,8 +88,7 @@ def measure(arch: str, home: str, steps: int) -> dict:
         t = build_training(config, Dist(0, 1, 0, torch.device("cpu")), precision)
         if contiguous:
             for model in (t.student_plain, t.teacher):
-                model.to(memory_format=torch.contiguous_format)
-                model.backbone.channels_last = False
+                model.backbone.use_channels_last(False)
         kwargs = dict(lr=1e-4, weight_decay=0.04, momentum=0.996, teacher_temp=0.04, epoch=1)
         for _ in range(2):
             dino_step(t, crops, **kwargs)

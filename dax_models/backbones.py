@@ -64,10 +64,10 @@ class Backbone(nn.Module):
         self.arch = arch
         self.kind = ARCHITECTURES[arch].kind
         self.in_chans = in_chans
+        self.model = model
         # ResNets keep weights and activations channels-last on every device (oneDNN on CPU, cuDNN on CUDA): the
         # ResNet-18 DINO step runs 1.21x as fast on 2 CPU cores (BENCHMARKS.md, "Pretraining", last column)
-        self.channels_last = self.kind == "resnet"
-        self.model = model.to(memory_format=torch.channels_last) if self.channels_last else model
+        self.use_channels_last(self.kind == "resnet")
         self.embed_dim = int(model.num_features)
         self.patch_size = int(model.patch_embed.patch_size[0]) if self.kind == "vit" else None
 
@@ -82,6 +82,12 @@ class Backbone(nn.Module):
         if self.kind == "vit":
             return [self.embed_dim] * 4
         return [info["num_chs"] for info in self.model.feature_info[1:]]
+
+    def use_channels_last(self, on: bool) -> "Backbone":
+        """Weights and inputs channels-last (``on``) or contiguous; the same outputs either way."""
+        self.channels_last = on
+        self.model.to(memory_format=torch.channels_last if on else torch.contiguous_format)
+        return self
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] == 1 and self.in_chans == 3:

@@ -61,10 +61,8 @@ def test_a_resnet_runs_channels_last_and_computes_what_the_contiguous_layout_doe
     convs = [m.weight for m in backbone.modules() if isinstance(m, torch.nn.Conv2d)
              and m.weight.shape[1] > 1 and m.weight.shape[-1] > 1]   # else both layouts are one
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs)
-    plain = create_backbone("resnet18", in_chans=1).eval()
+    plain = create_backbone("resnet18", in_chans=1).eval().use_channels_last(False)
     plain.model.load_state_dict(backbone.model.state_dict())
-    plain.model.to(memory_format=torch.contiguous_format)
-    plain.channels_last = False
     x = torch.rand(2, 1, 64, 80)
     with torch.no_grad():
         maps, plain_maps = backbone.feature_maps(x), plain.feature_maps(x)
