@@ -61,7 +61,8 @@ SEEDS_OPTION = typer.Option(3, help="Seeds per head (figures are mean and sd ove
 LABELS_OPTION = typer.Option(None, help="labels.parquet of a synthetic corpus: enables the kNN monitor "
                                           "(and the heads, where they run).")
 RETRAIN_CONFIGS = typer.Option(["demo-cpu"], "--config", help="Pretraining configs (repeat the option): named "
-                                                             "(demo-cpu, dax-vits16, dax-resnet50) or YAML files.")
+                                                             "(demo-cpu, demo-cpu-resnet18, dax-vits16, "
+                                                             "dax-resnet50) or YAML files.")
 HEADS_CONFIG = typer.Option(None, "--heads-config", help="Head config (demo) or a YAML file; default: built-in budgets.")
 
 
@@ -250,7 +251,8 @@ def _parse_settings(settings: list[str]) -> dict:
 
 @app.command()
 def pretrain(
-    config: str = typer.Option("demo-cpu", help="A named config (demo-cpu, dax-vits16, dax-resnet50) or a YAML file."),
+    config: str = typer.Option("demo-cpu", help="A named config (demo-cpu, demo-cpu-resnet18, dax-vits16, "
+                                                "dax-resnet50) or a YAML file."),
     where: Optional[str] = WHERE_OPTION,
     home: Optional[Path] = HOME_OPTION,
     labels: Optional[Path] = LABELS_OPTION,
@@ -446,6 +448,10 @@ def demo(
     studies: int = typer.Option(200, help="Studies in the demo corpus (about 2,700 images)."),
     seeds: int = typer.Option(2, help="Seeds per head (figures are mean and sd over them; 2 keep the demo within 30 "
                                       "minutes on 2 cores)."),
+    config: Optional[list[str]] = typer.Option(None, "--config",
+                                               help="Pretraining configs (repeat the option; each adds its "
+                                                    "pretraining and heads, 10-15 minutes): demo-cpu-resnet18 "
+                                                    "(ResNet-18, the default), demo-cpu (ViT-Ti/16)."),
 ) -> None:
     """The whole pipeline on one machine, embedded: corpus, ingestion, DINO, heads, promotion, a prediction."""
     import os
@@ -462,9 +468,10 @@ def demo(
 
     console.rule("the demo flow: corpus -> ingest -> DINO pretraining -> heads (fan-out) -> promotion -> a prediction")
     with user_errors():
-        outcome = demo_flow(home=str(root), studies=studies, seeds=seeds)
+        outcome = demo_flow(home=str(root), studies=studies, seeds=seeds, configs=config)
     console.rule("results: frozen-backbone heads, pretrained vs random-init vs the DAX paper")
-    _print_retrained(outcome["retrained"])
+    for retrained in outcome["retrained"]:
+        _print_retrained(retrained)
     prediction = outcome["prediction"]
     overlay = prediction.get("overlay", "(refused: " + str(prediction.get("error")) + ")")
     console.rule("where to look")
