@@ -13,9 +13,9 @@
    design reaches at native resolution);
 4. runs the ``heads`` flow on the corpus' labels (``--config`` demo, ``--seeds`` 3): floors, random-init
    twin, pretrained backbone; nothing registered;
-5. trains the supervised ceiling of each task once (``--ceiling-epochs``, seed 0: the same architecture from
-   random init, end to end, on the same images; region at the head config's ``e2e_side``, metal and screws with
-   their heads on the dense windows);
+5. trains the supervised ceiling of each task once (``--ceiling-epochs``; ``--ceiling-tasks`` picks them; seed 0:
+   the same architecture from random init, end to end, on the same images; region at the head config's
+   ``e2e_side``, metal and screws with their heads on the dense windows);
 6. prints, and writes to BENCHMARKS.md (a section per architecture, "heads-eval-<arch>"), the results table, each headline figure's
    95 % interval with test PATIENTS resampled (seed 0), the paired interval of pretrained minus floor, and
    the command.
@@ -79,10 +79,11 @@ def oracles(labels: Path, size: int) -> dict:
     return {"metal": metal, "screws": screws, "size": size}
 
 
-def ceilings(home: Path, labels: Path, backbone_uri: str, config, epochs: int) -> dict[str, dict]:
-    """The supervised ceilings (seed 0): the random-init twin trained end to end with each task's head, on the
-    images the flow's heads read: region at the config's ``e2e_side``, metal and screws on their windows of the
-    dense view (``tasks.heads.training.dense_ceiling``), ``epochs`` each."""
+def ceilings(home: Path, labels: Path, backbone_uri: str, config, epochs: int,
+             tasks: tuple[str, ...] = ("region", "metal", "screws")) -> dict[str, dict]:
+    """The supervised ceilings (seed 0) of ``tasks``: the random-init twin trained end to end with each task's
+    head, on the images the flow's heads read: region at the config's ``e2e_side``, metal and screws on their
+    windows of the dense view (``tasks.heads.training.dense_ceiling``), ``epochs`` each."""
     import dataclasses
 
     import mlflow
@@ -102,14 +103,17 @@ def ceilings(home: Path, labels: Path, backbone_uri: str, config, epochs: int) -
         return create_backbone(arch, 1, img_size=config.size)
 
     out = {}
-    data = load_head_dataset(home, labels, size=config.size, masks=False)
-    began = time.perf_counter()
-    out["region"] = {**train_end_to_end(twin(), data, data.indices("train"), data.indices("val"), data.indices("test"),
-                                        epochs, config.e2e_lr, config.e2e_batch, 0, resolve_device(config.device),
-                                        size=config.e2e_side),
-                     "size": config.e2e_side, "minutes": (time.perf_counter() - began) / 60}
-    dense = load_head_dataset(home, labels, size=config.dense_size, max_images=config.dense_max_images)
-    for task in ("metal", "screws"):
+    if "region" in tasks:
+        data = load_head_dataset(home, labels, size=config.size, masks=False)
+        began = time.perf_counter()
+        out["region"] = {**train_end_to_end(twin(), data, data.indices("train"), data.indices("val"),
+                                            data.indices("test"), epochs, config.e2e_lr, config.e2e_batch, 0,
+                                            resolve_device(config.device), size=config.e2e_side),
+                         "size": config.e2e_side, "minutes": (time.perf_counter() - began) / 60}
+    dense_tasks = [task for task in ("metal", "screws") if task in tasks]
+    dense = load_head_dataset(home, labels, size=config.dense_size, max_images=config.dense_max_images) \
+        if dense_tasks else None
+    for task in dense_tasks:
         began = time.perf_counter()
         result = dense_ceiling(task, 0, dense, twin(), dataclasses.replace(config, e2e_epochs=epochs))
         out[task] = {**result.metrics, "size": config.dense_size, "minutes": (time.perf_counter() - began) / 60}
@@ -185,14 +189,24 @@ def report(args, summary: dict, oracle: dict, top: dict[str, dict] | None, rows:
             f"over {m['images']} images; screws recall {s['recall']:.3f}, precision {s['precision']:.3f}, head / tip "
             f"L1 {s['head_l1_px']:.2f} / {s['tip_l1_px']:.2f} px, angle {s['angle_deg']:.2f} deg (matching gate "
             f"{s['gate_px']:.0f} native px on average: 5 % of the long side)."), "", table, ""]
-    if top is not None:
-        region, metal, screws = top["region"], top["metal"], top["screws"]
-        out += [(f"Supervised ceilings: the random-init {summary['arch']} trained end to end, seed 0, "
-                 f"{region['epochs']} epochs each, with a linear head at {region['size']} px (region accuracy "
-                 f"{region['accuracy']:.3f}, {region['minutes']:.0f} min), with the metal decoder (Dice "
-                 f"{metal['dice']:.3f}, {metal['minutes']:.0f} min) and with the screw head (recall "
-                 f"{screws['recall']:.3f}, precision {screws['precision']:.3f}, {screws['minutes']:.0f} min) on the "
-                 f"dense heads' windows of the {metal['size']} px images."), ""]
+    if top:
+        runs = []
+        if "region" in top:
+            region = top["region"]
+            runs.append(f"with a linear head at {region['size']} px (region accuracy {region['accuracy']:.3f}, "
+                        f"{region['minutes']:.0f} min)")
+        if "metal" in top:
+            runs.append(f"with the metal decoder on the dense heads' windows of the {top['metal']['size']} px images "
+                        f"(Dice {top['metal']['dice']:.3f}, {top['metal']['minutes']:.0f} min)")
+        if "screws" in top:
+            screws = top["screws"]
+            runs.append(f"with the screw head on those windows (recall {screws['recall']:.3f}, precision "
+                        f"{screws['precision']:.3f}, {screws['minutes']:.0f} min)")
+        skipped = [task for task in ("region", "metal", "screws") if task not in top]
+        epochs = next(iter(top.values()))["epochs"]
+        out += [(f"Supervised ceilings: the random-init {summary['arch']} trained end to end, seed 0, {epochs} "
+                 f"epochs each, " + "; ".join(runs) + "."
+                 + (f" Not run: {', '.join(skipped)} (`--ceiling-tasks`)." if skipped else "")), ""]
     out += ["95 % intervals with the test patients resampled (seed 0):", "",
             "| task | metric | floor | random-init | pretrained | pretrained - floor | pretrained - random-init |",
             "|---|---|---|---|---|---|---|"]
@@ -213,6 +227,8 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="head config override, e.g. seg_epochs=20")
     parser.add_argument("--ceiling-epochs", type=int, default=10, help="the ceilings' epochs (0: skip)")
+    parser.add_argument("--ceiling-tasks", default="region,metal,screws",
+                        help="the tasks whose ceiling to train, comma-separated (the dense ones take longest)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/dax-heads-eval"), help="scratch folder")
     parser.add_argument("--no-write", dest="write", action="store_false", help="do not update BENCHMARKS.md")
     args = parser.parse_args()
@@ -235,7 +251,12 @@ def main() -> None:
     backbone = args.backbone or DEFAULT_BACKBONE
     summary = heads(backbone=backbone, home=str(home), labels=str(labels), seeds=args.seeds, config=args.config,
                     overrides={**overrides, "e2e_epochs": 0}, register_heads=False)
-    top = ceilings(home, labels, backbone, config, args.ceiling_epochs) if args.ceiling_epochs > 0 else None
+    ceiling_tasks = tuple(task.strip() for task in args.ceiling_tasks.split(",") if task.strip())
+    unknown = set(ceiling_tasks) - {"region", "metal", "screws"}
+    if unknown:
+        parser.error(f"--ceiling-tasks: unknown task(s) {', '.join(sorted(unknown))} (region, metal, screws)")
+    top = ceilings(home, labels, backbone, config, args.ceiling_epochs, ceiling_tasks) \
+        if args.ceiling_epochs > 0 and ceiling_tasks else None
     text = report(args, summary, oracle, top, intervals(summary["branches"]), (time.perf_counter() - began) / 60)
     print(text)
     if args.write:

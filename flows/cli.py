@@ -450,7 +450,7 @@ def demo(
                                       "minutes on 2 cores)."),
     config: Optional[list[str]] = typer.Option(None, "--config",
                                                help="Pretraining configs (repeat the option; each adds its "
-                                                    "pretraining and heads, 10-15 minutes): demo-cpu-resnet18 "
+                                                    "pretraining and heads, 12-20 minutes): demo-cpu-resnet18 "
                                                     "(ResNet-18, the default), demo-cpu (ViT-Ti/16)."),
 ) -> None:
     """The whole pipeline on one machine, embedded: corpus, ingestion, DINO, heads, promotion, a prediction."""

@@ -24,8 +24,8 @@ from tasks.synth.montage import make_montage
 
 __all__ = ["demo", "prediction_models"]
 
-# the ResNet-18: ahead of the ViT-Ti on the heads and the kNN splits measured so far (docs/experiments.md,
-# section 14); both do not fit the 30 minutes on 2 cores
+# the ResNet-18: ahead of the ViT-Ti on the kNN splits and the heads measured so far (docs/experiments.md,
+# sections 12, 14 and 15); the two together take about 36 minutes on 2 cores, over the demo's 30
 DEMO_PRETRAIN = ["demo-cpu-resnet18"]
 DEMO_HEADS = "demo"
 DEMO_SEEDS = 2          # seeds per head: 3 put the demo over its 30 minutes (README, "Status"; the CLI's --seeds default)
