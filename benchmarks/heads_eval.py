@@ -80,10 +80,10 @@ def oracles(labels: Path, size: int) -> dict:
 
 
 def ceilings(home: Path, labels: Path, backbone_uri: str, config, epochs: int,
-             tasks: tuple[str, ...] = ("region", "metal", "screws")) -> dict[str, dict]:
-    """The supervised ceilings (seed 0) of ``tasks``: the random-init twin trained end to end with each task's
-    head, on the images the flow's heads read: region at the config's ``e2e_side``, metal and screws on their
-    windows of the dense view (``tasks.heads.training.dense_ceiling``), ``epochs`` each."""
+             tasks: tuple[str, ...] | None = None) -> dict[str, dict]:
+    """The supervised ceilings (seed 0) of ``tasks`` (default: every task): the random-init twin trained end to end
+    with each task's head, on the images the flow's heads read: region at the config's ``e2e_side``, metal and
+    screws on their windows of the dense view (``tasks.heads.training.dense_ceiling``), ``epochs`` each."""
     import dataclasses
 
     import mlflow
@@ -91,8 +91,10 @@ def ceilings(home: Path, labels: Path, backbone_uri: str, config, epochs: int,
 
     from dax_models.backbones import create_backbone, resolve_device
     from tasks.heads.data import load_head_dataset
-    from tasks.heads.training import dense_ceiling, train_end_to_end
+    from tasks.heads.training import DENSE_TASKS, TASKS, dense_ceiling, train_end_to_end
     from tasks.release.registry import configure_tracking, resolve_model
+
+    tasks = TASKS if tasks is None else tasks
 
     configure_tracking(home)
     name, version = resolve_model(backbone_uri)
@@ -110,7 +112,7 @@ def ceilings(home: Path, labels: Path, backbone_uri: str, config, epochs: int,
                                             data.indices("test"), epochs, config.e2e_lr, config.e2e_batch, 0,
                                             resolve_device(config.device), size=config.e2e_side),
                          "size": config.e2e_side, "minutes": (time.perf_counter() - began) / 60}
-    dense_tasks = [task for task in ("metal", "screws") if task in tasks]
+    dense_tasks = [task for task in DENSE_TASKS if task in tasks]
     dense = load_head_dataset(home, labels, size=config.dense_size, max_images=config.dense_max_images) \
         if dense_tasks else None
     for task in dense_tasks:
@@ -190,6 +192,8 @@ def report(args, summary: dict, oracle: dict, top: dict[str, dict] | None, rows:
             f"L1 {s['head_l1_px']:.2f} / {s['tip_l1_px']:.2f} px, angle {s['angle_deg']:.2f} deg (matching gate "
             f"{s['gate_px']:.0f} native px on average: 5 % of the long side)."), "", table, ""]
     if top:
+        from tasks.heads.training import TASKS
+
         runs = []
         if "region" in top:
             region = top["region"]
@@ -202,7 +206,7 @@ def report(args, summary: dict, oracle: dict, top: dict[str, dict] | None, rows:
             screws = top["screws"]
             runs.append(f"with the screw head on those windows (recall {screws['recall']:.3f}, precision "
                         f"{screws['precision']:.3f}, {screws['minutes']:.0f} min)")
-        skipped = [task for task in ("region", "metal", "screws") if task not in top]
+        skipped = [task for task in TASKS if task not in top]
         epochs = next(iter(top.values()))["epochs"]
         out += [(f"Supervised ceilings: the random-init {summary['arch']} trained end to end, seed 0, {epochs} "
                  f"epochs each, " + "; ".join(runs) + "."
@@ -227,11 +231,19 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="head config override, e.g. seg_epochs=20")
     parser.add_argument("--ceiling-epochs", type=int, default=10, help="the ceilings' epochs (0: skip)")
-    parser.add_argument("--ceiling-tasks", default="region,metal,screws",
-                        help="the tasks whose ceiling to train, comma-separated (the dense ones take longest)")
+    parser.add_argument("--ceiling-tasks", default=None,
+                        help="the tasks whose ceiling to train, comma-separated (default: region, metal, screws; "
+                             "the dense ones take longest)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/dax-heads-eval"), help="scratch folder")
     parser.add_argument("--no-write", dest="write", action="store_false", help="do not update BENCHMARKS.md")
     args = parser.parse_args()
+    from tasks.heads.training import TASKS
+
+    ceiling_tasks = TASKS if args.ceiling_tasks is None else \
+        tuple(task.strip() for task in args.ceiling_tasks.split(",") if task.strip())
+    unknown = set(ceiling_tasks) - set(TASKS)
+    if unknown:     # before the corpus, ingestion and heads, not 12 minutes in
+        parser.error(f"--ceiling-tasks: unknown task(s) {', '.join(sorted(unknown))} ({', '.join(TASKS)})")
     began = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PREFECT_HOME": str(args.out / "prefect")}
@@ -251,10 +263,6 @@ def main() -> None:
     backbone = args.backbone or DEFAULT_BACKBONE
     summary = heads(backbone=backbone, home=str(home), labels=str(labels), seeds=args.seeds, config=args.config,
                     overrides={**overrides, "e2e_epochs": 0}, register_heads=False)
-    ceiling_tasks = tuple(task.strip() for task in args.ceiling_tasks.split(",") if task.strip())
-    unknown = set(ceiling_tasks) - {"region", "metal", "screws"}
-    if unknown:
-        parser.error(f"--ceiling-tasks: unknown task(s) {', '.join(sorted(unknown))} (region, metal, screws)")
     top = ceilings(home, labels, backbone, config, args.ceiling_epochs, ceiling_tasks) \
         if args.ceiling_epochs > 0 and ceiling_tasks else None
     text = report(args, summary, oracle, top, intervals(summary["branches"]), (time.perf_counter() - began) / 60)
