@@ -67,7 +67,7 @@ def train_all_heads(source, data: HeadDataset, epochs: int, device) -> None:
     """Every head once, ``epochs`` epochs each, on all images (the same work on both sides)."""
     idx = np.arange(len(data))
     common = {"epochs": epochs, "seed": 0, "device": device}
-    fit_classifier(source, "cls4", idx, data.regions, len(BODY_REGIONS), kind="linear", batch_size=64, **common)
+    fit_classifier(source, "last4", idx, data.regions, len(BODY_REGIONS), kind="linear", batch_size=64, **common)
     fit_classifier(source, "pooled", idx, data.regions, len(BODY_REGIONS), kind="mlp", batch_size=64, **common)
     fit_segmenter(source, idx, data.masks, data.size, batch_size=32, **common)
     fit_screw_head(source, idx, data.screws, data.size, batch_size=32, **common)

@@ -6,8 +6,9 @@ which gives DINO and the heads the three views of the features they need:
 
 - ``forward(x)``: pooled features (B, D): the ViT CLS token after the final norm, the ResNet global
   average pool. This is what DINO's projection head, the kNN monitor and the linear heads use.
-- ``last_blocks_cls(x, n=4)``: the CLS tokens of the last ``n`` ViT blocks, normed and concatenated
-  (B, n*D): DINO's linear-probe features for ViTs.
+- ``last4(x)``: the linear probe's features, four levels concatenated: the CLS tokens of the last 4 ViT
+  blocks, normed (B, 4D; DINO's linear probe), or the global average pools of the 4 ResNet stages (B, sum
+  C_i; stages 1-3 carry the finer detail that the final pool alone loses: docs/experiments.md, section 16).
 - ``feature_maps(x)``: multi-level maps (B, C_i, H_i, W_i): ResNet stages 1-4 (strides 4-32), or the
   patch tokens of 4 ViT blocks spread over the depth (``vit_map_blocks``: blocks 3, 6, 9 and 12 of 12,
   0-based [2, 5, 8, 11], as DPT reads a ViT), normed and reshaped to (B, D, H/16, W/16). For the dense
@@ -32,8 +33,8 @@ import timm
 import torch
 from torch import nn
 
-__all__ = ["ARCHITECTURES", "FEATURE_PARTS", "Backbone", "BackboneSpec", "autocast", "create_backbone", "extract",
-           "load_checkpoint", "resolve_device", "vit_map_blocks"]
+__all__ = ["ARCHITECTURES", "FEATURE_PARTS", "LEGACY_PARTS", "Backbone", "BackboneSpec", "autocast", "create_backbone",
+           "extract", "load_checkpoint", "resolve_device", "vit_map_blocks"]
 
 
 @dataclass(frozen=True)
@@ -97,10 +98,11 @@ class Backbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(self._input(x))
 
-    def last_blocks_cls(self, x: torch.Tensor, n: int = 4) -> torch.Tensor:
+    def last4(self, x: torch.Tensor) -> torch.Tensor:
+        """The linear probe's features (module docstring): ViT last-4 CLS, ResNet the 4 stages' average pools."""
         if self.kind != "vit":
-            return self.forward(x)
-        blocks = self.model.forward_intermediates(self._input(x), indices=n, return_prefix_tokens=True,
+            return torch.cat([m.mean((2, 3)) for m in self.feature_maps(x)], dim=1)
+        blocks = self.model.forward_intermediates(self._input(x), indices=4, return_prefix_tokens=True,
                                                   norm=True, intermediates_only=True)
         return torch.cat([prefix[:, 0] for _, prefix in blocks], dim=1)
 
@@ -185,7 +187,8 @@ def create_backbone(arch: str, in_chans: int = 1, img_size: int = 224, drop_path
 
 # ------------------------------------------------------------------ features of a frozen backbone
 
-FEATURE_PARTS = ("pooled", "cls4", "maps")
+FEATURE_PARTS = ("pooled", "last4", "maps")
+LEGACY_PARTS = {"cls4": "last4"}   # heads registered before the rename read their part under its old name
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -198,41 +201,43 @@ def resolve_device(device: str = "auto") -> torch.device:
 def extract(backbone: Backbone, x: torch.Tensor, parts: Sequence[str] = FEATURE_PARTS) -> dict[str, Any]:
     """The requested feature parts of a batch, from ONE backbone pass.
 
-    ``pooled`` (B, D): ``backbone(x)``; ``cls4`` (B, 4D): the CLS tokens of the last 4 ViT blocks, normed
-    and concatenated (DINO's linear probe; for ResNets the same as ``pooled``); ``maps``: the 4 levels
-    of ``backbone.feature_maps(x)``.
-
-    Equal to ``backbone(x)``, ``backbone.last_blocks_cls(x)`` and ``backbone.feature_maps(x)``.
+    ``pooled`` (B, D): ``backbone(x)``; ``last4``: the linear probe's features, ``backbone.last4(x)`` (ViT:
+    the CLS tokens of the last 4 blocks, normed and concatenated; ResNet: the 4 stages' average pools);
+    ``maps``: the 4 levels of ``backbone.feature_maps(x)``. A legacy name (``LEGACY_PARTS``) is answered under
+    the name asked for.
     """
-    parts = set(parts)
+    asked = set(parts)
+    parts = {LEGACY_PARTS.get(p, p) for p in asked}
     model = backbone.model
     x = backbone._input(x)
     out: dict[str, Any] = {}
     if backbone.kind == "vit":
-        if parts & {"cls4", "maps"}:
+        if parts & {"last4", "maps"}:
             last4 = list(range(len(model.blocks) - 4, len(model.blocks)))
-            wanted = sorted(set(last4 if "cls4" in parts else []) | set(backbone.map_blocks if "maps" in parts else []))
+            wanted = sorted(set(last4 if "last4" in parts else []) | set(backbone.map_blocks if "maps" in parts
+                                                                          else []))
             final, inter = model.forward_intermediates(x, indices=wanted, return_prefix_tokens=True, norm=True)
             block = dict(zip(wanted, inter))
             if "pooled" in parts:
                 out["pooled"] = model.forward_head(final)
-            if "cls4" in parts:
-                out["cls4"] = torch.cat([block[i][1][:, 0] for i in last4], dim=1)
+            if "last4" in parts:
+                out["last4"] = torch.cat([block[i][1][:, 0] for i in last4], dim=1)
             if "maps" in parts:
                 out["maps"] = [block[i][0] for i in backbone.map_blocks]
         else:
             out["pooled"] = model(x)
-    else:
-        if "maps" in parts:
-            final, inter = model.forward_intermediates(x, indices=[1, 2, 3, 4])
-            out["maps"] = list(inter)
-            pooled = model.forward_head(final)
-        else:
-            pooled = model(x)
+    elif parts & {"last4", "maps"}:
+        final, inter = model.forward_intermediates(x, indices=[1, 2, 3, 4])
         if "pooled" in parts:
-            out["pooled"] = pooled
-        if "cls4" in parts:
-            out["cls4"] = pooled
+            out["pooled"] = model.forward_head(final)
+        if "last4" in parts:
+            out["last4"] = torch.cat([m.mean((2, 3)) for m in inter], dim=1)
+        if "maps" in parts:
+            out["maps"] = list(inter)
+    else:
+        out["pooled"] = model(x)
+    for legacy in asked & LEGACY_PARTS.keys():
+        out[legacy] = out[LEGACY_PARTS[legacy]]
     return out
 
 

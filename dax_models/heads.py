@@ -370,7 +370,7 @@ def decode_screws(outputs: dict[str, torch.Tensor], input_size: Sequence[int],
 class FrozenHead(nn.Module):
     """A trained head with what it needs to be used again: the task, the features it reads, the input
     size, the classes (region) and the screw score threshold. ``forward`` takes the features:
-    (B, D) for 'pooled'/'cls4', the list of maps for 'maps'."""
+    (B, D) for 'pooled'/'last4', the list of maps for 'maps'."""
 
     def __init__(self, task: str, head: nn.Module, features: str, size: int, arch: str,
                  classes: Sequence[str] | None = None, threshold: float = 0.5, info: dict | None = None):

@@ -307,7 +307,8 @@ def heads(
     seeds: int = SEEDS_OPTION,
     task: list[Task] = typer.Option([t.value for t in Task], help="Tasks (repeat the option)."),
     config: Optional[str] = typer.Option(None, help="A head config (demo) or a YAML file; default: built-in budgets."),
-    size: Optional[int] = typer.Option(None, help="Input size of the frozen backbone (letterboxed square; default 224)"),
+    size: Optional[int] = typer.Option(None, help="Region input size (letterboxed square; default: the config's: 224 "
+                                              "built in, 96 in demo)"),
     where: Optional[str] = WHERE_OPTION,
     max_images: Optional[int] = typer.Option(None, help="Use at most this many labelled images."),
     device: Device = DEVICE_OPTION,

@@ -44,7 +44,7 @@ from tasks.release.registry import (
 __all__ = ["heads"]
 
 HEADS_DIR = "heads"
-VIEW_PARTS = {"region": ("pooled", "cls4"), "dense": ("maps",)}   # the features each view's tasks read
+VIEW_PARTS = {"region": ("pooled", "last4"), "dense": ("maps",)}   # the features each view's tasks read
 BRANCHES_AT_ONCE = 2          # the flow's thread pool: branches trained at the same time
 FIGURE_SEED = 0               # the seed whose branches draw figures
 

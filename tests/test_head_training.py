@@ -69,9 +69,16 @@ def test_one_backbone_pass_gives_the_three_feature_views(arch):
     out = extract(backbone, x)
     with torch.no_grad():
         torch.testing.assert_close(out["pooled"], backbone(x))
-        torch.testing.assert_close(out["cls4"], backbone.last_blocks_cls(x))
+        torch.testing.assert_close(out["last4"], backbone.last4(x))
         for got, want in zip(out["maps"], backbone.feature_maps(x), strict=True):
             torch.testing.assert_close(got, want)
+        # the probe reads 4 levels: ViT the last 4 CLS tokens, ResNet the 4 stages' average pools (not the final one)
+        levels = 4 * backbone.embed_dim if arch.startswith("vit") else sum(backbone.feature_channels)
+        assert out["last4"].shape == (2, levels) and levels > out["pooled"].shape[1]
+        if not arch.startswith("vit"):
+            torch.testing.assert_close(out["last4"][:, -backbone.embed_dim:], out["pooled"])
+        # heads registered before the rename ask for "cls4" and get the same features
+        torch.testing.assert_close(extract(backbone, x, ("cls4",))["cls4"], out["last4"])
 
 
 def test_features_are_computed_once_cached_on_disk_and_reused(tmp_path):
@@ -88,7 +95,7 @@ def test_features_are_computed_once_cached_on_disk_and_reused(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [first.path.name]
     live = LiveFeatures(backbone, images)
     idx = [7, 2, 5]
-    for part in ("pooled", "cls4"):
+    for part in ("pooled", "last4"):
         torch.testing.assert_close(again.get(part, idx), live.get(part, idx), atol=2e-2, rtol=1e-2)
     for cached, computed in zip(again.get("maps", idx), live.get("maps", idx), strict=True):
         torch.testing.assert_close(cached, computed, atol=2e-2, rtol=1e-2)
@@ -139,9 +146,9 @@ def test_heads_learn_on_the_training_split(heads_env, corpus64):
     train = data.indices("train")
     labels = data.regions
 
-    head, _ = fit_classifier(store, "cls4", train, labels, len(BODY_REGIONS), epochs=150, lr=3e-3, seed=0)
+    head, _ = fit_classifier(store, "last4", train, labels, len(BODY_REGIONS), epochs=150, lr=3e-3, seed=0)
     with torch.no_grad():
-        fit = (head(store.get("cls4", train)).argmax(1) == labels[train]).float().mean().item()
+        fit = (head(store.get("last4", train)).argmax(1) == labels[train]).float().mean().item()
     majority = Counter(labels[train].tolist()).most_common(1)[0][1] / len(train)
     assert fit > majority + 0.25, (fit, majority)
 
@@ -191,7 +198,7 @@ def test_heads_beat_the_random_init_twin_given_a_backbone_with_a_clear_signal(he
     config = HeadConfig(size=32, linear_epochs=50, mlp_epochs=50, few_shot=(), e2e_epochs=0)
     results = {}
     for name, backbone in (("signal", signal), ("random", twin)):
-        store = FeatureStore.compute(backbone, data.images, parts=("pooled", "cls4"))
+        store = FeatureStore.compute(backbone, data.images, parts=("pooled", "last4"))
         results[name] = run_task("region", 0, data, store, config, "vit_tiny_patch16").metrics
     for metric in ("accuracy", "knn_accuracy", "linear_pooled_accuracy"):
         assert results["signal"][metric] > results["random"][metric] + 0.2, (metric, results)

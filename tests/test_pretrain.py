@@ -52,7 +52,7 @@ def test_backbones_take_gray_images_of_any_size(arch):
         assert all(m.shape[0] == 2 and m.ndim == 4 for m in maps)
         if backbone.kind == "vit":
             assert maps[0].shape[-2:] == (4, 6)
-            assert backbone.last_blocks_cls(x).shape == (2, 4 * backbone.embed_dim)
+            assert backbone.last4(x).shape == (2, 4 * backbone.embed_dim)
 
 
 def test_a_resnet_runs_channels_last_and_computes_what_the_contiguous_layout_does():

@@ -3,8 +3,8 @@
 Parts (``dax_models.backbones.extract``), stored as float16:
 
 - ``pooled`` (N, D): ``Backbone.forward`` (ViT CLS after the final norm, ResNet global average pool);
-- ``cls4`` (N, 4D): the CLS tokens of the last 4 ViT blocks, normed and concatenated (DINO's linear
-  probe; for ResNets the same as ``pooled``);
+- ``last4``: the linear probe's features (``Backbone.last4``): the CLS tokens of the last 4 ViT blocks,
+  normed and concatenated (N, 4D; DINO's linear probe), or the 4 ResNet stages' average pools (N, sum C_i);
 - ``maps``: the multi-level maps of ``Backbone.feature_maps`` (4 levels (N, C_i, H_i, W_i); for ViTs
   blocks spread over the depth, ``backbones.vit_map_blocks``).
 
@@ -113,7 +113,7 @@ class FeatureStore:
                 x = images[start:start + batch_size].to(device, dtype=torch.float32)
                 with autocast(device):
                     out = extract(backbone, x, parts)
-                for part in ("pooled", "cls4"):
+                for part in ("pooled", "last4"):
                     if part in out:
                         value = out[part].detach().float().cpu().numpy().astype(np.float16)
                         if part not in arrays:
@@ -155,7 +155,7 @@ class FeatureStore:
         if not meta_file.is_file():
             return None
         meta = json.loads(meta_file.read_text())
-        arrays = {p: np.load(entry / f"{p}.npy", mmap_mode="r") for p in ("pooled", "cls4")
+        arrays = {p: np.load(entry / f"{p}.npy", mmap_mode="r") for p in ("pooled", "last4")
                   if (entry / f"{p}.npy").is_file()}
         maps = [np.load(entry / f"map{i}.npy", mmap_mode="r") for i in range(meta.get("levels", 0))]
         return cls(arrays, maps, meta, entry)

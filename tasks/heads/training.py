@@ -4,7 +4,7 @@ Tasks, each trained on the ``train`` split, selected on ``val`` (best epoch by t
 the screw score threshold) and reported on ``test`` (splits by patient, ``tasks.ingest.labels``);
 metrics in ``tasks.heads.evaluation``:
 
-- ``region``: linear head on the last-4 CLS (ViT; pooled for ResNets), the registered head;
+- ``region``: linear head on ``last4`` (ViT: the last-4 CLS; ResNet: the 4 stages' pools), the registered head;
   linear head on ``pooled``; MLP head on ``pooled``; weighted kNN (k=20, T=0.07, DINO's);
   few-shot linear probes on 1, 5 and 10 training images per class; a small supervised end-to-end
   run (the same architecture, initialised from this backbone, trained end to end with a linear
@@ -83,7 +83,7 @@ _RNG_LOCK = threading.Lock()
 class HeadConfig:
     """Budgets and settings of the heads (small by default: they train on cached features)."""
 
-    size: int = 224                   # region input size S (letterboxed)
+    size: int = 224                   # region input size S (letterboxed); best near the pretraining global crop
     dense_size: int = 512             # metal and screw input size (their oracles need >= 512 px: tests/test_dense_oracle.py)
     dense_crop: int = 256             # dense heads train on random windows of this size (0: whole images)
     dense_max_images: int | None = None   # an evenly spread subset for metal and screws (None: every labelled image)
@@ -521,8 +521,7 @@ def _run_dense(task: str, seed: int, data: HeadDataset, source, config: HeadConf
 def _run_region(seed, data, store, config, arch, backbone, train, val, test, device) -> TaskResult:
     num_classes = len(data.classes)
     labels = data.regions
-    # ViTs: DINO's last-4-blocks CLS probe; ResNets (cls4 == pooled): the pooled features
-    primary = "cls4" if store.get("cls4", train[:1]).shape[1] != store.get("pooled", train[:1]).shape[1] else "pooled"
+    primary = "last4"     # ViTs: DINO's last-4-blocks CLS probe; ResNets: the 4 stages' average pools
     common = dict(weight_decay=config.weight_decay, batch_size=config.batch_size, eval_every=config.eval_every,
                   device=device)
 
@@ -538,9 +537,8 @@ def _run_region(seed, data, store, config, arch, backbone, train, val, test, dev
     predicted = classifier_probabilities(head, store, primary, test, device).argmax(1)
     main = classification_metrics(predicted, labels[test], num_classes)
     metrics = {k: main[k] for k in ("accuracy", "precision", "recall", "f1")}
-    if primary != "pooled":
-        pooled_head, _ = fit("pooled", "linear", train, config.linear_epochs)
-        metrics["linear_pooled_accuracy"] = test_metrics(pooled_head, "pooled")["accuracy"]
+    pooled_head, _ = fit("pooled", "linear", train, config.linear_epochs)
+    metrics["linear_pooled_accuracy"] = test_metrics(pooled_head, "pooled")["accuracy"]
     mlp, _ = fit("pooled", "mlp", train, config.mlp_epochs)
     metrics["mlp_accuracy"] = test_metrics(mlp, "pooled")["accuracy"]
     knn = knn_classify(store.get("pooled", train), labels[train], store.get("pooled", test), num_classes,
