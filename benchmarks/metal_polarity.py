@@ -1,0 +1,79 @@
+"""Does metal's polarity cap the frozen metal head? The same head, budget, images and seeds on the same cached-feature
+recipe, with the images as stored (fluoroscopy shows metal dark, radiography bright) and with RF/XA images inverted
+inside their letterbox (attenuation bright everywhere), on a home ``heads_eval.py`` ingested.
+
+    .venv/bin/python benchmarks/metal_polarity.py --home /tmp/he/home --labels /tmp/he/eval-corpus/labels.parquet \\
+        --backbone models:/dax-backbone-resnet18/1
+
+A measurement for docs/experiments.md, section 16; nothing is written or registered.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+FLUOROSCOPY = ("RF", "XA")     # modalities whose stored display shows attenuation dark
+
+
+def attenuation_bright(data, modality: dict[str, str]):
+    """The dense view's images with fluoroscopy frames inverted inside their letterbox (padding stays 0)."""
+    images = data.images.clone()
+    flipped = 0
+    for i, key in enumerate(data.keys):
+        if modality.get(key) in FLUOROSCOPY:
+            b = data.boxes[i]
+            field = images[i, 0, b.top:b.top + b.new_h, b.left:b.left + b.new_w]
+            images[i, 0, b.top:b.top + b.new_h, b.left:b.left + b.new_w] = 1 - field
+            flipped += 1
+    return images, flipped
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--home", type=Path, required=True, help="a home heads_eval.py ingested (its --out/home)")
+    parser.add_argument("--labels", type=Path, required=True, help="the evaluation corpus' labels.parquet")
+    parser.add_argument("--backbone", required=True, help="the registered backbone")
+    parser.add_argument("--config", default="demo", help="head config (dense_size, dense_max_images, seg_epochs)")
+    parser.add_argument("--seeds", type=int, default=2)
+    args = parser.parse_args()
+
+    import mlflow
+    import numpy as np
+    import torch
+
+    from dax_models.backbones import create_backbone
+    from tasks.heads.data import load_head_dataset
+    from tasks.heads.features import FeatureStore
+    from tasks.heads.training import load_head_config, run_task
+    from tasks.ingest.catalog import open_snapshot
+    from tasks.release.registry import configure_tracking, resolve_model
+
+    configure_tracking(args.home)
+    name, version = resolve_model(args.backbone)
+    pretrained = mlflow.pytorch.load_model(f"models:/{name}/{version}", map_location="cpu").eval()
+    config = load_head_config(args.config)
+    torch.manual_seed(0)
+    random_init = create_backbone(pretrained.arch, pretrained.in_chans, img_size=config.dense_size).eval()
+    con = open_snapshot(args.home)
+    modality = dict(con.sql("SELECT key, modality FROM images").fetchall())
+    con.close()
+    data = load_head_dataset(args.home, args.labels, size=config.dense_size, max_images=config.dense_max_images)
+    inverted, flipped = attenuation_bright(data, modality)
+    print(f"{len(data)} images at {config.dense_size} px, {flipped} of them RF/XA (inverted in the second row)\n")
+    print("| images | backbone | metal Dice, images with metal (mean of seeds) | per seed |\n|---|---|---|---|")
+    for label, images in (("as stored", data.images), ("attenuation bright", inverted)):
+        view = dataclasses.replace(data, images=images)
+        for role, backbone in (("pretrained", pretrained), ("random init", random_init)):
+            store = FeatureStore.compute(backbone, images, parts=("maps",))
+            dice = [run_task("metal", seed, view, store, config, backbone.arch).metrics["dice"]
+                    for seed in range(args.seeds)]
+            print(f"| {label} | {role} | {np.mean(dice):.3f} | {', '.join(f'{d:.3f}' for d in dice)} |", flush=True)
+    print("\ncommand: python benchmarks/metal_polarity.py " + " ".join(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
