@@ -101,7 +101,7 @@ class Backbone(nn.Module):
     def last4(self, x: torch.Tensor) -> torch.Tensor:
         """The linear probe's features (module docstring): ViT last-4 CLS, ResNet the 4 stages' average pools."""
         if self.kind != "vit":
-            return torch.cat([m.mean((2, 3)) for m in self.feature_maps(x)], dim=1)
+            return stage_pools(self.feature_maps(x))
         blocks = self.model.forward_intermediates(self._input(x), indices=4, return_prefix_tokens=True,
                                                   norm=True, intermediates_only=True)
         return torch.cat([prefix[:, 0] for _, prefix in blocks], dim=1)
@@ -191,6 +191,11 @@ FEATURE_PARTS = ("pooled", "last4", "maps")
 LEGACY_PARTS = {"cls4": "last4"}   # heads registered before the rename read their part under its old name
 
 
+def stage_pools(maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A ResNet's ``last4``: each stage's map average-pooled over space, concatenated (B, sum C_i)."""
+    return torch.cat([m.mean((2, 3)) for m in maps], dim=1)
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -231,7 +236,7 @@ def extract(backbone: Backbone, x: torch.Tensor, parts: Sequence[str] = FEATURE_
         if "pooled" in parts:
             out["pooled"] = model.forward_head(final)
         if "last4" in parts:
-            out["last4"] = torch.cat([m.mean((2, 3)) for m in inter], dim=1)
+            out["last4"] = stage_pools(inter)
         if "maps" in parts:
             out["maps"] = list(inter)
     else:
