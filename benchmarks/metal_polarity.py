@@ -1,11 +1,12 @@
 """Does metal's polarity cap the frozen metal head? The same head, budget, images and seeds on the same cached-feature
-recipe, with the images as stored (fluoroscopy shows metal dark, radiography bright) and with RF/XA images inverted
-inside their letterbox (attenuation bright everywhere), on a home ``heads_eval.py`` ingested.
+recipe, with the images in the models' view (attenuation bright on every modality, ``tasks.ingest.normalize.model_view``,
+what the heads read since it exists) and as the devices display them (RF/XA frames inverted back inside their
+letterbox: fluoroscopy shows metal dark, radiography bright), on a home ``heads_eval.py`` ingested.
 
     .venv/bin/python benchmarks/metal_polarity.py --home /tmp/he/home --labels /tmp/he/eval-corpus/labels.parquet \\
         --backbone models:/dax-backbone-resnet18/1
 
-A measurement for docs/experiments.md, section 16; nothing is written or registered.
+A measurement for docs/experiments.md, sections 16 and 17; nothing is written or registered.
 """
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-FLUOROSCOPY = ("RF", "XA")     # modalities whose stored display shows attenuation dark
+FLUOROSCOPY = ("RF", "XA")     # modalities whose display shows attenuation dark
 
 
-def attenuation_bright(data, modality: dict[str, str]):
-    """The dense view's images with fluoroscopy frames inverted inside their letterbox (padding stays 0)."""
+def as_displayed(data, modality: dict[str, str]):
+    """The dense view's images with fluoroscopy frames inverted back inside their letterbox (padding stays 0)."""
     images = data.images.clone()
     flipped = 0
     for i, key in enumerate(data.keys):
@@ -62,10 +63,10 @@ def main() -> None:
     modality = dict(con.sql("SELECT key, modality FROM images").fetchall())
     con.close()
     data = load_head_dataset(args.home, args.labels, size=config.dense_size, max_images=config.dense_max_images)
-    inverted, flipped = attenuation_bright(data, modality)
-    print(f"{len(data)} images at {config.dense_size} px, {flipped} of them RF/XA (inverted in the second row)\n")
+    displayed, flipped = as_displayed(data, modality)
+    print(f"{len(data)} images at {config.dense_size} px, {flipped} of them RF/XA (inverted in the display rows)\n")
     print("| images | backbone | metal Dice, images with metal (mean of seeds) | per seed |\n|---|---|---|---|")
-    for label, images in (("as stored", data.images), ("attenuation bright", inverted)):
+    for label, images in (("as displayed", displayed), ("models' view (attenuation bright)", data.images)):
         view = dataclasses.replace(data, images=images)
         for role, backbone in (("pretrained", pretrained), ("random init", random_init)):
             store = FeatureStore.compute(backbone, images, parts=("maps",))

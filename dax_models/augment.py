@@ -4,14 +4,17 @@ Mirrors DINO's ``DataAugmentationDINO`` (facebookresearch/dino, main_dino.py) as
 (JoshuaScheuplein/DAX, ``DataAugmentationV2`` and ``preprocess_image_v2``, "version B"), with every
 photometric choice drawn per crop, as DINO draws its colour augmentation:
 
+- Input polarity: attenuation bright (bone and metal bright, air dark), the models' view on every modality
+  (``tasks.ingest.normalize.model_view``).
 - Intensity step, drawn per crop: with probability ``neglog_p`` DAX's I0 + negative log (``neglog``),
   otherwise a plain min-max scaling (``minmax``); both use the statistics of the ROI of the whole image
-  (the image without 1/8 of its size at every border) and give floats in [0, 1]. The two give opposite
-  polarity (air white under min-max, black under neglog). DAX drew the branch once per image, so every
-  view of an image shared it: "which branch" was a feature all views agreed on without any anatomy in
-  it, a shortcut that lowers the DINO loss. Drawn per crop, the views disagree on it as often as not.
-  Neglog is only drawn for images whose stored values are linear in intensity (``linear=True``): on a
-  log-encoded DX/CR image it would take a second log. ``minmax`` is the mapping evaluation, the heads and
+  (the image without 1/8 of its size at every border) and give floats in [0, 1], attenuation bright.
+  DAX drew the branch once per image, so every view of an image shared it: "which branch" was a feature
+  all views agreed on without any anatomy in it, a shortcut that lowers the DINO loss (on the display
+  polarity of fluoroscopy the two branches even disagreed on polarity). Drawn per crop, the views
+  disagree on it as often as not. Neglog is only drawn for images whose stored values are linear in
+  intensity (``linear=True``), from the beam intensity ``full scale - value`` (full scale: the dtype's
+  maximum for integer images, 1 for float images): on a log-encoded DX/CR image it would take a second log. ``minmax`` is the mapping evaluation, the heads and
   ``dax predict`` use (``XrayEvalTransform``), so training sees it on ``1 - neglog_p`` of the crops
   (every crop of a log-encoded image).
 - Crops: 2 global (224 px, scale 0.14-1) and N local (96 px, scale 0.05-0.14), square only
@@ -49,7 +52,8 @@ from torchvision.transforms.v2 import functional as F
 
 __all__ = [
     "CropDraws", "MultiCropConfig", "XrayEvalTransform", "XrayMultiCrop",
-    "Letterbox", "letterbox_geometry", "mask_to_input", "mask_to_native", "minmax", "neglog", "to_image_tensor",
+    "Letterbox", "full_scale", "letterbox_geometry", "mask_to_input", "mask_to_native", "minmax", "neglog",
+    "to_image_tensor",
 ]
 
 NEGLOG_EPS = 1e-6
@@ -157,8 +161,17 @@ def minmax(img: torch.Tensor) -> torch.Tensor:
     return _scale_to_unit(img, roi.min(), roi.max())
 
 
+def full_scale(image: np.ndarray | torch.Tensor) -> float:
+    """The value of no beam intensity in an attenuation-bright image: the dtype's maximum for integer
+    images (65535 for normalized uint16), 1.0 for float images."""
+    dtype = image.dtype
+    if isinstance(image, torch.Tensor):
+        return float(torch.iinfo(dtype).max) if not dtype.is_floating_point else 1.0
+    return float(np.iinfo(dtype).max) if np.issubdtype(dtype, np.integer) else 1.0
+
+
 def neglog(img: torch.Tensor, eps: float = NEGLOG_EPS) -> torch.Tensor:
-    """(H, W) -> (H, W) in [0, 1]: DAX's I0 normalization and negative log.
+    """(H, W) beam intensity -> (H, W) attenuation in [0, 1]: DAX's I0 normalization and negative log.
 
     I0 is estimated from the ROI as c = median(ROI) + 3 * std(ROI) (lower median as torch.median,
     population std as numpy's default); x = -log(max(min(img, c) / c, eps)); then min-max scaling
@@ -276,8 +289,8 @@ def _expand(img: torch.Tensor, in_chans: int) -> torch.Tensor:
 class _Intensities:
     """One image's two intensity maps (neglog made on first use) and its content table, made once per image."""
 
-    def __init__(self, img: torch.Tensor, saturation_band: float) -> None:
-        self.image = img
+    def __init__(self, img: torch.Tensor, saturation_band: float, scale: float = 1.0) -> None:
+        self.image, self.full_scale = img, scale
         self.minmax = minmax(img)[None]
         self.saturation_band = saturation_band
         self._neglog: torch.Tensor | None = None
@@ -286,7 +299,7 @@ class _Intensities:
     @property
     def neglog(self) -> torch.Tensor:
         if self._neglog is None:
-            self._neglog = neglog(self.image)[None]
+            self._neglog = neglog(self.full_scale - self.image)[None]   # from the beam intensity
         return self._neglog
 
     @property
@@ -314,8 +327,8 @@ class _Intensities:
 class XrayMultiCrop:
     """Callable: a gray image -> ``[global1, global2, local1, ..., localN]`` float32 tensors in [0, 1].
 
-    Input: numpy or torch, (H, W) or (1, H, W), uint16 or float, any size; MONOCHROME2 polarity; and
-    ``linear``: whether its stored values are linear in intensity (neglog is drawn only then).
+    Input: numpy or torch, (H, W) or (1, H, W), uint16 or float in [0, 1], any size, attenuation bright; and
+    ``linear``: whether its values are linear in intensity (neglog is drawn only then).
     Output: ``2 + config.local_crops`` tensors (C, S, S), globals first (S = ``global_size``, then
     ``local_size``), C = ``in_chans``. ``draws`` tallies the crop boxes this instance drew (per process).
     """
@@ -349,7 +362,8 @@ class XrayMultiCrop:
 
     def prepare(self, image: np.ndarray | torch.Tensor) -> _Intensities:
         """The image once per call: shrunk to ``decode_size``, its intensity maps and content table."""
-        return _Intensities(_shrink(to_image_tensor(image), self.config.decode_size), self.config.saturation_band)
+        return _Intensities(_shrink(to_image_tensor(image), self.config.decode_size), self.config.saturation_band,
+                            full_scale(image))
 
     def _intensity(self, maps: _Intensities, linear: bool) -> torch.Tensor:
         """This crop's intensity map: neglog with probability ``neglog_p`` if the image is linear, else min-max."""
@@ -506,8 +520,8 @@ def mask_to_native(probability: torch.Tensor, box: Letterbox, threshold: float =
 class XrayEvalTransform:
     """Callable: a gray image -> one float32 tensor (C, size, size) in [0, 1], deterministic.
 
-    Intensity: min-max over the ROI (the deterministic branch of training) by default, DAX's neglog
-    with ``neglog=True``. Geometry: the whole image, resized (antialiased bilinear) so its long side is
+    Input: as ``XrayMultiCrop``'s (attenuation bright). Intensity: min-max over the ROI (the deterministic
+    branch of training) by default, DAX's neglog of the beam intensity with ``neglog=True``. Geometry: the whole image, resized (antialiased bilinear) so its long side is
     ``size``, centred and zero-padded to a square (no distortion; the same zero fill rotated training
     crops show); ``letterbox_geometry`` gives the mapping for masks and keypoints.
     """
@@ -522,7 +536,7 @@ class XrayEvalTransform:
         h, w = img.shape
         new_h, new_w, top, left = letterbox_geometry(h, w, self.size)
         img = F.resize(img[None], [new_h, new_w], interpolation=InterpolationMode.BILINEAR, antialias=True)[0]
-        img = neglog(img) if self.neglog else minmax(img)
+        img = neglog(full_scale(image) - img) if self.neglog else minmax(img)
         out = img.new_zeros((1, self.size, self.size))
         out[0, top:top + new_h, left:left + new_w] = img
         return _expand(out, self.in_chans)

@@ -48,7 +48,13 @@ __all__ = [
     "screw_loss",
     "decode_screws",
     "FrozenHead",
+    "MODEL_POLARITY",
+    "POLARITIES",
+    "head_polarity",
 ]
+
+POLARITIES = ("attenuation", "display")   # the images a head reads: bone and metal bright everywhere, or as shown
+MODEL_POLARITY = "attenuation"            # what pretraining and heads read now (tasks.ingest.normalize.model_view)
 
 
 # ------------------------------------------------------------------ classification
@@ -369,19 +375,32 @@ def decode_screws(outputs: dict[str, torch.Tensor], input_size: Sequence[int],
 
 class FrozenHead(nn.Module):
     """A trained head with what it needs to be used again: the task, the features it reads, the input
-    size, the classes (region) and the screw score threshold. ``forward`` takes the features:
-    (B, D) for 'pooled'/'last4', the list of maps for 'maps'."""
+    size and polarity, the classes (region) and the screw score threshold. ``forward`` takes the features:
+    (B, D) for 'pooled'/'last4', the list of maps for 'maps'.
+
+    ``polarity``: the images it was trained on, "attenuation" (bone and metal bright on every modality,
+    the models' view) or "display" (as each device shows them). Heads saved before the attribute existed
+    were trained on the display polarity: read it with ``head_polarity``.
+    """
 
     def __init__(self, task: str, head: nn.Module, features: str, size: int, arch: str,
-                 classes: Sequence[str] | None = None, threshold: float = 0.5, info: dict | None = None):
+                 classes: Sequence[str] | None = None, threshold: float = 0.5, info: dict | None = None,
+                 polarity: str = MODEL_POLARITY):
         super().__init__()
+        if polarity not in POLARITIES:
+            raise ValueError(f"polarity must be one of {POLARITIES}, not {polarity!r}")
         self.task, self.head, self.features, self.size, self.arch = task, head, features, int(size), arch
         self.classes = list(classes) if classes else None
         self.threshold = float(threshold)
         self.info = dict(info or {})
+        self.polarity = polarity
 
     def forward(self, features):
         if self.task == "metal":
             return self.head(features, (self.size, self.size))
         return self.head(features)
 
+
+def head_polarity(head: nn.Module) -> str:
+    """The polarity a (possibly older) saved head was trained on; "display" for heads from before it was kept."""
+    return getattr(head, "polarity", "display")

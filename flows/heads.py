@@ -26,6 +26,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
+from dax_models.heads import MODEL_POLARITY
 from tasks.fileio import sha256_file
 from tasks.heads.floors import FLOOR_TASKS
 from tasks.heads.results import log_results, results_markdown, results_table
@@ -133,6 +134,7 @@ def _heads(backbone, home, labels, seeds, tasks, size, where, max_images, config
         mlflow.set_tags({"dax.backbone": backbone_ref, "dax.job": job})
         mlflow.log_params({"backbone": backbone_ref, "arch": arch, "seeds": seeds, "tasks": ",".join(tasks),
                            "random_seed": random_seed, "labels_sha256": sha256_file(Path(labels))[:16],
+                           "polarity": MODEL_POLARITY,
                            "where": (where or "TRUE")[:500],
                            **{f"config.{k}": str(v)[:500] for k, v in config.to_dict().items() if k != "size"},
                            "size": size})

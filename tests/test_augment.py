@@ -15,6 +15,7 @@ from dax_models.augment import (
     XrayEvalTransform,
     XrayMultiCrop,
     _rotated_resized_crop,
+    full_scale,
     letterbox_geometry,
     minmax,
     neglog,
@@ -108,10 +109,11 @@ def test_same_seed_same_crops_other_seed_other_crops():
 
 def test_plain_pipeline_is_the_normalized_image_no_mean_std():
     image = _pattern(48, 48)
-    for p, step in ((0.0, minmax), (1.0, neglog)):
+    attenuation = torch.from_numpy(image.astype(np.float32))
+    # neglog reads the beam intensity: in the attenuation-bright input, full scale minus the value
+    for p, expected in ((0.0, minmax(attenuation)), (1.0, neglog(65535.0 - attenuation))):
         config = MultiCropConfig(**{**PLAIN, "neglog_p": p}, global_size=48, local_size=48, local_crops=1,
                                  global_scale=(1.0, 1.0), local_scale=(1.0, 1.0))
-        expected = step(torch.from_numpy(image.astype(np.float32)))
         for crop in XrayMultiCrop(config)(image):
             torch.testing.assert_close(crop[0], expected, atol=1e-6, rtol=0)
     for crop in XrayMultiCrop(MultiCropConfig(**SMALL))(np.full((40, 60), 1234, np.uint16)):
@@ -194,16 +196,26 @@ def test_config_is_checked():
 
 
 def _air_and_anatomy() -> np.ndarray:
-    """48 x 48, linear in intensity: clipped air (bright) on the left third, a ramp of anatomy on the right."""
+    """48 x 48, attenuation bright and linear in intensity: clipped air (dark) on the left third, a ramp of
+    anatomy on the right (beam intensity 2000 to 12000 of 65535)."""
     image = np.empty((48, 48), np.uint16)
-    image[:, :16] = 60000
-    image[:, 16:] = np.linspace(2000, 12000, 32, dtype=np.uint16)[None, :]
+    image[:, :16] = 65535 - 60000
+    image[:, 16:] = 65535 - np.linspace(2000, 12000, 32, dtype=np.uint16)[None, :]
     return image
 
 
 def _branches(crops: list[torch.Tensor]) -> list[str]:
-    """Which intensity map each whole-image crop came from: air is white under min-max, black under neglog."""
-    return ["minmax" if float(c[0, :, :12].mean()) > 0.5 else "neglog" for c in crops]
+    """Which intensity map each whole-image crop came from: both show air black, but min-max keeps the thin
+    anatomy near white (>= 0.83) where neglog spreads it (its most transparent part near 0.4)."""
+    return ["minmax" if float(c[0, :, -3:].mean()) > 0.7 else "neglog" for c in crops]
+
+
+def test_neglog_and_minmax_agree_on_polarity():
+    """Both intensity maps show attenuation bright: air darkest, the thickest anatomy brightest."""
+    image = torch.from_numpy(_air_and_anatomy().astype(np.float32))
+    for out in (minmax(image), neglog(65535.0 - image)):
+        air, anatomy = out[:, :16].mean(), out[:, 16:]
+        assert air < 0.05 and float(anatomy[:, 0].mean()) > float(anatomy[:, -1].mean()) > air + 0.3
 
 
 def test_the_intensity_branch_is_drawn_per_crop_and_neglog_only_for_linear_images():
@@ -285,4 +297,5 @@ def test_eval_transform_deterministic_letterboxed():
     assert letterbox_geometry(50, 100, 64) == (32, 64, 16, 0)
     assert (first[:, :16] == 0).all() and (first[:, 48:] == 0).all() and first[:, 16:48].std() > 0
     square = XrayEvalTransform(size=32, neglog=True)(_pattern(32, 32))
-    torch.testing.assert_close(square[0], neglog(torch.from_numpy(_pattern(32, 32).astype(np.float32))))
+    torch.testing.assert_close(square[0], neglog(65535.0 - torch.from_numpy(_pattern(32, 32).astype(np.float32))))
+    assert full_scale(_pattern(4, 4)) == 65535.0 and full_scale(torch.zeros(2, 2)) == 1.0

@@ -22,7 +22,9 @@ from tasks.ingest.normalize import (
     OUTPUT_MAX,
     NormalizeConfig,
     PixelDataError,
+    attenuation_bright,
     decode_frames,
+    model_view,
     normalize,
 )
 from tasks.ingest.shards import (
@@ -182,6 +184,41 @@ def test_monochrome1_is_inverted_real_chest():
         assert mediastinum > lung + 5000     # bone/soft tissue bright, aerated lung dark
     # and the stored ordering really is the other way round in the MONOCHROME1 file
     assert frames[0, 1100:1350, 850:1000].mean() < frames[0, 600:850, 380:560].mean()
+
+
+def test_the_models_view_is_attenuation_bright_on_every_device(decoded):
+    """Fluoroscopy displays attenuation dark, radiography bright: normalize records which, per image, and
+    model_view inverts the former, exactly on the output range; the decision survives the shard's JSON."""
+    seen = set()
+    for row, ds, frames in decoded.values():
+        item = normalize(ds, frames[:1], NormalizeConfig(max_size=64))[0]
+        fluoroscopy = row["modality"] in ("XA", "RF")
+        seen.add(fluoroscopy)
+        assert item.params["attenuation_bright"] is (not fluoroscopy), row["model"]
+        view = model_view(item.pixels, json.loads(json.dumps(item.params)))
+        expected = OUTPUT_MAX - item.pixels if fluoroscopy else item.pixels
+        assert view.dtype == np.uint16 and np.array_equal(view, expected), row["model"]
+        legacy = {k: v for k, v in item.params.items() if k != "attenuation_bright"}   # ingested before
+        assert np.array_equal(model_view(item.pixels, legacy), expected)
+    assert seen == {True, False}
+    assert np.array_equal(model_view(np.arange(4, dtype=np.uint16), None), np.arange(4))   # nothing recorded
+
+
+def test_real_radiographs_are_attenuation_bright_whatever_their_header_sign():
+    """The real radiographs show bone bright as displayed and need no inversion; deid-data's DX cat thorax
+    declares Pixel Intensity Relationship LIN, sign +1 (stored values grow with the beam: air would show
+    white), yet its pixels show air black and bone white. The header's sign is not what decides."""
+    for ds in (real("RG1_UNCR.dcm"), real("RG3_UNCR.dcm"), cat()):
+        item = normalize(ds, decode_frames(ds), NormalizeConfig(max_size=256))[0]
+        assert item.params["attenuation_bright"] and model_view(item.pixels, item.params) is item.pixels
+    cat_ds = cat()
+    item = normalize(cat_ds, decode_frames(cat_ds), NormalizeConfig(max_size=256))[0]
+    assert (item.params["pixel_intensity_relationship"], item.params["pixel_intensity_relationship_sign"]) == ("LIN", 1)
+    h, w = item.pixels.shape
+    air = item.pixels[int(0.84 * h):int(0.90 * h), int(0.60 * w):int(0.90 * w)].mean()   # below the belly
+    spine = item.pixels[int(0.30 * h):int(0.36 * h), int(0.40 * w):int(0.50 * w)].mean()
+    assert spine > air + 20000
+    assert attenuation_bright({"modality": "RF"}) is False and attenuation_bright({}) is True
 
 
 def test_monochrome1_vs_2_synthetic(decoded):

@@ -16,7 +16,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from torch import nn
 
 from dax_models.backbones import Backbone
-from dax_models.heads import FrozenHead
+from dax_models.heads import FrozenHead, head_polarity
 from tasks.fileio import sha256_file
 from tasks.label_schema import BODY_REGIONS
 from tasks.release.predict import (
@@ -33,7 +33,8 @@ PHI = ("Doe^Jane", "MRN-0042", "19700101")
 HEX16 = re.compile(r"^[0-9a-f]{16}(_mask)?\.(json|png)$")
 
 
-def write_dicom(path, rows=1500, cols=2200, block=(300, 700, 1300, 1900), pixels=True, photometric="MONOCHROME2"):
+def write_dicom(path, rows=1500, cols=2200, block=(300, 700, 1300, 1900), pixels=True, photometric="MONOCHROME2",
+                modality="CR"):
     """A CR image with PHI in its header (and its file name, chosen by the caller), 12-bit, a bright block."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
@@ -43,7 +44,7 @@ def write_dicom(path, rows=1500, cols=2200, block=(300, 700, 1300, 1900), pixels
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.Modality, ds.Manufacturer = "CR", "Nowhere Medical"
+    ds.Modality, ds.Manufacturer = modality, "Nowhere Medical"
     ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.StudyDate = PHI[0], PHI[1], PHI[2], "20240102"
     if pixels:
         r0, r1, c0, c1 = block
@@ -107,6 +108,26 @@ def stub_models(size=128):
              "metal": FrozenHead("metal", BrightMask(), "maps", size, "stub"),
              "screws": FrozenHead("screws", CentroidScrew(), "maps", size, "stub", threshold=0.5)}
     return LoadedModels({"stub/1": backbone}, heads, {task: {"head": "stub", "backbone": "stub/1"} for task in heads})
+
+
+def test_each_head_reads_the_polarity_it_was_trained_on(tmp_path, monkeypatch):
+    """On fluoroscopy (XA displays attenuation dark) a head trained on the models' view sees the image
+    inverted: the block shown bright is dark to it, so a bright-pixel metal head marks the rest; a head
+    saved before heads kept their polarity sees it as displayed and marks the block."""
+    monkeypatch.setenv("DAX_DEID_SECRET", "test-secret-0123456789")
+    source = write_dicom(tmp_path / "Doe^Jane MRN-0042.dcm", modality="XA")
+    truth = np.zeros((1500, 2200), bool)
+    truth[300:700, 1300:1900] = True
+    masks = {}
+    for polarity in ("attenuation", "display"):
+        models = stub_models()
+        if polarity == "display":
+            del models.heads["metal"].polarity          # as unpickled from a head saved before the attribute
+        assert head_polarity(models.heads["metal"]) == polarity
+        record = predict_file(source, tmp_path / polarity, models)
+        masks[polarity] = np.asarray(Image.open(tmp_path / polarity / record["mask"])) > 0
+    assert (masks["display"] & truth).sum() / (masks["display"] | truth).sum() > 0.85
+    assert masks["attenuation"][truth].mean() < 0.05 and masks["attenuation"][~truth].mean() > 0.5
 
 
 @pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
@@ -254,7 +275,7 @@ def test_predict_refuses_bad_files_and_still_writes_the_good_ones(heads_flow, he
         for task in ("region", "metal", "screws"):        # no backbone given: each task's best @candidate head
             assert record["models"][task] == {
                 "head": f"dax-head-{task}-vit_tiny_patch16/{heads_flow['registered'][task]['version']}",
-                "backbone": f"dax-backbone-vit_tiny_patch16/{heads_env.backbone_version}"}
+                "backbone": f"dax-backbone-vit_tiny_patch16/{heads_env.backbone_version}", "polarity": "attenuation"}
         assert Image.open(out / f"{entry['name']}.png").size[0] > 100
     written = b"".join(p.read_bytes() for p in out.glob("*.json"))
     assert b"Doe" not in written and b"MRN" not in written

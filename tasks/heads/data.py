@@ -81,10 +81,12 @@ class HeadDataset:
 
     @property
     def digest(self) -> str:
-        """Identity of the data (keys, size, geometry): part of the feature cache's key."""
-        h = hashlib.sha256(f"dax-head-data:v1:{self.size}\n".encode())
+        """Identity of the data (keys, size, geometry and the input images themselves, so a change of the view,
+        such as its polarity, is never served features of the old one): part of the feature cache's key."""
+        h = hashlib.sha256(f"dax-head-data:v2:{self.size}\n".encode())
         for key, box in zip(self.keys, self.boxes):
             h.update(f"{key}:{box.as_row()}\n".encode())
+        h.update(self.images.contiguous().numpy().data)      # about 1 s per GB, no copy
         return h.hexdigest()
 
     def summary(self) -> dict:

@@ -1,11 +1,12 @@
 """Pixel decoding and intensity/size normalization of X-ray DICOM (XA, RF, DX, CR) for pretraining.
 
-Two pure functions, no I/O and no mutation of the dataset:
+Pure functions, no I/O and no mutation of the dataset:
 
 - ``decode_frames(ds)`` turns the Pixel Data of a dataset into stored values, shape (frames, rows,
   cols), or raises ``PixelDataError`` saying why it cannot (the message names attributes, sizes and
   transfer syntaxes only, never a value that could identify a patient).
 - ``normalize(ds, frames, config)`` maps stored values to 16-bit display values and resizes them.
+- ``attenuation_bright(params)`` / ``model_view(pixels, params)``: the one polarity the models read.
 
 Convention (one for every device): the output is uint16 in *MONOCHROME2 display polarity* (high =
 bright on screen). Stored values go through the Modality LUT (Rescale Slope/Intercept, or a Modality
@@ -17,6 +18,19 @@ its full dynamic range (DAX's own preprocessing does the I0 / -log / min-max ste
 then reduced so its long side is at most ``max_size`` by area averaging in float32 (Pillow mode 'F',
 BOX filter), never upscaled, and rounded once at the end. Every parameter is returned in
 ``NormalizedFrame.params`` as JSON-able values.
+
+The models' view: attenuation bright. Display polarity follows each modality family's habit: radiography
+(CR, DX) shows bone and metal bright, fluoroscopy (XA, RF) shows them dark on bright air. A model fed
+both learns "metal" twice, and a metal head trained mostly on fluoroscopy marks dark blobs on radiographs
+(docs/experiments.md, section 16). So the shards keep the display polarity (what the device showed), and
+everything that feeds a model (pretraining crops, the kNN monitor, the heads, ``dax predict``) reads
+``model_view(pixels, params)``: the image inverted where its display shows attenuation dark. Whether it
+does is decided per image by its modality's display habit (``attenuation_bright``: XA and RF dark,
+everything else bright) and recorded as the ``attenuation_bright`` parameter; samples normalized before
+it carry their modality, so they get the same answer. Pixel Intensity Relationship Sign (0028,1041)
+would be the physics, but it is not trusted: deid-data's DX cat thorax says LIN, +1 (stored values grow
+with the beam intensity, so air would show white) while its pixels show air black and bone white, as a
+processed "for presentation" radiograph does; it is kept in the params for audits.
 """
 from __future__ import annotations
 
@@ -31,7 +45,8 @@ from pydicom.uid import UID, AllTransferSyntaxes, PrivateTransferSyntaxes
 
 __all__ = [
     "MAX_FRAMES", "MAX_SIDE", "MIN_SIDE", "NORMALIZE_VERSION", "OUTPUT_MAX",
-    "NormalizeConfig", "NormalizedFrame", "PixelDataError", "decode_frames", "normalize",
+    "NormalizeConfig", "NormalizedFrame", "PixelDataError", "attenuation_bright", "decode_frames", "model_view",
+    "normalize",
 ]
 
 MIN_SIDE = 8            # rows or columns below this: not an image we can learn from (icons, junk)
@@ -40,6 +55,7 @@ MAX_FRAMES = 5000       # longer "cines" are corrupt headers or not worth decodi
 OUTPUT_MAX = 65535
 NORMALIZE_VERSION = 1
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+ATTENUATION_DARK_MODALITIES = ("XA", "RF")   # fluoroscopy's display habit: bone and metal dark on bright air
 SUPPORTED_BITS_ALLOCATED = (8, 16, 32)
 
 
@@ -310,6 +326,7 @@ def normalize(ds: Dataset, frames: np.ndarray, config: NormalizeConfig = Normali
         "pixel_spacing_source": spacing_source,
         "pixel_spacing_in": spacing_in, "pixel_spacing_out": spacing_out,
     }
+    base_params["attenuation_bright"] = attenuation_bright(base_params)
 
     indices = list(range(0, n_frames, config.frame_step))
     if config.max_frames is not None:
@@ -347,3 +364,29 @@ def _normalize_frame(stored: np.ndarray, lut: dict, ds: Dataset, inverted: bool,
     np.clip(out, 0, OUTPUT_MAX, out=out)
     np.rint(out, out=out)
     return out.astype(np.uint16)
+
+
+# ------------------------------------------------------------------------------- the models' view
+
+def attenuation_bright(params: dict[str, Any]) -> bool:
+    """Whether an image normalized with ``params`` shows attenuation (bone, metal) bright: its modality's
+    display habit, XA and RF dark, everything else bright (see the module doc for why not the header's sign)."""
+    return str(params.get("modality") or "").upper() not in ATTENUATION_DARK_MODALITIES
+
+
+def model_view(pixels: np.ndarray, params: dict[str, Any] | None) -> np.ndarray:
+    """``pixels`` (uint16, as normalized with ``params``) in the models' polarity: attenuation bright.
+
+    Inverted on the output range (``OUTPUT_MAX - pixels``) where the display shows attenuation dark;
+    returned as is otherwise (also without params: nothing says it should change).
+    """
+    if not params:
+        return pixels
+    bright = params.get("attenuation_bright")
+    if bright is None:                                  # normalized before the decision was recorded
+        bright = attenuation_bright(params)
+    if bright:
+        return pixels
+    if pixels.dtype != np.uint16:
+        raise ValueError(f"expected normalized uint16 pixels, got {pixels.dtype}")
+    return OUTPUT_MAX - pixels

@@ -7,14 +7,16 @@ query and the sorted (shard, sha256) and key lists: the dataset's identity for M
 
 ``train_loader`` is the stream DDP needs (WebDataset issues #225, #250, #444): every rank draws shards
 with replacement (``ResampledShards``), keeps the selected keys, shuffles in a buffer, decodes 16-bit
-images, applies the multi-crop augmentation (told by ``stored_linear`` whether the image's stored values are
-linear in intensity, from the normalization recorded with the sample) and batches; the DataLoader yields exactly
+images in the models' polarity (``tasks.ingest.normalize.model_view``: attenuation bright), applies the
+multi-crop augmentation (told by ``stored_linear`` whether the image's stored values are linear in intensity,
+from the normalization recorded with the sample) and batches; the DataLoader yields exactly
 ``steps_per_epoch`` batches per epoch on every rank, so no rank waits for another at the end.
 Everything random is seeded from (seed, epoch, rank, worker, sample index): the stream of an epoch is
 the same every time it is built (with the same number of workers), so resuming at step s of an
 epoch is building the loader from that epoch on and skipping s batches (read, not decoded nor augmented).
 
-``read_samples`` reads given keys (for the kNN monitor and the heads) from their shards in order.
+``read_samples`` reads given keys (for the kNN monitor and the heads) from their shards in order, in the
+same polarity.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from webdataset.filters import _shuffle
 
 from dax_models.augment import CropDraws
 from tasks.ingest.catalog import CatalogError, check_read_only, open_snapshot
+from tasks.ingest.normalize import model_view
 from tasks.ingest.shards import IMAGE_FORMATS, decode_image, iter_shard
 
 __all__ = ["Selection", "SelectionError", "read_samples", "select_images", "stored_linear", "train_loader"]
@@ -189,11 +192,11 @@ def _tally(transform: Callable) -> CropDraws | None:
 
 
 def _decode(sample: dict) -> tuple[np.ndarray, bool]:
-    """(the image, whether its stored values are linear in intensity)."""
-    linear = stored_linear(json.loads(sample["json"])) if "json" in sample else False
+    """(the image in the models' polarity, whether its stored values are linear in intensity)."""
+    metadata = json.loads(sample["json"]) if "json" in sample else {}
     for ext in IMAGE_FORMATS:
         if ext in sample:
-            return decode_image(ext, sample[ext]), linear
+            return model_view(decode_image(ext, sample[ext]), metadata.get("normalization")), stored_linear(metadata)
     raise ValueError(f"sample {sample.get('__key__')!r} has no image")
 
 
@@ -237,9 +240,9 @@ def train_loader(selection: Selection, transform: Callable, batch_size: int, ste
 
 
 def read_samples(shard_dir: Path, shard_keys: dict[str, list[str]]) -> Iterator[tuple[str, np.ndarray, dict]]:
-    """(key, uint16 image, metadata) for the given keys, shard by shard in sorted order."""
+    """(key, uint16 image in the models' polarity, metadata) for the given keys, shard by shard in sorted order."""
     for shard in sorted(shard_keys):
         wanted = set(shard_keys[shard])
         for key, pixels, meta in iter_shard(Path(shard_dir) / shard):
             if key in wanted:
-                yield key, pixels, meta
+                yield key, model_view(pixels, meta.get("normalization")), meta

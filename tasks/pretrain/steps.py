@@ -26,6 +26,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from dax_models.augment import XrayEvalTransform
+from dax_models.heads import MODEL_POLARITY
 from tasks.fileio import sha256_file
 from tasks.ingest.events import catalog_images
 from tasks.ingest.labels import load_labels
@@ -128,7 +129,8 @@ def open_run(home: Path, job_dir: Path, run_name: str | None = None) -> str:
         flat = {k: v for k, v in config.to_dict().items() if k != "augment"}
         flat.update({f"augment.{k}": v for k, v in config.to_dict()["augment"].items()})
         mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
-        mlflow.log_params({"device": job["device"], "images": len(selection.keys), "shards": len(selection.shards)})
+        mlflow.log_params({"device": job["device"], "images": len(selection.keys), "shards": len(selection.shards),
+                           "polarity": MODEL_POLARITY})
         mlflow.set_tags({"dax.catalog_query": selection.where, "dax.manifest_digest": selection.digest,
                          "mlflow.source.git.commit": git_commit() or "unknown", "dax.code_version": code_version(),
                          "dax.job": job_dir.name})

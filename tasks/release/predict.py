@@ -7,7 +7,9 @@ ingestion quarantines it), de-identify (``tasks.ingest.deidentify.deidentify`` w
 normalize (``tasks.ingest.normalize.normalize``, the ingest default long side 1024). The source file is only
 read; no raw or de-identified DICOM, path or header value is written or logged.
 
-Then one frame (``frame``, default the first) goes through ``XrayEvalTransform`` at each head's size,
+Then one frame (``frame``, default the first), in the polarity each head was trained on (the models' view,
+attenuation bright: ``tasks.ingest.normalize.model_view``; heads saved before it existed: as displayed),
+goes through ``XrayEvalTransform`` at each head's size,
 each backbone runs once per size its heads read, and each head's output is mapped back to the ORIGINAL DICOM pixel grid
 (Rows x Columns) by the letterbox's inverse (``dax_models.augment.Letterbox``): normalize's resize and
 the letterbox's resize and padding are undone.
@@ -18,8 +20,8 @@ Outputs, named by the first 16 hex digits of the file's SHA-256, NOT by the inpu
 - ``<sha16>.json``: ``{"regions": [{"label", "probability"}] (top 3, best first), "screws":
   [{"head": [x, y], "tip": [x, y], "score"}] (original pixel coordinates, x = column, y = row,
   pixel edges at integers), "mask": "<sha16>_mask.png", "size": [rows, cols], "frame", "frames",
-  "models": {task: {"head", "backbone"}}}`` (the registered versions used: with no backbone given, each
-  task's best head under the alias, on its own backbone, ``load_models``);
+  "models": {task: {"head", "backbone", "polarity"}}}`` (the registered versions used: with no backbone given,
+  each task's best head under the alias, on its own backbone, ``load_models``; the polarity its input had);
 - ``<sha16>_mask.png``: the metal mask at the original size (8-bit, 0 or 255);
 - ``<sha16>.png``: an overlay like DAX's Figure 2 (top-3 regions, the mask, the screws with scores).
 
@@ -46,7 +48,7 @@ import torch
 
 from dax_models.augment import Letterbox, XrayEvalTransform, mask_to_native
 from dax_models.backbones import extract, resolve_device
-from dax_models.heads import decode_screws
+from dax_models.heads import decode_screws, head_polarity
 from tasks.home import dax_home
 from tasks.release.registry import (
     DEFAULT_BACKBONE,
@@ -94,7 +96,7 @@ def prediction_key() -> tuple[DeidKey, bool]:
 class LoadedModels:
     backbones: dict                  # "<name>/<version>" -> Backbone
     heads: dict                      # task -> FrozenHead
-    refs: dict = field(default_factory=dict)    # task -> {"head": "<name>/<version>", "backbone": "<name>/<version>"}
+    refs: dict = field(default_factory=dict)    # task -> {"head", "backbone": "<name>/<version>", "polarity"}
     device: torch.device = torch.device("cpu")
 
 
@@ -156,7 +158,7 @@ def load_models(backbone_uri: str | None = None, head_uris: dict[str, str] | Non
         backbone(tag)
         head = mlflow.pytorch.load_model(f"models:/{head_name}/{head_version}", map_location="cpu")
         heads[task] = head.eval().to(dev)
-        refs[task] = {"head": f"{head_name}/{head_version}", "backbone": tag}
+        refs[task] = {"head": f"{head_name}/{head_version}", "backbone": tag, "polarity": head_polarity(head)}
     return LoadedModels(backbones, heads, refs, dev)
 
 
@@ -164,10 +166,19 @@ def load_models(backbone_uri: str | None = None, head_uris: dict[str, str] | Non
 class Prepared:
     """One de-identified, normalized frame and its geometry (no header value kept)."""
 
-    pixels: np.ndarray           # uint16 (H, W), MONOCHROME2 polarity, long side <= max_size
+    pixels: np.ndarray           # uint16 (H, W), MONOCHROME2 display polarity, long side <= max_size
     original: tuple[int, int]    # the DICOM's Rows x Columns
     frame: int
     frames: int
+    attenuation_bright: bool = True   # whether the display shows bone and metal bright (normalize's decision)
+
+    def view(self, polarity: str) -> np.ndarray:
+        """The pixels in a head's polarity: "attenuation" (the models' view) or "display" (as shown)."""
+        from tasks.ingest.normalize import model_view
+
+        if polarity == "display":
+            return self.pixels
+        return model_view(self.pixels, {"attenuation_bright": self.attenuation_bright})
 
 
 def prepare_dicom(path: Path, frame: int = 0, max_size: int = INGEST_MAX_SIZE, key=None,
@@ -210,7 +221,8 @@ def prepare_dicom(path: Path, frame: int = 0, max_size: int = INGEST_MAX_SIZE, k
         normalized = normalize(result.dataset, frames[frame:frame + 1], NormalizeConfig(max_size=max_size))
     except PixelDataError as error:
         raise PredictError(str(error)) from None
-    return Prepared(normalized[0].pixels, (int(frames.shape[1]), int(frames.shape[2])), frame, n)
+    return Prepared(normalized[0].pixels, (int(frames.shape[1]), int(frames.shape[2])), frame, n,
+                    bool(normalized[0].params["attenuation_bright"]))
 
 
 @torch.no_grad()
@@ -218,12 +230,12 @@ def run_models(models: LoadedModels, prepared: Prepared, top: int = 3) -> dict:
     """Backbone + heads on one prepared frame; outputs in ORIGINAL pixel coordinates."""
     rows, cols = prepared.original
     out: dict = {"size": [rows, cols]}
-    passes: dict[tuple[str, int], list[str]] = {}        # one backbone pass per (backbone, input size)
+    passes: dict[tuple[str, int, str], list[str]] = {}   # one backbone pass per (backbone, input size, polarity)
     for task, head in models.heads.items():
-        passes.setdefault((models.refs[task]["backbone"], int(head.size)), []).append(task)
-    for (ref, size), tasks in sorted(passes.items()):
+        passes.setdefault((models.refs[task]["backbone"], int(head.size), head_polarity(head)), []).append(task)
+    for (ref, size, polarity), tasks in sorted(passes.items()):
         box = Letterbox.for_stored(rows, cols, *prepared.pixels.shape, size)
-        x = XrayEvalTransform(size=size)(prepared.pixels)[None].to(models.device)
+        x = XrayEvalTransform(size=size)(prepared.view(polarity))[None].to(models.device)
         parts = {models.heads[t].features for t in tasks}
         features = extract(models.backbones[ref], x, parts)
         for task in tasks:
