@@ -1,7 +1,8 @@
 """Does metal's polarity cap the frozen metal head? The same head, budget, images and seeds on the same cached-feature
-recipe, with the images in the models' view (attenuation bright on every modality, ``tasks.ingest.normalize.model_view``,
-what the heads read since it exists) and as the devices display them (RF/XA frames inverted back inside their
-letterbox: fluoroscopy shows metal dark, radiography bright), on a home ``heads_eval.py`` ingested.
+recipe, with the images in the models' view (attenuation bright on every modality,
+``tasks.ingest.normalize.model_view``, what the heads read since it exists) and as the devices display them (RF/XA
+frames inverted back inside their letterbox: fluoroscopy shows metal dark, radiography bright), on a home
+``heads_eval.py`` ingested.
 
     .venv/bin/python benchmarks/metal_polarity.py --home /tmp/he/home --labels /tmp/he/eval-corpus/labels.parquet \\
         --backbone models:/dax-backbone-resnet18/1

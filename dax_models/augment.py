@@ -14,9 +14,9 @@ photometric choice drawn per crop, as DINO draws its colour augmentation:
   polarity of fluoroscopy the two branches even disagreed on polarity). Drawn per crop, the views
   disagree on it as often as not. Neglog is only drawn for images whose stored values are linear in
   intensity (``linear=True``), from the beam intensity ``full scale - value`` (full scale: the dtype's
-  maximum for integer images, 1 for float images): on a log-encoded DX/CR image it would take a second log. ``minmax`` is the mapping evaluation, the heads and
-  ``dax predict`` use (``XrayEvalTransform``), so training sees it on ``1 - neglog_p`` of the crops
-  (every crop of a log-encoded image).
+  maximum for integer images, 1 for float images): on a log-encoded DX/CR image it would take a second
+  log. ``minmax`` is the mapping evaluation, the heads and ``dax predict`` use (``XrayEvalTransform``),
+  so training sees it on ``1 - neglog_p`` of the crops (every crop of a log-encoded image).
 - Crops: 2 global (224 px, scale 0.14-1) and N local (96 px, scale 0.05-0.14), square only
   (RandomResizedCrop with ratio (1, 1), bicubic, antialiased). With ``min_content`` > 0 a box whose
   share of *content* pixels (min-max value inside (``saturation_band``, 1 - ``saturation_band``): not
@@ -521,9 +521,10 @@ class XrayEvalTransform:
     """Callable: a gray image -> one float32 tensor (C, size, size) in [0, 1], deterministic.
 
     Input: as ``XrayMultiCrop``'s (attenuation bright). Intensity: min-max over the ROI (the deterministic
-    branch of training) by default, DAX's neglog of the beam intensity with ``neglog=True``. Geometry: the whole image, resized (antialiased bilinear) so its long side is
-    ``size``, centred and zero-padded to a square (no distortion; the same zero fill rotated training
-    crops show); ``letterbox_geometry`` gives the mapping for masks and keypoints.
+    branch of training) by default, DAX's neglog of the beam intensity with ``neglog=True``. Geometry: the
+    whole image, resized (antialiased bilinear) so its long side is ``size``, centred and zero-padded to a
+    square (no distortion; the same zero fill rotated training crops show); ``letterbox_geometry`` gives the
+    mapping for masks and keypoints.
     """
 
     def __init__(self, size: int = 224, neglog: bool = False, in_chans: int = 1) -> None:

@@ -10,7 +10,7 @@ read; no raw or de-identified DICOM, path or header value is written or logged.
 Then one frame (``frame``, default the first), in the polarity each head was trained on (the models' view,
 attenuation bright: ``tasks.ingest.normalize.model_view``; heads saved before it existed: as displayed),
 goes through ``XrayEvalTransform`` at each head's size,
-each backbone runs once per size its heads read, and each head's output is mapped back to the ORIGINAL DICOM pixel grid
+each backbone runs once per size and polarity its heads read, and each head's output is mapped back to the ORIGINAL DICOM pixel grid
 (Rows x Columns) by the letterbox's inverse (``dax_models.augment.Letterbox``): normalize's resize and
 the letterbox's resize and padding are undone.
 
