@@ -18,15 +18,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-FLUOROSCOPY = ("RF", "XA")     # modalities whose display shows attenuation dark
-
 
 def as_displayed(data, modality: dict[str, str]):
-    """The dense view's images with fluoroscopy frames inverted back inside their letterbox (padding stays 0)."""
+    """The dense view's images with the frames ``model_view`` inverted (their display shows attenuation dark:
+    fluoroscopy) inverted back inside their letterbox (padding stays 0)."""
+    from tasks.ingest.normalize import attenuation_bright
+
     images = data.images.clone()
     flipped = 0
     for i, key in enumerate(data.keys):
-        if modality.get(key) in FLUOROSCOPY:
+        if not attenuation_bright({"modality": modality.get(key)}):
             b = data.boxes[i]
             field = images[i, 0, b.top:b.top + b.new_h, b.left:b.left + b.new_w]
             images[i, 0, b.top:b.top + b.new_h, b.left:b.left + b.new_w] = 1 - field

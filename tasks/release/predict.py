@@ -9,10 +9,10 @@ read; no raw or de-identified DICOM, path or header value is written or logged.
 
 Then one frame (``frame``, default the first), in the polarity each head was trained on (the models' view,
 attenuation bright: ``tasks.ingest.normalize.model_view``; heads saved before it existed: as displayed),
-goes through ``XrayEvalTransform`` at each head's size,
-each backbone runs once per size and polarity its heads read, and each head's output is mapped back to the ORIGINAL DICOM pixel grid
-(Rows x Columns) by the letterbox's inverse (``dax_models.augment.Letterbox``): normalize's resize and
-the letterbox's resize and padding are undone.
+goes through ``XrayEvalTransform`` at each head's size, each backbone runs once per size and polarity its
+heads read, and each head's output is mapped back to the ORIGINAL DICOM pixel grid (Rows x Columns) by the
+letterbox's inverse (``dax_models.augment.Letterbox``): normalize's resize and the letterbox's resize and
+padding are undone.
 
 Outputs, named by the first 16 hex digits of the file's SHA-256, NOT by the input's file name
 (hospital file and folder names carry patient names and record numbers):
