@@ -1,6 +1,6 @@
 """The heads on a labelled evaluation corpus the backbone never saw: floor, random init, pretrained, ceiling, paper.
 
-    .venv/bin/python benchmarks/heads_eval.py --home dax-home            # 300 eval patients, 3 seeds, demo heads
+    .venv/bin/python benchmarks/heads_eval.py --home dax-home            # 300 eval patients, 3 seeds, every image
     .venv/bin/python benchmarks/heads_eval.py --home H --studies 30 --seeds 1 --set seg_epochs=2 --no-write   # quick
 
 ``--home`` is a home with a pretrained backbone (a finished ``make demo``). The script:
@@ -11,8 +11,9 @@
    secret: the backbone, registered before, never saw these images, and the original home is left alone;
 3. scores the dense heads' oracles on the corpus' labels (``tasks.heads.oracle``: what a perfect head of each
    design reaches at native resolution);
-4. runs the ``heads`` flow on the corpus' labels (``--config`` demo, ``--seeds`` 3): floors, random-init
-   twin, pretrained backbone; nothing registered;
+4. runs the ``heads`` flow on the corpus' labels (``--seeds`` 3): floors, random-init twin, pretrained backbone;
+   nothing registered. ``--config`` eval (``deployments/heads/eval.yaml``) is the demo's heads on every labelled
+   image (about an hour with 3 seeds on 2 cores); ``--config demo`` reads the demo's 250 for metal and screws;
 5. trains the supervised ceiling of each task once (``--ceiling-epochs``; ``--ceiling-tasks`` picks them; seed 0:
    the same architecture from random init, end to end, on the same images; region at the head config's
    ``e2e_side``, metal and screws with their heads on the dense windows);
@@ -227,7 +228,7 @@ def main() -> None:
     parser.add_argument("--studies", type=int, default=300, help="evaluation patients (one study each)")
     parser.add_argument("--seed", type=int, default=1, help="corpus seed (the demo corpus is seed 0)")
     parser.add_argument("--seeds", type=int, default=3, help="head seeds")
-    parser.add_argument("--config", default="demo", help="head config (deployments/heads/)")
+    parser.add_argument("--config", default="eval", help="head config (deployments/heads/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="head config override, e.g. seg_epochs=20")
     parser.add_argument("--ceiling-epochs", type=int, default=10, help="the ceilings' epochs (0: skip)")

@@ -231,6 +231,24 @@ def test_rule_cleans_generated_text(images, device, scale):
     assert np.array_equal(cleaned[:, outside], frames[:, outside])
 
 
+@pytest.mark.parametrize("fluoroscopy", [True, False], ids=["fluoroscopy", "radiography"])
+def test_prediction_reads_the_cleaned_boxes_as_air(tmp_path, monkeypatch, fluoroscopy):
+    """``dax predict`` cleans as ingestion does and gives its heads the same view: the cleaned boxes at 0 (no
+    attenuation) on fluoroscopy too, whose display black the models' view would turn white."""
+    from tasks.release.predict import prepare_dicom
+
+    monkeypatch.setenv("DAX_DEID_SECRET", "test-secret-0123456789")
+    device = next(d for d in BURNING if (d.modalities[0] in ("XA", "RF")) is fluoroscopy)
+    image = _write_image(tmp_path, device, 0.5)
+    prepared = prepare_dicom(next(tmp_path.rglob("*.dcm")), max_size=256)
+    assert prepared.attenuation_bright is not fluoroscopy and prepared.blanked, device.model
+    view = prepared.view("attenuation")
+    assert np.array_equal(prepared.view("display"), prepared.pixels)
+    for x0, y0, x1, y1 in prepared.blanked:
+        assert (view[y0:y1, x0:x1] == 0).all() and y1 > y0 and x1 > x0
+    assert len(prepared.blanked) == len(assess(image.ds, image.frames).boxes)
+
+
 def test_residual_text_outside_the_rule_goes_to_review(images):
     device = next(d for d in BURNING if d.model == "OrbiScope 9")
     image = images[(device.model, 1.0)]

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import re
 from collections import Counter
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -253,6 +254,16 @@ def test_head_config_numbers_are_checked_as_the_pretraining_configs():
     assert load_head_config("demo", {"linear_lr": "1e-3"}).linear_lr == 1e-3
     with pytest.raises(ValueError, match=re.escape("seg_epochs must be a whole number, not 'many'")):
         load_head_config("demo", {"seg_epochs": "many"})
+
+
+def test_every_shipped_head_config_loads():
+    """The head configs under deployments/heads/ load by name; the evaluation's reads every labelled image for
+    metal and screws, where the demo's reads a subset to fit its 30 minutes."""
+    names = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "deployments" / "heads").glob("*.yaml"))
+    assert {"demo", "eval"} <= set(names)
+    configs = {name: load_head_config(name) for name in names}
+    assert configs["eval"].dense_max_images is None and configs["demo"].dense_max_images
+    assert configs["eval"].size == configs["demo"].size and configs["eval"].seg_hidden == configs["demo"].seg_hidden
 
 
 def test_the_supervised_bound_trains_and_tests_at_its_own_smaller_side(heads_corpus):

@@ -25,6 +25,7 @@ import pytest
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import JPEG2000Lossless
 
+from tasks.ingest.normalize import model_view
 from tasks.ingest.shards import iter_shard
 from tasks.synth.study import PRESETS, generate_study
 from tests.phi_search import files_under, phi_hits, phi_values
@@ -241,11 +242,19 @@ def test_burned_in_text_is_cleaned_at_the_pixel_level(ingested):
             assert rules[sha], "an image with burned-in text was shipped without a pixel rule"
         else:
             assert statuses[sha]["reason"].startswith("needs pixel review")
-    # and no shipped pixel is saturated text: text is burned at the top of the range, images stay below
+    # and no shipped pixel is saturated text: text is burned at the top of the range, images stay below;
+    # the cleaned boxes are recorded and read as air (0) in the models' view, fluoroscopy included
+    blanked = set()
     for path in (home / "shards").glob("*.tar"):
         for key, pixels, metadata in iter_shard(path):
             if metadata["source_sha256"] in burned:
                 assert (pixels >= 65000).mean() < 0.001, key
+                boxes = metadata["normalization"]["blanked"]
+                assert boxes, key
+                view = model_view(pixels, metadata["normalization"])
+                assert all((view[y0:y1, x0:x1] == 0).all() for x0, y0, x1, y1 in boxes), key
+                blanked.add(metadata["normalization"]["attenuation_bright"])
+    assert blanked == {True, False}, "cleaned text on radiography and on fluoroscopy"
 
 
 def test_uids_series_and_dates_stay_consistent(ingested):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import re
 import tarfile
 import time
@@ -17,6 +18,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import MPEG2MPML, ExplicitVRLittleEndian, RLELossless
 
+from tasks.ingest.burned_in import black_level
 from tasks.ingest.normalize import (
     MAX_SIDE,
     OUTPUT_MAX,
@@ -202,6 +204,39 @@ def test_the_models_view_is_attenuation_bright_on_every_device(decoded):
         assert np.array_equal(model_view(item.pixels, legacy), expected)
     assert seen == {True, False}
     assert np.array_equal(model_view(np.arange(4, dtype=np.uint16), None), np.arange(4))   # nothing recorded
+
+
+def test_cleaned_text_reads_as_air_in_the_models_view(decoded):
+    """Ingestion blanks burned-in text with the display's black, which the models' view of fluoroscopy would
+    turn white, the tone of metal: normalize records the boxes (in output pixels, rounded outwards over the
+    pixels the resize mixed with the fill) and model_view puts them at 0 on every device."""
+    seen = set()
+    for row, ds, frames in decoded.values():
+        frames = frames[:1].copy()
+        rows, cols = frames.shape[1:]
+        box = (cols // 10 + 1, rows // 10 + 3, cols // 3 + 2, rows // 4 + 1)     # x0, y0, x1, y1; end exclusive
+        frames[:, box[1]:box[3], box[0]:box[2]] = black_level(ds)               # as ingestion cleans
+        item = normalize(ds, frames, NormalizeConfig(max_size=64), blanked=[box])[0]
+        params = json.loads(json.dumps(item.params))                             # as the shard's JSON holds it
+        x0, y0, x1, y1 = params["blanked"][0]
+        h, w = item.pixels.shape
+        sx, sy = w / cols, h / rows
+        outwards = [math.floor(box[0] * sx), math.floor(box[1] * sy), math.ceil(box[2] * sx), math.ceil(box[3] * sy)]
+        assert [x0, y0, x1, y1] == outwards, row["model"]                       # every pixel the fill reached
+        before = item.pixels.copy()
+        view = model_view(item.pixels, params)
+        assert np.array_equal(item.pixels, before)                               # never written
+        assert (view[y0:y1, x0:x1] == 0).all(), row["model"]
+        outside = np.ones_like(view, dtype=bool)
+        outside[y0:y1, x0:x1] = False
+        fluoroscopy = not params["attenuation_bright"]
+        seen.add(fluoroscopy)
+        expected = OUTPUT_MAX - item.pixels if fluoroscopy else item.pixels
+        assert np.array_equal(view[outside], expected[outside]), row["model"]
+        unrecorded = model_view(item.pixels, {k: v for k, v in params.items() if k != "blanked"})
+        inner = unrecorded[y0 + 1:y1 - 1, x0 + 1:x1 - 1]
+        assert (inner.min() > 60000) if fluoroscopy else (inner.max() < 5000), row["model"]   # white as metal
+    assert seen == {True, False}
 
 
 def test_real_radiographs_are_attenuation_bright_whatever_their_header_sign():

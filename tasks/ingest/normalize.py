@@ -6,7 +6,8 @@ Pure functions, no I/O and no mutation of the dataset:
   cols), or raises ``PixelDataError`` saying why it cannot (the message names attributes, sizes and
   transfer syntaxes only, never a value that could identify a patient).
 - ``normalize(ds, frames, config)`` maps stored values to 16-bit display values and resizes them.
-- ``attenuation_bright(params)`` / ``model_view(pixels, params)``: the one polarity the models read.
+- ``attenuation_bright(params)`` / ``model_view(pixels, params)``: the one polarity the models read, with
+  the boxes cleaned of burned-in text at 0.
 
 Convention (one for every device): the output is uint16 in *MONOCHROME2 display polarity* (high =
 bright on screen). Stored values go through the Modality LUT (Rescale Slope/Intercept, or a Modality
@@ -31,11 +32,19 @@ it carry their modality, so they get the same answer. Pixel Intensity Relationsh
 would be the physics, but it is not trusted: deid-data's DX cat thorax says LIN, +1 (stored values grow
 with the beam intensity, so air would show white) while its pixels show air black and bone white, as a
 processed "for presentation" radiograph does; it is kept in the params for audits.
+
+Cleaned burned-in text reads as air in the models' view on every modality: ingestion blanks each text box
+with the display's black, which the models' view of fluoroscopy would turn white, the tone of dense metal
+(the metal head marked it). ``normalize(..., blanked=boxes)`` records the boxes (``verdict.boxes``) in output
+pixels as the ``blanked`` parameter, rounded outwards so that the pixels the area averaging mixed with the fill
+are inside, and ``model_view`` sets them to 0 (no attenuation) after the polarity step. Samples normalized
+before carry no boxes: read as before.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
@@ -284,8 +293,13 @@ def _output_size(rows: int, cols: int, max_size: int) -> tuple[int, int, float]:
     return max(1, round(rows * scale)), max(1, round(cols * scale)), scale
 
 
-def normalize(ds: Dataset, frames: np.ndarray, config: NormalizeConfig = NormalizeConfig()) -> list[NormalizedFrame]:
-    """Map ``frames`` (from ``decode_frames(ds)``) to 16-bit MONOCHROME2-polarity images; see module doc."""
+def normalize(ds: Dataset, frames: np.ndarray, config: NormalizeConfig = NormalizeConfig(),
+              blanked: Sequence[Sequence[int]] = ()) -> list[NormalizedFrame]:
+    """Map ``frames`` (from ``decode_frames(ds)``) to 16-bit MONOCHROME2-polarity images; see module doc.
+
+    ``blanked``: the (x0, y0, x1, y1) boxes of ``frames`` cleaned of burned-in text (deid's convention, end
+    exclusive), recorded in output pixels for ``model_view``.
+    """
     if frames.ndim == 2:
         frames = frames[None]
     if frames.ndim != 3 or frames.shape[0] < 1:
@@ -327,6 +341,7 @@ def normalize(ds: Dataset, frames: np.ndarray, config: NormalizeConfig = Normali
         "pixel_spacing_in": spacing_in, "pixel_spacing_out": spacing_out,
     }
     base_params["attenuation_bright"] = attenuation_bright(base_params)
+    base_params["blanked"] = [_box_out(box, rows, cols, out_rows, out_cols) for box in blanked]
 
     indices = list(range(0, n_frames, config.frame_step))
     if config.max_frames is not None:
@@ -337,6 +352,14 @@ def normalize(ds: Dataset, frames: np.ndarray, config: NormalizeConfig = Normali
         pixels = _normalize_frame(frames[index], lut, ds, inverted, out_rows, out_cols)
         results.append(NormalizedFrame(frame=index, pixels=pixels, params={**base_params, "frame": index}))
     return results
+
+
+def _box_out(box: Sequence[int], rows: int, cols: int, out_rows: int, out_cols: int) -> list[int]:
+    """A (x0, y0, x1, y1) box of the input in output pixels, rounded outwards and clipped to the image."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    sx, sy = out_cols / cols, out_rows / rows
+    return [max(0, math.floor(x0 * sx)), max(0, math.floor(y0 * sy)),
+            min(out_cols, math.ceil(x1 * sx)), min(out_rows, math.ceil(y1 * sy))]
 
 
 def _normalize_frame(stored: np.ndarray, lut: dict, ds: Dataset, inverted: bool,
@@ -375,18 +398,26 @@ def attenuation_bright(params: dict[str, Any]) -> bool:
 
 
 def model_view(pixels: np.ndarray, params: dict[str, Any] | None) -> np.ndarray:
-    """``pixels`` (uint16, as normalized with ``params``) in the models' polarity: attenuation bright.
+    """``pixels`` (uint16, as normalized with ``params``) in the models' polarity: attenuation bright, and the
+    boxes cleaned of burned-in text (``params["blanked"]``) at 0, no attenuation.
 
     Inverted on the output range (``OUTPUT_MAX - pixels``) where the display shows attenuation dark;
-    returned as is otherwise (also without params: nothing says it should change).
+    returned as is otherwise (also without params: nothing says it should change). A new array whenever
+    anything changes; ``pixels`` is never written.
     """
     if not params:
         return pixels
     bright = params.get("attenuation_bright")
     if bright is None:                                  # normalized before the decision was recorded
         bright = attenuation_bright(params)
-    if bright:
+    boxes = params.get("blanked") or ()
+    if bright and not boxes:
         return pixels
     if pixels.dtype != np.uint16:
         raise ValueError(f"expected normalized uint16 pixels, got {pixels.dtype}")
-    return OUTPUT_MAX - pixels
+    view = pixels.copy() if bright else OUTPUT_MAX - pixels
+    sy = pixels.shape[0] / int(params.get("rows") or pixels.shape[0])   # boxes are in the normalized size's pixels
+    sx = pixels.shape[1] / int(params.get("cols") or pixels.shape[1])
+    for x0, y0, x1, y1 in boxes:
+        view[math.floor(y0 * sy):math.ceil(y1 * sy), math.floor(x0 * sx):math.ceil(x1 * sx)] = 0
+    return view

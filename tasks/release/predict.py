@@ -171,6 +171,7 @@ class Prepared:
     frame: int
     frames: int
     attenuation_bright: bool = True   # whether the display shows bone and metal bright (normalize's decision)
+    blanked: tuple = ()               # boxes cleaned of burned-in text, in ``pixels``' coordinates (normalize's)
 
     def view(self, polarity: str) -> np.ndarray:
         """The pixels in a head's polarity: "attenuation" (the models' view) or "display" (as shown)."""
@@ -178,7 +179,7 @@ class Prepared:
 
         if polarity == "display":
             return self.pixels
-        return model_view(self.pixels, {"attenuation_bright": self.attenuation_bright})
+        return model_view(self.pixels, {"attenuation_bright": self.attenuation_bright, "blanked": self.blanked})
 
 
 def prepare_dicom(path: Path, frame: int = 0, max_size: int = INGEST_MAX_SIZE, key=None,
@@ -218,11 +219,13 @@ def prepare_dicom(path: Path, frame: int = 0, max_size: int = INGEST_MAX_SIZE, k
     result = deidentify_dataset(ds, key or load_key(), recipe=DEFAULT_RECIPE, reread=lambda: read_dicom(Path(path)),
                                 plan_cache=plan_cache)
     try:
-        normalized = normalize(result.dataset, frames[frame:frame + 1], NormalizeConfig(max_size=max_size))
+        normalized = normalize(result.dataset, frames[frame:frame + 1], NormalizeConfig(max_size=max_size),
+                               blanked=verdict.boxes if verdict.action == "clean" else ())
     except PixelDataError as error:
         raise PredictError(str(error)) from None
+    params = normalized[0].params
     return Prepared(normalized[0].pixels, (int(frames.shape[1]), int(frames.shape[2])), frame, n,
-                    bool(normalized[0].params["attenuation_bright"]))
+                    bool(params["attenuation_bright"]), tuple(tuple(box) for box in params["blanked"]))
 
 
 @torch.no_grad()
