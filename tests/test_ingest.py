@@ -244,7 +244,7 @@ def test_burned_in_text_is_cleaned_at_the_pixel_level(ingested):
             assert statuses[sha]["reason"].startswith("needs pixel review")
     # and no shipped pixel is saturated text: text is burned at the top of the range, images stay below;
     # the cleaned boxes are recorded and read as air (0) in the models' view, fluoroscopy included
-    blanked = set()
+    cleaned_polarities = set()
     for path in (home / "shards").glob("*.tar"):
         for key, pixels, metadata in iter_shard(path):
             if metadata["source_sha256"] in burned:
@@ -253,8 +253,8 @@ def test_burned_in_text_is_cleaned_at_the_pixel_level(ingested):
                 assert boxes, key
                 view = model_view(pixels, metadata["normalization"])
                 assert all((view[y0:y1, x0:x1] == 0).all() for x0, y0, x1, y1 in boxes), key
-                blanked.add(metadata["normalization"]["attenuation_bright"])
-    assert blanked == {True, False}, "cleaned text on radiography and on fluoroscopy"
+                cleaned_polarities.add(metadata["normalization"]["attenuation_bright"])
+    assert cleaned_polarities == {True, False}, "cleaned text on radiography and on fluoroscopy"
 
 
 def test_uids_series_and_dates_stay_consistent(ingested):
