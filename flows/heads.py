@@ -120,10 +120,11 @@ def _heads(backbone, home, labels, seeds, tasks, size, where, max_images, config
     roles = ["pretrained", "random"]
     models = {"pretrained": pretrained, "random": twin}
     wanted = [(role, view) for role in roles for view in views]
+    digests = {view: data.digest for view, data in views.items()}   # hashes the images: once per view, not per role
     feature_futures = features_task.map([r for r, _ in wanted], [v for _, v in wanted],
                                         [models[r] for r, _ in wanted], [quote(views[v].images) for _, v in wanted],
                                         unmapped(str(root / "cache" / "features")),
-                                        [views[v].digest for _, v in wanted], [VIEW_PARTS[v] for _, v in wanted],
+                                        [digests[v] for _, v in wanted], [VIEW_PARTS[v] for _, v in wanted],
                                         unmapped(config.device), unmapped(config.feature_batch))
     stores = {f"{role}:{view}": future.result() for (role, view), future in zip(wanted, feature_futures)}
 
