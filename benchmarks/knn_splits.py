@@ -17,7 +17,8 @@ share (the regions the demo backbone confuses with their lower-limb look-alikes)
 pixel thumbnails (no backbone), the kNN accuracy at random init, at its best epoch and after the last epoch,
 the margin's 95 % interval with the held-out patients resampled (``tasks.pretrain.main_dino.knn_margin``), the
 supervised ceiling's kNN accuracy, lightly's final kNN accuracy and the interval of ours minus lightly's (the
-same paired resampling). Each home is deleted after its row unless ``--keep``.
+same paired resampling). Each row is also appended to ``OUT/rows.jsonl`` as it comes. Each home is deleted
+after its row unless ``--keep``.
 """
 from __future__ import annotations
 
@@ -149,6 +150,8 @@ def main() -> None:
     for index in range(1, args.splits + 1):
         rows.append(one_split(index, corpus, args.out, args.overrides, args.config, args.lightly))
         r = rows[-1]
+        with open(args.out / "rows.jsonl", "a") as saved:   # each row as it comes: a stopped run keeps its rows
+            saved.write(json.dumps(r, default=str) + "\n")
         print(f"split {index}: kNN {r['random']:.3f} -> {r['final']:.3f} (majority {r['majority']:.3f}, "
               f"thumbnails {r['thumbnails']:.3f}, supervised ceiling {r['ceiling']:.3f}"
               + (f", lightly's {r['lightly']:.3f}" if "lightly" in r else "")

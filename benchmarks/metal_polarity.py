@@ -7,7 +7,9 @@ frames inverted back inside their letterbox: fluoroscopy shows metal dark, radio
     .venv/bin/python benchmarks/metal_polarity.py --home /tmp/he/home --labels /tmp/he/eval-corpus/labels.parquet \\
         --backbone models:/dax-backbone-resnet18/1
 
-A measurement for docs/experiments.md, sections 16 and 17; nothing is written or registered.
+A measurement for docs/experiments.md, sections 16 and 17; nothing is written or registered. On homes ingested
+since the cleaned burned-in text is recorded (section 18) the "as displayed" rows show those boxes white, not black
+(inverted back from the models' 0): a small difference from the display, left as is.
 """
 from __future__ import annotations
 

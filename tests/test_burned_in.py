@@ -216,6 +216,7 @@ def test_rule_cleans_generated_text(images, device, scale):
     verdict = assess(ds, frames)
     assert verdict.action == "clean", verdict.reason
     assert verdict.rule and verdict.rule.endswith(f"-{record.rows}x{record.cols}")
+    assert verdict.blanked == verdict.boxes   # what normalize records as read as air
     fill = black_level(ds)
     assert fill == (device.max_value if device.photometric == "MONOCHROME1" else 0)
 
@@ -241,12 +242,12 @@ def test_prediction_reads_the_cleaned_boxes_as_air(tmp_path, monkeypatch, fluoro
     device = next(d for d in BURNING if (d.modalities[0] in ("XA", "RF")) is fluoroscopy)
     image = _write_image(tmp_path, device, 0.5)
     prepared = prepare_dicom(next(tmp_path.rglob("*.dcm")), max_size=256)
-    assert prepared.attenuation_bright is not fluoroscopy and prepared.blanked, device.model
+    assert prepared.params["attenuation_bright"] is not fluoroscopy and prepared.params["blanked"], device.model
     view = prepared.view("attenuation")
     assert np.array_equal(prepared.view("display"), prepared.pixels)
-    for x0, y0, x1, y1 in prepared.blanked:
+    for x0, y0, x1, y1 in prepared.params["blanked"]:
         assert (view[y0:y1, x0:x1] == 0).all() and y1 > y0 and x1 > x0
-    assert len(prepared.blanked) == len(assess(image.ds, image.frames).boxes)
+    assert len(prepared.params["blanked"]) == len(assess(image.ds, image.frames).boxes)
 
 
 def test_residual_text_outside_the_rule_goes_to_review(images):
@@ -256,6 +257,7 @@ def test_residual_text_outside_the_rule_goes_to_review(images):
     frames[:, text_mask(frames.shape[1:], (150, 250), "EXTRA NAME 0123", 14)] = device.text_value
     verdict = assess(image.ds, frames)
     assert verdict.action == "review" and verdict.rule and "remain outside" in verdict.reason
+    assert verdict.boxes and verdict.blanked == []   # the rule's boxes, but nothing is cleaned
     with pytest.raises(ValueError):
         clean(frames, verdict, 0)
 

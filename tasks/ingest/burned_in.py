@@ -75,6 +75,11 @@ class PixelVerdict:
     boxes: list[Box]
     reason: str
 
+    @property
+    def blanked(self) -> list[Box]:
+        """The boxes ``clean`` fills: ``boxes`` for a 'clean' verdict, none otherwise (normalize records them)."""
+        return self.boxes if self.action == "clean" else []
+
 
 @dataclass(frozen=True)
 class PixelRule:

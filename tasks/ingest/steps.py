@@ -120,8 +120,7 @@ def prepare_file(path: Path, sha256: str, key: DeidKey, config: IngestConfig):
     result = deidentify(ds, key, recipe=Path(config.recipe), reread=lambda: read_dicom(path),  # ds handed over
                         plan_cache=Path(config.plan_cache) if config.plan_cache else None)
     clean_ds = result.dataset
-    normalized = normalize(clean_ds, frames, config.normalize,
-                           blanked=verdict.boxes if verdict.action == "clean" else ())
+    normalized = normalize(clean_ds, frames, config.normalize, blanked=verdict.blanked)
     for element in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
         if element in clean_ds:
             delattr(clean_ds, element)

@@ -164,14 +164,14 @@ def load_models(backbone_uri: str | None = None, head_uris: dict[str, str] | Non
 
 @dataclass
 class Prepared:
-    """One de-identified, normalized frame and its geometry (no header value kept)."""
+    """One de-identified, normalized frame, its geometry and normalization's record (technical values only, as
+    the catalog's ``normalization`` holds them: no identifying header value kept)."""
 
     pixels: np.ndarray           # uint16 (H, W), MONOCHROME2 display polarity, long side <= max_size
     original: tuple[int, int]    # the DICOM's Rows x Columns
     frame: int
     frames: int
-    attenuation_bright: bool = True   # whether the display shows bone and metal bright (normalize's decision)
-    blanked: tuple = ()               # boxes cleaned of burned-in text, in ``pixels``' coordinates (normalize's)
+    params: dict                 # normalize's record of it: geometry, LUT, polarity, boxes cleaned of text
 
     def view(self, polarity: str) -> np.ndarray:
         """The pixels in a head's polarity: "attenuation" (the models' view) or "display" (as shown)."""
@@ -179,7 +179,7 @@ class Prepared:
 
         if polarity == "display":
             return self.pixels
-        return model_view(self.pixels, {"attenuation_bright": self.attenuation_bright, "blanked": self.blanked})
+        return model_view(self.pixels, self.params)
 
 
 def prepare_dicom(path: Path, frame: int = 0, max_size: int = INGEST_MAX_SIZE, key=None,
@@ -220,12 +220,11 @@ def prepare_dicom(path: Path, frame: int = 0, max_size: int = INGEST_MAX_SIZE, k
                                 plan_cache=plan_cache)
     try:
         normalized = normalize(result.dataset, frames[frame:frame + 1], NormalizeConfig(max_size=max_size),
-                               blanked=verdict.boxes if verdict.action == "clean" else ())
+                               blanked=verdict.blanked)
     except PixelDataError as error:
         raise PredictError(str(error)) from None
-    params = normalized[0].params
     return Prepared(normalized[0].pixels, (int(frames.shape[1]), int(frames.shape[2])), frame, n,
-                    bool(params["attenuation_bright"]), tuple(tuple(box) for box in params["blanked"]))
+                    normalized[0].params)
 
 
 @torch.no_grad()
