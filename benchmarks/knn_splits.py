@@ -19,6 +19,14 @@ the margin's 95 % interval with the held-out patients resampled (``tasks.pretrai
 supervised ceiling's kNN accuracy, lightly's final kNN accuracy and the interval of ours minus lightly's (the
 same paired resampling). Each row is also appended to ``OUT/rows.jsonl`` as it comes. Each home is deleted
 after its row unless ``--keep``.
+
+``--variant KEY=VALUE`` (repeat) pretrains a second time on each home with those overrides on top of ``--set``
+(the same images, held-out queries and seed) and reports the variant beside the default: its kNN, its own
+margin over random init, and the paired intervals of variant minus default and variant minus lightly's on the
+same queries, so a candidate change is judged split by split against what it would replace::
+
+    .venv/bin/python benchmarks/knn_splits.py --splits 2 --config demo-cpu-resnet18 \
+        --variant augment.jitter=0.4 --variant augment.solarize_p=0.2 --variant augment.blur=gaussian
 """
 from __future__ import annotations
 
@@ -63,8 +71,18 @@ def held_out_patients(home: Path, labels: Path) -> tuple[int, str, float]:
     return len({r["patient_key"] for r in rows}), regions.most_common(1)[0][0] if regions else "-", upper
 
 
+def pretrain(home: Path, corpus: Path, config: str, overrides: list[str], prefect_home: Path) -> Path:
+    """One ``dax pretrain`` on ``home`` with the corpus' labels; its job folder."""
+    before = set((home / "pretrain").glob("*"))
+    sets = [item for pair in overrides for item in ("--set", pair)]
+    dax("pretrain", "--config", config, "--home", str(home), "--labels", str(corpus / "labels.parquet"),
+        "--device", "cpu", *sets, prefect_home=prefect_home)
+    (job,) = set((home / "pretrain").glob("*")) - before
+    return job
+
+
 def one_split(index: int, corpus: Path, out: Path, overrides: list[str], config: str = "demo-cpu",
-              lightly: bool = True) -> dict:
+              lightly: bool = True, variant: tuple[str, ...] = ()) -> dict:
     import torch
 
     from knn_ceiling import knn_ceiling
@@ -78,34 +96,46 @@ def one_split(index: int, corpus: Path, out: Path, overrides: list[str], config:
     dax("ingest", str(corpus / "dicom"), "--home", str(home), secret=secret, prefect_home=prefect_home)
     del secret
     ingested = time.perf_counter()
-    sets = [item for pair in overrides for item in ("--set", pair)]
-    dax("pretrain", "--config", config, "--home", str(home), "--labels", str(corpus / "labels.parquet"),
-        "--device", "cpu", *sets, prefect_home=prefect_home)
-    job = max((home / "pretrain").iterdir(), key=lambda p: p.stat().st_mtime)
+    job = pretrain(home, corpus, config, overrides, prefect_home)
+    pretrain_min = (time.perf_counter() - ingested) / 60
     prepared = json.loads((job / "prepare.json").read_text())
     result = json.loads((job / "result.json").read_text())
     knn = result["knn"]
     patients, majority_region, upper_limb = held_out_patients(home, corpus / "labels.parquet")
     ceiling = knn_ceiling(job)
+    probe = torch.load(job / "knn.pt", weights_only=False)     # the bank and queries every model is scored on
+    ours = load_checkpoint(job / "checkpoints" / CHECKPOINT)["knn"][-1]["hits"]
     theirs = {}
     if lightly:
         began = time.perf_counter()
         subprocess.run([sys.executable, str(Path(__file__).with_name("lightly_dino.py")), "--job", str(job)],
                        check=True, capture_output=True, text=True)
         lightly_result = json.loads((job / "lightly.json").read_text())
-        ours = load_checkpoint(job / "checkpoints" / CHECKPOINT)["knn"][-1]["hits"]
-        probe = torch.load(job / "knn.pt", weights_only=False)     # the bank and queries both were scored on
         theirs = {"lightly": lightly_result["knn"][-1]["knn_accuracy"],
                   "lightly_random": lightly_result["knn"][0]["knn_accuracy"],
                   "versus_lightly": knn_margin(probe, lightly_result["final_hits"], ours),
                   "lightly_min": (time.perf_counter() - began) / 60}
+    if variant:
+        began = time.perf_counter()
+        other = pretrain(home, corpus, config, [*overrides, *variant], prefect_home)
+        same = torch.load(other / "knn.pt", weights_only=False)
+        assert all(torch.equal(same[key], probe[key]) for key in ("queries", "query_labels", "query_patients")), \
+            "the variant was scored on other queries: not paired"
+        result_v = json.loads((other / "result.json").read_text())
+        hits_v = load_checkpoint(other / "checkpoints" / CHECKPOINT)["knn"][-1]["hits"]
+        theirs.update(variant=result_v["knn"][-1]["knn_accuracy"], variant_random=result_v["knn"][0]["knn_accuracy"],
+                      variant_verdict=margin_verdict(result_v["knn_margin"]),
+                      variant_versus_default=knn_margin(probe, ours, hits_v),
+                      variant_min=(time.perf_counter() - began) / 60)
+        if lightly:
+            theirs["variant_versus_lightly"] = knn_margin(probe, lightly_result["final_hits"], hits_v)
     return {**theirs, "split": index, "held_out": prepared["held_out"], "patients": patients,
             "majority": prepared["chance_majority"], "majority_region": majority_region, "upper_limb": upper_limb,
             "thumbnails": prepared["knn_thumbnails"], "random": knn[0]["knn_accuracy"],
             "best": max(k["knn_accuracy"] for k in knn[1:] or knn), "final": knn[-1]["knn_accuracy"],
             "interval": (result["knn_margin"]["low"], result["knn_margin"]["high"]),
             "verdict": margin_verdict(result["knn_margin"]), "ceiling": ceiling["ceiling"],
-            "pretrain_min": (time.perf_counter() - ingested) / 60}
+            "pretrain_min": pretrain_min}
 
 
 def table(rows: list[dict]) -> str:
@@ -128,6 +158,21 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def variant_table(rows: list[dict], variant: list[str]) -> str:
+    """The variant beside the default, split by split, paired on the same queries."""
+    interval = lambda v: f"{v['margin']:+.3f} ({v['low']:+.3f} to {v['high']:+.3f})"   # noqa: E731
+    lines = [f"variant: {' '.join(variant)}", "",
+             "| split | kNN 16x16 thumbnails | default, final | variant: random init | variant, final | "
+             "its margin over random init | variant - default (95 %) | variant - lightly's (95 %) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        versus = interval(r["variant_versus_lightly"]) if "variant_versus_lightly" in r else "-"
+        lines.append(f"| {r['split']} | {r['thumbnails']:.3f} | {r['final']:.3f} | {r['variant_random']:.3f} | "
+                     f"{r['variant']:.3f} | {r['variant_verdict']} | {interval(r['variant_versus_default'])} | "
+                     f"{versus} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--splits", type=int, default=4, help="secrets to ingest the corpus under")
@@ -135,6 +180,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/dax-knn-splits"), help="scratch folder")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="demo-cpu override, as dax pretrain --set (repeat)")
+    parser.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE",
+                        help="pretrain again on each home with this override too, paired against the default (repeat)")
     parser.add_argument("--keep", action="store_true", help="keep each split's home")
     parser.add_argument("--config", default="demo-cpu", help="the pretraining config (default demo-cpu)")
     parser.add_argument("--no-lightly", dest="lightly", action="store_false",
@@ -148,13 +195,14 @@ def main() -> None:
     dax("synth", str(corpus), "--studies", str(args.studies), "--preset", "demo", prefect_home=args.out / "prefect")
     rows = []
     for index in range(1, args.splits + 1):
-        rows.append(one_split(index, corpus, args.out, args.overrides, args.config, args.lightly))
+        rows.append(one_split(index, corpus, args.out, args.overrides, args.config, args.lightly, tuple(args.variant)))
         r = rows[-1]
         with open(args.out / "rows.jsonl", "a") as saved:   # each row as it comes: a stopped run keeps its rows
             saved.write(json.dumps(r, default=str) + "\n")
         print(f"split {index}: kNN {r['random']:.3f} -> {r['final']:.3f} (majority {r['majority']:.3f}, "
               f"thumbnails {r['thumbnails']:.3f}, supervised ceiling {r['ceiling']:.3f}"
               + (f", lightly's {r['lightly']:.3f}" if "lightly" in r else "")
+              + (f", variant {r['variant']:.3f}" if "variant" in r else "")
               + f"), pretraining {r['pretrain_min']:.1f} min", flush=True)
         if not args.keep:
             shutil.rmtree(args.out / f"split-{index}")
@@ -174,6 +222,17 @@ def main() -> None:
         clearly = sum(r["versus_lightly"]["low"] > 0 for r in rows)
         print(f"ours beats lightly's DINO at the same budget on {ahead} of {len(rows)} splits "
               f"({clearly} with the interval above 0)")
+    if args.variant:
+        print()
+        print(variant_table(rows, args.variant))
+        counts = {"a clear margin over random init": sum(r["variant_verdict"] == "clear" for r in rows),
+                  "beats the 16x16 thumbnails": sum(r["variant"] > r["thumbnails"] for r in rows),
+                  "beats the default": sum(r["variant"] > r["final"] for r in rows),
+                  "beats the default with the interval above 0":
+                      sum(r["variant_versus_default"]["low"] > 0 for r in rows)}
+        if all("variant_versus_lightly" in r for r in rows):
+            counts["beats lightly's DINO"] = sum(r["variant"] > r["lightly"] for r in rows)
+        print("the variant: " + "; ".join(f"{what} on {n} of {len(rows)}" for what, n in counts.items()))
     print("command: " + shlex.join(["python", "benchmarks/knn_splits.py", *sys.argv[1:]]))
 
 

@@ -33,13 +33,13 @@ CORPUS_SECRET = "dax-test-secret-not-for-production"
 DAX = str(Path(sys.executable).with_name("dax"))
 
 
-def synth_and_ingest(tmp: Path, studies: int, seed: int, preset: str, max_size: int, timeout: int = 600):
+def synth_and_ingest(tmp: Path, studies: int, seed: int, preset: str, max_size: int):
     """A corpus through the real `dax synth` and `dax ingest` under ``tmp``: ``home`` (catalog, shards),
     ``labels`` (labels.parquet), ``tmp`` and the ``env`` the commands ran with."""
     env = dict(os.environ, DAX_DEID_SECRET=CORPUS_SECRET, PREFECT_HOME=prefect_home(tmp / "prefect"), COLUMNS="200")
     for args in (["synth", str(tmp / "corpus"), "--studies", str(studies), "--seed", str(seed), "--preset", preset],
                  ["ingest", str(tmp / "corpus" / "dicom"), "--home", str(tmp / "home"), "--max-size", str(max_size)]):
-        done = subprocess.run([DAX, *args], env=env, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run([DAX, *args], env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, f"dax {args[0]} failed:\n{done.stdout}\n{done.stderr}"
     return SimpleNamespace(home=tmp / "home", labels=tmp / "corpus" / "labels.parquet", tmp=tmp, env=env)
 
@@ -49,17 +49,6 @@ def small_corpus(tmp_path_factory):
     """24 test-preset studies (about 100 images), stored at 128 px; shared by the pretraining and heads
     tests (the MLflow store some of them use lives in its home)."""
     return synth_and_ingest(tmp_path_factory.mktemp("small-corpus"), 24, seed=3, preset="test", max_size=128)
-
-
-@pytest.fixture(scope="session")
-def knn_corpus(tmp_path_factory):
-    """50 demo-preset studies (about 770 images, 242 of them of held-out patients), stored at 256 px.
-
-    The kNN test's own corpus: the 24 tiny test-preset studies of ``small_corpus`` leave most held-out
-    classes without a neighbour in the kNN bank, and their 128 px images are too small for demo-cpu's
-    crops."""
-    return synth_and_ingest(tmp_path_factory.mktemp("knn-corpus"), 50, seed=7, preset="demo", max_size=256,
-                            timeout=900)
 
 
 # --- heads fixtures ---

@@ -491,8 +491,8 @@ def test_pretraining_learns_and_registers_a_loadable_backbone(small_corpus, tmp_
     assert np.mean(losses[-8:]) < np.mean(losses[:8])
     knn = summary["knn"]
     assert [k["step"] for k in knn] == [0, 24, 48] and all(0.0 <= k["knn_accuracy"] <= 1.0 for k in knn)
-    # "kNN rises above random init": test_knn_accuracy_rises_above_the_random_init_backbone (with 24 studies
-    # the patient split here leaves most held-out classes without a neighbour in the bank)
+    # "kNN rises above random init" is benchmarks/short_run_knn.py's question (50 studies, 120 steps: with 24
+    # studies the patient split here leaves most held-out classes without a neighbour in the bank)
 
     configure_tracking(root)
     client = MlflowClient()
@@ -531,46 +531,3 @@ def test_pretraining_learns_and_registers_a_loadable_backbone(small_corpus, tmp_
     with torch.no_grad():
         expected = teacher_backbone(job)(x)
     torch.testing.assert_close(torch.load(tmp_path / "f.pt"), expected, atol=1e-5, rtol=1e-4)
-
-
-# --- learning: the demo-cpu recipe, short, on a corpus of its own -----------------------------------------
-
-@pytest.mark.xfail(strict=True, reason=(
-    "since pretraining reads the models' view (fluoroscopy inverted, attenuation bright; 2026-12-05) this short "
-    "ViT-Ti run goes 0.083 -> 0.033 -> 0.025 (with the display polarity 0.029 -> 0.165 -> 0.132); the demo's "
-    "ResNet-18 in the same run rose 0.066 -> 0.116 (display: 0.107 -> 0.062): docs/experiments.md, section 17"))
-def test_knn_accuracy_rises_above_the_random_init_backbone(knn_corpus):
-    """120 steps of the demo-cpu recipe (its crops, teacher and head; 2 local crops, a higher lr for the
-    short run): the kNN monitor's body-region accuracy on held-out patients beats step 0, the same
-    architecture at random init, by 0.05 or more (measured without intensity views, the config since
-    2026-12-05: 0.029 -> 0.165 -> 0.132 on 242 queries, the margin's 95 % interval over the 8 held-out patients
-    +0.004 to +0.280; on a later day's host, same code and corpus, 0.029 -> 0.174 -> 0.128, -0.005 to +0.280:
-    the CPU's rounding moves the run, and 8 patients leave the interval's low end on 0, so the test holds it
-    above -0.05, not above 0; with brightness, contrast and solarisation views 0.029 -> 0.037 -> 0.128, +0.023
-    to +0.210). With neglog drawn per crop the same run ended at 0.050 (docs/experiments.md, section 7). Its
-    teacher never collapses whole, but it does partly: it sorts a batch of 32 into fewer than 2 groups, and the
-    partial alarm fires (step 60; step 51 with the intensity views). The backbone learns all the same, so that
-    alarm warns and does not judge (section 11)."""
-    from tasks.pretrain.steps import prepare_job, run_training
-    config = load_config("demo-cpu", {"epochs": 6, "steps_per_epoch": 20, "batch_size": 32, "lr": 0.004,
-                                      "augment.local_crops": 2, "checkpoint_every": 1000, "knn_every": 3,
-                                      "log_every": 10})
-    job = knn_corpus.tmp / "job"
-    prepared = prepare_job(knn_corpus.home, job, config, None, knn_corpus.labels, device="cpu")
-    assert prepared["knn_queries"] >= 150
-    result = run_training(job)
-    assert result["status"] == "finished"
-    assert result["collapse_alarm_step"] is None or result["collapse_alarm"].startswith("partial collapse")
-    knn = {k["step"]: k["knn_accuracy"] for k in result["knn"]}
-    assert sorted(knn) == [0, 60, 120]
-    print(f"kNN accuracy by step {knn}; chance {prepared['chance_uniform']:.3f} uniform, "
-          f"{prepared['chance_majority']:.3f} majority class; 16x16 thumbnails {prepared['knn_thumbnails']:.3f}; "
-          f"margin {result['knn_margin']}; collapse alarm: {result['collapse_alarm']}")
-    assert knn[120] >= knn[0] + 0.05, knn
-    assert result["knn_margin"]["margin"] == pytest.approx(knn[120] - knn[0])
-    assert result["knn_margin"]["low"] > -0.05, result["knn_margin"]  # 8 held-out patients resampled (docstring)
-    assert result["teacher_init_weight"] < 0.01                      # the teacher scored is not its random init
-    # No "the loss falls": DINO's loss is the teacher's entropy plus the KL, and with a teacher that tracks
-    # the student (0.1 % init left) the entropy rises in this short run (loss 6.54 -> 6.83 of log 1024 = 6.93)
-    # while the kNN rises; a slow teacher (h = 0.1) gave the falling loss and no kNN rise (experiments.md, 7).
-    assert all(np.isfinite(_losses(job)))
