@@ -179,7 +179,7 @@ def main() -> None:
     parser.add_argument("--studies", type=int, default=200, help="demo-preset studies (the demo makes 200)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/dax-knn-splits"), help="scratch folder")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="demo-cpu override, as dax pretrain --set (repeat)")
+                        help="a --config override, as dax pretrain --set (repeat)")
     parser.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE",
                         help="pretrain again on each home with this override too, paired against the default (repeat)")
     parser.add_argument("--keep", action="store_true", help="keep each split's home")
