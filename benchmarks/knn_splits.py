@@ -81,12 +81,18 @@ def pretrain(home: Path, corpus: Path, config: str, overrides: list[str], prefec
     return job
 
 
+def final_hits(job: Path) -> str:
+    """The job's per-query kNN hits after its last epoch (the checkpoint keeps them; result.json only the rate)."""
+    from tasks.pretrain.main_dino import CHECKPOINT, load_checkpoint
+
+    return load_checkpoint(job / "checkpoints" / CHECKPOINT)["knn"][-1]["hits"]
+
+
 def one_split(index: int, corpus: Path, out: Path, overrides: list[str], config: str = "demo-cpu",
               lightly: bool = True, variant: tuple[str, ...] = ()) -> dict:
     import torch
 
     from knn_ceiling import knn_ceiling
-    from tasks.pretrain.main_dino import CHECKPOINT, load_checkpoint
     from tasks.pretrain.monitor import knn_margin, margin_verdict
 
     home = out / f"split-{index}"
@@ -104,7 +110,7 @@ def one_split(index: int, corpus: Path, out: Path, overrides: list[str], config:
     patients, majority_region, upper_limb = held_out_patients(home, corpus / "labels.parquet")
     ceiling = knn_ceiling(job)
     probe = torch.load(job / "knn.pt", weights_only=False)     # the bank and queries every model is scored on
-    ours = load_checkpoint(job / "checkpoints" / CHECKPOINT)["knn"][-1]["hits"]
+    ours = final_hits(job)
     theirs = {}
     if lightly:
         began = time.perf_counter()
@@ -122,7 +128,7 @@ def one_split(index: int, corpus: Path, out: Path, overrides: list[str], config:
         assert all(torch.equal(same[key], probe[key]) for key in ("queries", "query_labels", "query_patients")), \
             "the variant was scored on other queries: not paired"
         result_v = json.loads((other / "result.json").read_text())
-        hits_v = load_checkpoint(other / "checkpoints" / CHECKPOINT)["knn"][-1]["hits"]
+        hits_v = final_hits(other)
         theirs.update(variant=result_v["knn"][-1]["knn_accuracy"], variant_random=result_v["knn"][0]["knn_accuracy"],
                       variant_verdict=margin_verdict(result_v["knn_margin"]),
                       variant_versus_default=knn_margin(probe, ours, hits_v),

@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,25 +39,17 @@ SHORT_RUN = {"epochs": 6, "steps_per_epoch": 20, "batch_size": 32, "augment.loca
 SHORT_RUN_LR = {"demo-cpu": 0.004}   # the ViT-Ti's short run at twice the demo's lr (docs/experiments.md, 5)
 
 
-def parse_sets(items: list[str]) -> dict:
-    """``KEY=VALUE`` strings as ``dax pretrain --set`` reads them (values as YAML: 0.4, gaussian, true)."""
-    import yaml
-
-    return {key.strip(): yaml.safe_load(value) for key, _, value in (item.partition("=") for item in items)}
-
-
 def corpus(out: Path, studies: int) -> tuple[Path, Path]:
     """The test's corpus under ``out`` (made once): (home, labels)."""
     home, labels = out / "home", out / "corpus" / "labels.parquet"
     if (home / "catalog.duckdb").exists() and labels.exists():
         return home, labels
-    env = dict(os.environ, DAX_DEID_SECRET=SECRET, PREFECT_HOME=str(out / "prefect"))
-    dax = str(Path(sys.executable).with_name("dax"))
-    for args in (["synth", str(out / "corpus"), "--studies", str(studies), "--seed", "7", "--preset", "demo"],
-                 ["ingest", str(out / "corpus" / "dicom"), "--home", str(home), "--max-size", "256"]):
-        done = subprocess.run([dax, *args], env=env, capture_output=True, text=True)
-        if done.returncode != 0:
-            sys.exit(f"dax {args[0]} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    from knn_splits import dax
+
+    dax("synth", str(out / "corpus"), "--studies", str(studies), "--seed", "7", "--preset", "demo",
+        prefect_home=out / "prefect")
+    dax("ingest", str(out / "corpus" / "dicom"), "--home", str(home), "--max-size", "256", secret=SECRET,
+        prefect_home=out / "prefect")
     return home, labels
 
 
@@ -89,6 +80,7 @@ def main() -> None:
     parser.add_argument("--studies", type=int, default=50, help="demo-preset studies in the corpus (the test's 50)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/dax-short-run-knn"), help="scratch folder")
     args = parser.parse_args()
+    from flows.cli import parse_settings
     from tasks.home import QUIET_DEFAULTS
     for key, value in QUIET_DEFAULTS.items():
         os.environ.setdefault(key, value)
@@ -97,7 +89,7 @@ def main() -> None:
     home, labels = corpus(args.out, args.studies)
     for seed in args.seeds:
         overrides = {**SHORT_RUN, **({"lr": SHORT_RUN_LR[args.config]} if args.config in SHORT_RUN_LR else {}),
-                     **parse_sets(args.overrides), "seed": seed}
+                     **parse_settings(args.overrides), "seed": seed}
         job = args.out / "jobs" / f"{args.config}-seed{seed}-{time.strftime('%Y%m%dT%H%M%S')}"
         row = short_run(home, labels, job, args.config, overrides)
         with open(args.out / "rows.jsonl", "a") as saved:

@@ -237,7 +237,7 @@ def _log_progress() -> None:
     logging.getLogger("dax").setLevel(logging.INFO)
 
 
-def _parse_settings(settings: list[str]) -> dict:
+def parse_settings(settings: list[str]) -> dict:
     import yaml
 
     overrides = {}
@@ -267,7 +267,7 @@ def pretrain(
     _log_progress()
     from flows.pretrain import pretrain as pretrain_flow
 
-    overrides = {**_parse_settings(settings), "epochs": epochs}
+    overrides = {**parse_settings(settings), "epochs": epochs}
     with user_errors():
         summary = pretrain_flow(config=config, where=where, home=str(root), labels=str(labels) if labels else None,
                                 device=device.value, nproc_per_node=nproc_per_node, resume=resume, overrides=overrides)
