@@ -11,13 +11,15 @@
    secret: the backbone, registered before, never saw these images, and the original home is left alone;
 3. scores the dense heads' oracles on the corpus' labels (``tasks.heads.oracle``: what a perfect head of each
    design reaches at native resolution);
-4. runs the ``heads`` flow on the corpus' labels (``--seeds`` 3): floors, random-init twin, pretrained backbone;
-   nothing registered. ``--config`` eval (``deployments/heads/eval.yaml``) is the demo's heads on every labelled
+4. runs the ``heads`` flow on the corpus' labels (``--seeds`` 3; ``--tasks`` all three): floors, random-init twin,
+   pretrained backbone; nothing registered. ``--config`` eval (``deployments/heads/eval.yaml``) is the demo's heads on every labelled
    image (about an hour with 3 seeds on 2 cores); ``--config demo`` reads the demo's 250 for metal and screws;
 5. trains the supervised ceiling of each task once (``--ceiling-epochs``; ``--ceiling-tasks`` picks them; seed 0:
    the same architecture from random init, end to end, on the same images; region at the head config's
    ``e2e_side``, metal and screws with their heads on the dense windows);
-6. prints, and writes to BENCHMARKS.md (a section per architecture, "heads-eval-<arch>"), the results table, each headline figure's
+6. with ``--against URI`` (another registered backbone: a candidate's rival), runs the same heads on it, same
+   home, labels, seeds and config, and adds a paired table: pretrained minus it on the same test patients;
+7. prints, and writes to BENCHMARKS.md (a section per architecture, "heads-eval-<arch>"), the results table, each headline figure's
    95 % interval with test PATIENTS resampled (seed 0), the paired interval of pretrained minus floor, and
    the command.
 """
@@ -146,6 +148,28 @@ def intervals(branches: list[dict]) -> list[dict]:
     return rows
 
 
+def against_rows(branches: list[dict], rival: list[dict]) -> list[dict]:
+    """Seed 0's headline figures of the backbone and of its rival (``--against``), and the backbone minus the rival,
+    paired on the same test patients (the split is the labels', not the backbone's: asserted)."""
+    from tasks.heads.evaluation import patient_interval
+
+    ours = {b["task"]: b for b in branches if b["seed"] == 0 and b["role"] == "pretrained"}
+    theirs = {b["task"]: b for b in rival if b["seed"] == 0 and b["role"] == "pretrained"}
+    rows = []
+    for task, metric in HEADLINES:
+        if task not in ours or task not in theirs:
+            continue
+        patients = ours[task]["test_patients"]
+        if list(patients) != list(theirs[task]["test_patients"]):
+            raise AssertionError(f"{task}: the two backbones' heads were tested on different patients")
+        rows.append({"task": task, "metric": metric,
+                     "rival": patient_interval(theirs[task]["per_image"], patients, metric),
+                     "pretrained": patient_interval(ours[task]["per_image"], patients, metric),
+                     "minus_rival": patient_interval(ours[task]["per_image"], patients, metric,
+                                                     minus=theirs[task]["per_image"])})
+    return rows
+
+
 def _ci(v: dict | None, signed: bool = False) -> str:
     if not v:
         return "-"
@@ -174,7 +198,8 @@ def ceiling_cells(table: str, top: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def report(args, summary: dict, oracle: dict, top: dict[str, dict] | None, rows: list[dict], minutes: float) -> str:
+def report(args, summary: dict, oracle: dict, top: dict[str, dict] | None, rows: list[dict], minutes: float,
+           rival: dict | None = None) -> str:
     data = summary["data"]
     table = summary["markdown"].split("\n\n", 2)[-1]        # the flow's table without its header
     if top is not None:
@@ -218,6 +243,14 @@ def report(args, summary: dict, oracle: dict, top: dict[str, dict] | None, rows:
     out += [f"| {r['task']} | {r['metric']} | {_ci(r.get('floor'))} | {_ci(r.get('random'))} | "
             f"{_ci(r.get('pretrained'))} | {_ci(r.get('minus_floor'), True)} | {_ci(r.get('minus_random'), True)} |"
             for r in rows]
+    if rival is not None:
+        mine, theirs = summary["backbone"], rival["backbone"]
+        out += ["", f"Against `{theirs}` (`--against`: the same heads, seeds, images and test patients), seed 0 with "
+                    "the test patients resampled (seed 0); its own table:", "",
+                rival["markdown"].split("\n\n", 2)[-1], "",
+                f"| task | metric | `{theirs}` | `{mine}` | `{mine}` - `{theirs}` |", "|---|---|---|---|---|"]
+        out += [f"| {r['task']} | {r['metric']} | {_ci(r['rival'])} | {_ci(r['pretrained'])} | "
+                f"{_ci(r['minus_rival'], True)} |" for r in against_rows(summary["branches"], rival["branches"])]
     return "\n".join(out)
 
 
@@ -225,6 +258,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--home", type=Path, required=True, help="a home with a registered, pretrained backbone")
     parser.add_argument("--backbone", default=None, help="registered backbone URI (default: the heads flow's)")
+    parser.add_argument("--against", default=None, metavar="URI",
+                        help="another registered backbone: the same heads on it, and --backbone minus it, paired")
+    parser.add_argument("--tasks", default=None, help="comma-separated heads to run (default: region,metal,screws)")
     parser.add_argument("--studies", type=int, default=300, help="evaluation patients (one study each)")
     parser.add_argument("--seed", type=int, default=1, help="corpus seed (the demo corpus is seed 0)")
     parser.add_argument("--seeds", type=int, default=3, help="head seeds")
@@ -240,11 +276,15 @@ def main() -> None:
     args = parser.parse_args()
     from tasks.heads.training import TASKS
 
-    ceiling_tasks = TASKS if args.ceiling_tasks is None else \
-        tuple(task.strip() for task in args.ceiling_tasks.split(",") if task.strip())
-    unknown = set(ceiling_tasks) - set(TASKS)
-    if unknown:     # before the corpus, ingestion and heads, not 12 minutes in
-        parser.error(f"--ceiling-tasks: unknown task(s) {', '.join(sorted(unknown))} ({', '.join(TASKS)})")
+    def task_list(option: str, value: str | None) -> tuple[str, ...]:
+        chosen = TASKS if value is None else tuple(task.strip() for task in value.split(",") if task.strip())
+        unknown = set(chosen) - set(TASKS)
+        if unknown or not chosen:     # before the corpus, ingestion and heads, not 12 minutes in
+            parser.error(f"{option}: unknown or no task(s) {', '.join(sorted(unknown))} ({', '.join(TASKS)})")
+        return chosen
+
+    tasks = task_list("--tasks", args.tasks)
+    ceiling_tasks = tuple(task for task in task_list("--ceiling-tasks", args.ceiling_tasks) if task in tasks)
     began = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PREFECT_HOME": str(args.out / "prefect")}
@@ -262,17 +302,23 @@ def main() -> None:
     config = load_head_config(args.config, {**overrides, "e2e_epochs": 0})
     oracle = oracles(labels, config.dense_size)
     backbone = args.backbone or DEFAULT_BACKBONE
-    summary = heads(backbone=backbone, home=str(home), labels=str(labels), seeds=args.seeds, config=args.config,
-                    overrides={**overrides, "e2e_epochs": 0}, register_heads=False)
+    run = dict(home=str(home), labels=str(labels), seeds=args.seeds, config=args.config, tasks=tasks,
+               overrides={**overrides, "e2e_epochs": 0}, register_heads=False)
+    summary = heads(backbone=backbone, **run)
+    rival = heads(backbone=args.against, **run) if args.against else None
     top = ceilings(home, labels, backbone, config, args.ceiling_epochs, ceiling_tasks) \
         if args.ceiling_epochs > 0 and ceiling_tasks else None
-    text = report(args, summary, oracle, top, intervals(summary["branches"]), (time.perf_counter() - began) / 60)
+    text = report(args, summary, oracle, top, intervals(summary["branches"]), (time.perf_counter() - began) / 60,
+                  rival)
     print(text)
     if args.write:
         from benchmarks_md import write_section
-        write_section(f"heads-eval-{summary['arch']}",
-                      f"The heads on the evaluation corpus ({summary['arch']}): floor, random init, pretrained, ceiling",
-                      text)
+        if rival is None:
+            write_section(f"heads-eval-{summary['arch']}", f"The heads on the evaluation corpus ({summary['arch']}): "
+                          "floor, random init, pretrained, ceiling", text)
+        else:       # a comparison of two backbones: its own section, the architecture's table stays
+            write_section(f"heads-eval-{summary['arch']}-against", f"The heads on the evaluation corpus "
+                          f"({summary['arch']}): one backbone against another, paired", text)
 
 
 if __name__ == "__main__":

@@ -140,3 +140,18 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _one_random_state_per_test():
+    """Every test starts from the same global random state, whatever ran before it, so a draw a test does
+    not seed itself is the same in CI as here. (An unseeded test passed here and failed in CI once: 8 in 10,000
+    local crops of its pattern are legitimately flat, brightness jitter saturating a bright patch.)"""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
