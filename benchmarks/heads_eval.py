@@ -11,17 +11,18 @@
    secret: the backbone, registered before, never saw these images, and the original home is left alone;
 3. scores the dense heads' oracles on the corpus' labels (``tasks.heads.oracle``: what a perfect head of each
    design reaches at native resolution);
-4. runs the ``heads`` flow on the corpus' labels (``--seeds`` 3; ``--tasks`` all three): floors, random-init twin,
-   pretrained backbone; nothing registered. ``--config`` eval (``deployments/heads/eval.yaml``) is the demo's heads on every labelled
-   image (about an hour with 3 seeds on 2 cores); ``--config demo`` reads the demo's 250 for metal and screws;
+4. runs the ``heads`` flow on the corpus' labels (``--seeds`` 3; ``--tasks`` all three): floors, random-init
+   twin, pretrained backbone; nothing registered. ``--config`` eval (``deployments/heads/eval.yaml``) is the
+   demo's heads on every labelled image (about an hour with 3 seeds on 2 cores); ``--config demo`` reads the
+   demo's 250 for metal and screws;
 5. trains the supervised ceiling of each task once (``--ceiling-epochs``; ``--ceiling-tasks`` picks them; seed 0:
    the same architecture from random init, end to end, on the same images; region at the head config's
    ``e2e_side``, metal and screws with their heads on the dense windows);
 6. with ``--against URI`` (another registered backbone: a candidate's rival), runs the same heads on it, same
    home, labels, seeds and config, and adds a paired table: pretrained minus it on the same test patients;
-7. prints, and writes to BENCHMARKS.md (a section per architecture, "heads-eval-<arch>"), the results table, each headline figure's
-   95 % interval with test PATIENTS resampled (seed 0), the paired interval of pretrained minus floor, and
-   the command.
+7. prints, and writes to BENCHMARKS.md (a section per architecture, "heads-eval-<arch>"; with ``--against``,
+   "heads-eval-<arch>-against"), the results table, each headline figure's 95 % interval with test PATIENTS
+   resampled (seed 0), the paired interval of pretrained minus floor, and the command.
 """
 from __future__ import annotations
 
@@ -245,8 +246,9 @@ def report(args, summary: dict, oracle: dict, top: dict[str, dict] | None, rows:
             for r in rows]
     if rival is not None:
         mine, theirs = summary["backbone"], rival["backbone"]
-        out += ["", f"Against `{theirs}` (`--against`: the same heads, seeds, images and test patients), seed 0 with "
-                    "the test patients resampled (seed 0); its own table:", "",
+        out += ["", f"Against `{theirs}` (`--against`: the same heads, seeds, images and test patients): its own "
+                    "table, then both backbones and their difference, seed 0, the test patients resampled (seed 0):",
+                "",
                 rival["markdown"].split("\n\n", 2)[-1], "",
                 f"| task | metric | `{theirs}` | `{mine}` | `{mine}` - `{theirs}` |", "|---|---|---|---|---|"]
         out += [f"| {r['task']} | {r['metric']} | {_ci(r['rival'])} | {_ci(r['pretrained'])} | "
@@ -280,7 +282,8 @@ def main() -> None:
         chosen = TASKS if value is None else tuple(task.strip() for task in value.split(",") if task.strip())
         unknown = set(chosen) - set(TASKS)
         if unknown or not chosen:     # before the corpus, ingestion and heads, not 12 minutes in
-            parser.error(f"{option}: unknown or no task(s) {', '.join(sorted(unknown))} ({', '.join(TASKS)})")
+            what = f"unknown task(s) {', '.join(sorted(unknown))}" if unknown else "no task given"
+            parser.error(f"{option}: {what} (choose among {', '.join(TASKS)})")
         return chosen
 
     tasks = task_list("--tasks", args.tasks)
