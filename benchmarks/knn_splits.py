@@ -26,7 +26,9 @@ margin over random init, and the paired intervals of variant minus default and v
 same queries, so a candidate change is judged split by split against what it would replace::
 
     .venv/bin/python benchmarks/knn_splits.py --splits 2 --config demo-cpu-resnet18 \
-        --variant augment.jitter=0.4 --variant augment.solarize_p=0.2 --variant augment.blur=gaussian
+        --variant augment.jitter=0 --variant augment.solarize_p=0 --variant augment.blur=sharpness
+
+(the photometric views off, as the demo configs were until 2026-12-06: docs/experiments.md, sections 20-21).
 """
 from __future__ import annotations
 
