@@ -146,7 +146,7 @@ def one_torch_thread():
 def _one_random_state_per_test():
     """Every test starts from the same global random state, whatever ran before it, so a draw a test does
     not seed itself is the same in CI as here. (An unseeded test passed here and failed in CI once: 8 in 10,000
-    local crops of its pattern are legitimately flat, brightness jitter saturating a bright patch.)"""
+    crops of its pattern, all local ones, are legitimately flat, brightness jitter saturating a bright patch.)"""
     import random
 
     import numpy as np
