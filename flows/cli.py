@@ -249,6 +249,19 @@ def parse_settings(settings: list[str]) -> dict:
     return overrides
 
 
+def pretrain_overrides(settings: list[str], epochs: int | None) -> dict:
+    """``dax pretrain``'s config overrides: the ``--set`` items, with ``--epochs`` as ``epochs`` when given.
+
+    ``--epochs`` left out keeps a ``--set epochs=N``; both given must agree (which one wins is not a guess).
+    """
+    overrides = parse_settings(settings)
+    if epochs is not None:
+        if overrides.get("epochs", epochs) != epochs:
+            raise typer.BadParameter(f"--epochs {epochs} and --set epochs={overrides['epochs']} disagree: give one")
+        overrides["epochs"] = epochs
+    return overrides
+
+
 @app.command()
 def pretrain(
     config: str = typer.Option("demo-cpu", help="A named config (demo-cpu, demo-cpu-resnet18, dax-vits16, "
@@ -263,11 +276,11 @@ def pretrain(
     settings: list[str] = typer.Option([], "--set", help="Override any config setting: KEY=VALUE (augment.local_crops=4)."),
 ) -> None:
     """DINO pretraining on catalog images; the teacher is registered as dax-backbone-<arch>@candidate."""
+    overrides = pretrain_overrides(settings, epochs)
     root = configure(home)
     _log_progress()
     from flows.pretrain import pretrain as pretrain_flow
 
-    overrides = {**parse_settings(settings), "epochs": epochs}
     with user_errors():
         summary = pretrain_flow(config=config, where=where, home=str(root), labels=str(labels) if labels else None,
                                 device=device.value, nproc_per_node=nproc_per_node, resume=resume, overrides=overrides)

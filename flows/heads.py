@@ -92,7 +92,7 @@ def _heads(backbone, home, labels, seeds, tasks, size, where, max_images, config
     import torch
 
     from dax_models.backbones import create_backbone
-    from tasks.heads.training import TASKS, load_head_config
+    from tasks.heads.training import TASKS
 
     began = time.perf_counter()
     root = configure(home)
@@ -104,7 +104,7 @@ def _heads(backbone, home, labels, seeds, tasks, size, where, max_images, config
         raise ValueError("the heads need labels: give the corpus' labels.parquet")
     if seeds < 1:
         raise ValueError("seeds must be >= 1")
-    config = load_head_config(config_name, {**(overrides or {}), "size": size})
+    config = head_config(config_name, overrides, size)
     size = config.size
     name, version = resolve_model(backbone)
     backbone_ref = f"{name}/{version}"
@@ -170,6 +170,21 @@ def _heads(backbone, home, labels, seeds, tasks, size, where, max_images, config
     return {"run_id": run.info.run_id, "backbone": backbone_ref, "arch": arch, "data": summary_data, "table": rows,
             "markdown": markdown, "registered": registered, "branches": results, "figures": figures,
             "seconds": round(time.perf_counter() - began, 1)}
+
+
+def head_config(config_name: str | None, overrides: dict | None, size: int | None):
+    """The named head config with ``overrides`` on top and ``size`` (the region input size) when given.
+
+    ``size`` left out keeps an override's ``size``; both given must agree.
+    """
+    from tasks.heads.training import load_head_config
+
+    overrides = dict(overrides or {})
+    if size is not None:
+        if overrides.get("size", size) != size:
+            raise ValueError(f"size {size} and the override size={overrides['size']} disagree: give one")
+        overrides["size"] = size
+    return load_head_config(config_name, overrides)
 
 
 def _collect(futures: list, logger) -> list[dict]:

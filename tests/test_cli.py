@@ -74,3 +74,21 @@ def test_a_refused_promotion_says_which_figures_held_it_back(capsys):
     line = " ".join(capsys.readouterr().out.split())                  # the console wraps long lines
     assert "@challenger: region.accuracy (floor) 0.056 against 0.352 (not above floor)" in line
     assert "metal.dice" not in line                                   # figures that did not hold it back
+
+
+def test_pretrain_epochs_from_either_option_and_a_disagreement_refused(tmp_path):
+    """`--set epochs=N` once lost to the unset `--epochs` (None): the run silently kept the config's epochs."""
+    import typer
+
+    from flows.cli import pretrain_overrides
+
+    assert pretrain_overrides(["epochs=12", "augment.jitter=0"], None) == {"epochs": 12, "augment.jitter": 0}
+    assert pretrain_overrides([], 3) == {"epochs": 3}
+    assert pretrain_overrides(["epochs=3"], 3) == {"epochs": 3}
+    assert pretrain_overrides([], None) == {}
+    with pytest.raises(typer.BadParameter, match="--epochs 3 and --set epochs=12 disagree"):
+        pretrain_overrides(["epochs=12"], 3)
+    refused = subprocess.run([DAX, "pretrain", "--home", str(tmp_path / "home"), "--epochs", "3", "--set", "epochs=12"],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "disagree" in refused.stderr
+    assert not (tmp_path / "home").exists()                           # refused before the home is made

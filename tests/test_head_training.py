@@ -256,6 +256,20 @@ def test_head_config_numbers_are_checked_as_the_pretraining_configs():
         load_head_config("demo", {"seg_epochs": "many"})
 
 
+def test_the_heads_flow_keeps_an_override_size_and_refuses_a_disagreement():
+    """The flow's ``size`` parameter left out once replaced an override's ``size`` with None, which the loader
+    then skipped: ``heads_eval.py --set size=64`` silently ran the region heads at the config's 96 px."""
+    from flows.heads import head_config
+
+    assert load_head_config("demo").size == 96
+    assert head_config("demo", {"size": 64}, None).size == 64
+    assert head_config("demo", {"seg_epochs": 2}, 80).size == 80
+    assert head_config("demo", {"size": 64}, 64).size == 64
+    assert head_config("demo", None, None).size == 96
+    with pytest.raises(ValueError, match="size 80 and the override size=64 disagree"):
+        head_config("demo", {"size": 64}, 80)
+
+
 def test_every_shipped_head_config_loads():
     """The head configs under deployments/heads/ load by name; the evaluation's reads every labelled image for
     metal and screws, where the demo's reads a subset to fit its 30 minutes."""
