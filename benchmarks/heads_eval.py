@@ -32,7 +32,6 @@ import os
 import secrets
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from datetime import date
@@ -40,15 +39,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from dax_cli import dax  # noqa: E402
 
 HEADLINES = [("region", "accuracy"), ("metal", "dice"), ("screws", "recall"), ("screws", "precision")]
-
-
-def dax(*args: str, env: dict) -> None:
-    command = [str(Path(sys.executable).with_name("dax")), *args]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        sys.exit(f"dax {args[0]} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
 
 
 def prepare(args, env: dict) -> tuple[Path, Path]:

@@ -46,16 +46,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def dax(*args: str, secret: str | None = None, prefect_home: Path) -> None:
-    env = dict(os.environ, PREFECT_HOME=str(prefect_home))
-    if secret is not None:
-        env["DAX_DEID_SECRET"] = secret
-    command = [str(Path(sys.executable).with_name("dax")), *args]
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"dax {args[0]} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+from dax_cli import dax  # noqa: E402
 
 
 UPPER_LIMB = ("shoulder and upper arm", "elbow-forearm-hand")   # the regions the demo backbone confuses most
@@ -78,7 +69,7 @@ def pretrain(home: Path, corpus: Path, config: str, overrides: list[str], prefec
     before = set((home / "pretrain").glob("*"))
     sets = [item for pair in overrides for item in ("--set", pair)]
     dax("pretrain", "--config", config, "--home", str(home), "--labels", str(corpus / "labels.parquet"),
-        "--device", "cpu", *sets, prefect_home=prefect_home)
+        "--device", "cpu", *sets, env={"PREFECT_HOME": str(prefect_home)})
     (job,) = set((home / "pretrain").glob("*")) - before
     return job
 
@@ -101,7 +92,8 @@ def one_split(index: int, corpus: Path, out: Path, overrides: list[str], config:
     shutil.rmtree(home, ignore_errors=True)   # a split is a fresh home: an old one keeps its old patient keys
     prefect_home = out / "prefect"
     secret = secrets.token_hex(32)   # this split's key: never written, gone with this function
-    dax("ingest", str(corpus / "dicom"), "--home", str(home), secret=secret, prefect_home=prefect_home)
+    dax("ingest", str(corpus / "dicom"), "--home", str(home), env={"PREFECT_HOME": str(prefect_home),
+                                                                   "DAX_DEID_SECRET": secret})
     del secret
     ingested = time.perf_counter()
     job = pretrain(home, corpus, config, overrides, prefect_home)
@@ -200,18 +192,22 @@ def main() -> None:
         os.environ.setdefault(key, value)
     args.out.mkdir(parents=True, exist_ok=True)
     corpus = args.out / "corpus"
-    dax("synth", str(corpus), "--studies", str(args.studies), "--preset", "demo", prefect_home=args.out / "prefect")
+    dax("synth", str(corpus), "--studies", str(args.studies), "--preset", "demo",
+        env={"PREFECT_HOME": str(args.out / "prefect")})
     rows = []
     for index in range(1, args.splits + 1):
         rows.append(one_split(index, corpus, args.out, args.overrides, args.config, args.lightly, tuple(args.variant)))
         r = rows[-1]
         with open(args.out / "rows.jsonl", "a") as saved:   # each row as it comes: a stopped run keeps its rows
             saved.write(json.dumps(r, default=str) + "\n")
+        others = [f"{who} {r[key]:.1f}" for who, key in (("lightly's", "lightly_min"), ("the variant's", "variant_min"))
+                  if key in r]
         print(f"split {index}: kNN {r['random']:.3f} -> {r['final']:.3f} (majority {r['majority']:.3f}, "
               f"thumbnails {r['thumbnails']:.3f}, supervised ceiling {r['ceiling']:.3f}"
               + (f", lightly's {r['lightly']:.3f}" if "lightly" in r else "")
               + (f", variant {r['variant']:.3f}" if "variant" in r else "")
-              + f"), pretraining {r['pretrain_min']:.1f} min", flush=True)
+              + f"), pretraining {r['pretrain_min']:.1f} min" + (f" ({', '.join(others)})" if others else ""),
+              flush=True)
         if not args.keep:
             shutil.rmtree(args.out / f"split-{index}")
     margins = [r["final"] - r["random"] for r in rows]

@@ -20,27 +20,16 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import duckdb
 from benchmarks_md import write_section
+from dax_cli import dax
 
 ROOT = Path(__file__).resolve().parents[1]
-DAX = str(Path(sys.executable).with_name("dax"))
 COMMAND = ".venv/bin/python benchmarks/nightly.py"
-
-
-def dax(env: dict, *args: str) -> float:
-    began = time.perf_counter()
-    done = subprocess.run([DAX, *args], env=env, capture_output=True, text=True, check=False)
-    seconds = time.perf_counter() - began
-    if done.returncode != 0:
-        raise SystemExit(f"dax {args[0]} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return seconds
 
 
 def last_run(home: Path) -> dict:
@@ -61,8 +50,8 @@ def main() -> None:
         env = dict(os.environ, DAX_DEID_SECRET="benchmark-secret-0123456789abcdef", PREFECT_HOME=str(tmp / "prefect"),
                    COLUMNS="200")
         began = time.perf_counter()
-        dax(env, "synth", str(tmp / "corpus"), "--studies", str(args.studies), "--preset", "demo", "--home",
-            str(tmp / "synth-home"))
+        dax("synth", str(tmp / "corpus"), "--studies", str(args.studies), "--preset", "demo", "--home",
+            str(tmp / "synth-home"), env=env)
         export = tmp / "corpus" / "dicom"
         files = sum(1 for p in export.rglob("*") if p.is_file())
         megabytes = sum(p.stat().st_size for p in export.rglob("*") if p.is_file()) / 1e6
@@ -70,17 +59,18 @@ def main() -> None:
               f"(made in {time.perf_counter() - began:.0f} s)", flush=True)
         empty = tmp / "empty"
         empty.mkdir()
-        dax(env, "ingest", str(empty), "--home", str(tmp / "warm-up"))          # Prefect's database, not counted
+        dax("ingest", str(empty), "--home", str(tmp / "warm-up"), env=env)          # Prefect's database, not counted
 
-        startup = [dax(env, "ingest", str(empty), "--home", str(tmp / f"empty-home-{i}")) for i in range(args.repeat)]
+        startup = [dax("ingest", str(empty), "--home", str(tmp / f"empty-home-{i}"), env=env)
+                   for i in range(args.repeat)]
         print(f"start-up: {statistics.median(startup):.1f} s", flush=True)
         home = tmp / "home"
-        first = dax(env, "ingest", str(export), "--home", str(home))
+        first = dax("ingest", str(export), "--home", str(home), env=env)
         first_run = last_run(home)
         print(f"first: {first:.1f} s, {first_run}", flush=True)
         second, second_runs = [], []
         for _ in range(args.repeat):
-            second.append(dax(env, "ingest", str(export), "--home", str(home)))
+            second.append(dax("ingest", str(export), "--home", str(home), env=env))
             second_runs.append(last_run(home))
         print(f"second: {statistics.median(second):.1f} s, {second_runs[-1]}", flush=True)
 

@@ -45,12 +45,12 @@ def corpus(out: Path, studies: int) -> tuple[Path, Path]:
     home, labels = out / "home", out / "corpus" / "labels.parquet"
     if (home / "catalog.duckdb").exists() and labels.exists():
         return home, labels
-    from knn_splits import dax
+    from dax_cli import dax
 
     dax("synth", str(out / "corpus"), "--studies", str(studies), "--seed", "7", "--preset", "demo",
-        prefect_home=out / "prefect")
-    dax("ingest", str(out / "corpus" / "dicom"), "--home", str(home), "--max-size", "256", secret=SECRET,
-        prefect_home=out / "prefect")
+        env={"PREFECT_HOME": str(out / "prefect")})
+    dax("ingest", str(out / "corpus" / "dicom"), "--home", str(home), "--max-size", "256",
+        env={"PREFECT_HOME": str(out / "prefect"), "DAX_DEID_SECRET": SECRET})
     return home, labels
 
 

@@ -6,7 +6,7 @@ import dataclasses
 from importlib.resources import files
 from pathlib import Path
 
-__all__ = ["SHIPPED", "checked_numbers", "find_config"]
+__all__ = ["SHIPPED", "checked_numbers", "find_config", "with_setting"]
 
 SHIPPED = Path(str(files(__name__)))
 
@@ -44,3 +44,18 @@ def checked_numbers(cls: type, values: dict, prefix: str = "") -> dict:
             raise ValueError(f"{prefix}{key} must be {'a whole number' if kind.startswith('int') else 'a number'},"
                              f" not {value!r}")
     return checked
+
+
+def with_setting(overrides: dict | None, key: str, value, option: str | None = None,
+                 override: str | None = None) -> dict:
+    """``overrides`` with ``key`` set to ``value``, for a setting given both as its own option and as a
+    ``key=...`` override: ``value`` None (the option left out) keeps the override's; both given must agree, else
+    ValueError naming both as the caller spells them (``option``, default ``key``; ``override``, default 'the
+    override key'): which one wins is not a guess. ``overrides`` itself is not changed."""
+    merged = dict(overrides or {})
+    if value is not None:
+        if merged.get(key, value) != value:
+            raise ValueError(f"{option or key} {value} and {override or 'the override ' + key}={merged[key]} "
+                             "disagree: give one")
+        merged[key] = value
+    return merged

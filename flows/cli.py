@@ -250,16 +250,14 @@ def parse_settings(settings: list[str]) -> dict:
 
 
 def pretrain_overrides(settings: list[str], epochs: int | None) -> dict:
-    """``dax pretrain``'s config overrides: the ``--set`` items, with ``--epochs`` as ``epochs`` when given.
+    """``dax pretrain``'s config overrides: the ``--set`` items, with ``--epochs`` as ``epochs`` when given
+    (``deployments.with_setting``: left out, a ``--set epochs=N`` stays; both given must agree)."""
+    from deployments import with_setting
 
-    ``--epochs`` left out keeps a ``--set epochs=N``; both given must agree (which one wins is not a guess).
-    """
-    overrides = parse_settings(settings)
-    if epochs is not None:
-        if overrides.get("epochs", epochs) != epochs:
-            raise typer.BadParameter(f"--epochs {epochs} and --set epochs={overrides['epochs']} disagree: give one")
-        overrides["epochs"] = epochs
-    return overrides
+    try:
+        return with_setting(parse_settings(settings), "epochs", epochs, "--epochs", "--set epochs")
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
 
 
 @app.command()

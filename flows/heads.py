@@ -173,18 +173,12 @@ def _heads(backbone, home, labels, seeds, tasks, size, where, max_images, config
 
 
 def head_config(config_name: str | None, overrides: dict | None, size: int | None):
-    """The named head config with ``overrides`` on top and ``size`` (the region input size) when given.
-
-    ``size`` left out keeps an override's ``size``; both given must agree.
-    """
+    """The named head config with ``overrides`` on top and ``size`` (the region input size) when given
+    (``deployments.with_setting``: left out, an override's ``size`` stays; both given must agree)."""
+    from deployments import with_setting
     from tasks.heads.training import load_head_config
 
-    overrides = dict(overrides or {})
-    if size is not None:
-        if overrides.get("size", size) != size:
-            raise ValueError(f"size {size} and the override size={overrides['size']} disagree: give one")
-        overrides["size"] = size
-    return load_head_config(config_name, overrides)
+    return load_head_config(config_name, with_setting(overrides, "size", size))
 
 
 def _collect(futures: list, logger) -> list[dict]:
