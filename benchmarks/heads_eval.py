@@ -44,15 +44,15 @@ from dax_cli import dax  # noqa: E402
 HEADLINES = [("region", "accuracy"), ("metal", "dice"), ("screws", "recall"), ("screws", "precision")]
 
 
-def prepare(args, env: dict) -> tuple[Path, Path]:
+def prepare(args) -> tuple[Path, Path]:
     """The corpus (made or resumed) and the home copy that holds it (copied and ingested once)."""
     corpus, home = args.out / "eval-corpus", args.out / "home"
-    dax("synth", str(corpus), "--studies", str(args.studies), "--seed", str(args.seed), "--preset", "eval", env=env)
+    dax("synth", str(corpus), "--studies", str(args.studies), "--seed", str(args.seed), "--preset", "eval")
     if not (home / "eval-ingested").is_file():
         shutil.rmtree(home, ignore_errors=True)
         shutil.copytree(args.home, home, ignore=shutil.ignore_patterns("cache", "corpus", "predictions"))
         # this copy's key: never written, gone with the subprocess; the flow's pseudonyms differ from the home's
-        dax("ingest", str(corpus / "dicom"), "--home", str(home), env={**env, "DAX_DEID_SECRET": secrets.token_hex(32)})
+        dax("ingest", str(corpus / "dicom"), "--home", str(home), env={"DAX_DEID_SECRET": secrets.token_hex(32)})
         (home / "eval-ingested").write_text("ingested\n")
     return corpus, home
 
@@ -283,9 +283,8 @@ def main() -> None:
     ceiling_tasks = tuple(task for task in task_list("--ceiling-tasks", args.ceiling_tasks) if task in tasks)
     began = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PREFECT_HOME": str(args.out / "prefect")}
-    os.environ.update(PREFECT_HOME=env["PREFECT_HOME"])
-    corpus, home = prepare(args, env)
+    os.environ["PREFECT_HOME"] = str(args.out / "prefect")     # this process's flows and every dax() beneath
+    corpus, home = prepare(args)
     labels = corpus / "labels.parquet"
 
     import yaml

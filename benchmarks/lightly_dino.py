@@ -184,19 +184,27 @@ def train_lightly(job_dir: Path, out: Path | None = None) -> dict:
     return result
 
 
-def step_speed(job_dir: Path, steps: int = 8, rounds: int = 3, device: str = "cpu", precision: str = "fp32",
-               config_name: str | None = None) -> dict:
-    """Images/s of DAX's DINO step and lightly's on one in-memory batch of the job's config (or of
-    ``config_name``, on the job's images), alternated; on ``device``, both under the same autocast."""
+def job_batch(job_dir: Path, config_name: str | None = None) -> tuple[PretrainConfig, list[torch.Tensor]]:
+    """The job's config (or the named one) and the first multi-crop batch its loader makes of the job's images."""
     from dax_models.augment import XrayMultiCrop
     from tasks.pretrain.data import train_loader
-    from tasks.pretrain.main_dino import Dist, build_training, dino_step, load_config
+    from tasks.pretrain.main_dino import load_config
 
     _, config, selection = read_job(Path(job_dir))
     if config_name is not None:
         config = load_config(config_name)
     crops = next(iter(train_loader(selection, XrayMultiCrop(config.augment), config.batch_size, 1, epoch=0,
                                    workers=0)))
+    return config, crops
+
+
+def step_speed(job_dir: Path, steps: int = 8, rounds: int = 3, device: str = "cpu", precision: str = "fp32",
+               config_name: str | None = None) -> dict:
+    """Images/s of DAX's DINO step and lightly's on one in-memory batch of the job's config (or of
+    ``config_name``, on the job's images), alternated; on ``device``, both under the same autocast."""
+    from tasks.pretrain.main_dino import Dist, build_training, dino_step
+
+    config, crops = job_batch(job_dir, config_name)
     where = torch.device(device)
     ours = build_training(config, Dist(0, 1, 0, where), precision)
     theirs = LightlyTraining(config)

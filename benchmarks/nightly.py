@@ -47,7 +47,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="dax-nightly-") as scratch:
         tmp = Path(scratch)
-        env = dict(os.environ, DAX_DEID_SECRET="benchmark-secret-0123456789abcdef", PREFECT_HOME=str(tmp / "prefect"),
+        env = dict(DAX_DEID_SECRET="benchmark-secret-0123456789abcdef", PREFECT_HOME=str(tmp / "prefect"),
                    COLUMNS="200")
         began = time.perf_counter()
         dax("synth", str(tmp / "corpus"), "--studies", str(args.studies), "--preset", "demo", "--home",

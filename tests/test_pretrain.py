@@ -250,6 +250,29 @@ def test_the_collapse_monitor_sees_partial_collapse_in_either_mode():
     assert not any(monitor.update(i, s) for i, s in enumerate([healthy, dominance] * 20))   # 4.5 groups on average
 
 
+def test_the_resnet18_demo_configs_partial_alarm_spares_its_healthy_teacher_and_catches_a_uniform_one():
+    """demo-cpu-resnet18's runs (docs/experiments.md, section 24) in round figures, 414 steps: a healthy teacher
+    sorts a batch into 11, 3 and 1.7 groups over the first three 50-step windows, then 1.55 to the end (per-crop
+    entropy 6.3 of 6.93 nats) while the kNN rises; demo-cpu's threshold of 2 fired on all five such runs. At
+    teacher_temp 0.04 it went near-uniform (1.06 groups, 6.85 nats per crop) and its kNN ended clearly under the
+    healthy run's: the config's threshold fires on that one only, and names the mode."""
+    config = load_config("demo-cpu-resnet18")
+
+    def alarm(min_groups: float) -> CollapseMonitor:
+        return CollapseMonitor(config.collapse_min_kl, config.collapse_min_entropy, config.collapse_patience,
+                               min_groups, config.out_dim)
+
+    healthy = ([_teacher_stats(3.7, 6.1)] * 50 + [_teacher_stats(4.0, 5.1)] * 50 + [_teacher_stats(4.1, 4.65)] * 50
+               + [_teacher_stats(6.3, 6.74)] * 264)
+    uniform = [_teacher_stats(6.0, 6.86)] * 50 + [_teacher_stats(6.48, 6.86)] * 50 + [_teacher_stats(6.85, 6.91)] * 314
+    configured, demo_cpus = alarm(config.collapse_min_groups), alarm(2.0)
+    assert not any([configured.update(step, s) for step, s in enumerate(healthy, 1)])
+    assert any([demo_cpus.update(step, s) for step, s in enumerate(healthy, 1)]) and 100 < demo_cpus.fired_at < 200
+    monitor = alarm(config.collapse_min_groups)
+    fired = [monitor.update(step, s) for step, s in enumerate(uniform, 1)]
+    assert sum(fired) == 1 and 100 < monitor.fired_at < 150 and "uniform" in monitor.message
+
+
 def test_the_thumbnail_reference_is_the_knn_on_shrunk_images():
     """Classes told apart only by where the bright blob lies: the 16 x 16 thumbnails' kNN gets them all;
     with the query labels rotated by one class it gets none; the thumbnails do not see fine texture."""
