@@ -184,6 +184,9 @@ def train_lightly(job_dir: Path, out: Path | None = None) -> dict:
     return result
 
 
+STEP_SETTINGS = {"lr": 1e-4, "weight_decay": 0.04, "momentum": 0.996}   # the schedules' values of a timed step
+
+
 def job_batch(job_dir: Path, config_name: str | None = None) -> tuple[PretrainConfig, list[torch.Tensor]]:
     """The job's config (or the named one) and the first multi-crop batch its loader makes of the job's images."""
     from dax_models.augment import XrayMultiCrop
@@ -214,15 +217,14 @@ def step_speed(job_dir: Path, steps: int = 8, rounds: int = 3, device: str = "cp
         theirs.optimizer = torch.optim.AdamW(param_groups(theirs.student), lr=0.0,
                                              **({"fused": True} if where.type == "cuda" else {}))
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    kwargs = {"lr": 1e-4, "weight_decay": 0.04, "momentum": 0.996}
 
     def run_ours() -> None:
-        dino_step(ours, crops, teacher_temp=config.teacher_temp, epoch=1, **kwargs)
+        dino_step(ours, crops, teacher_temp=config.teacher_temp, epoch=1, **STEP_SETTINGS)
 
     def run_theirs() -> None:    # the batch moved per step, as a loader's would be
         views = [c.to(where, non_blocking=True) for c in crops]
         with torch.autocast(where.type, dtype=amp or torch.float32, enabled=amp is not None):
-            theirs.step(views, epoch=1, **kwargs)
+            theirs.step(views, epoch=1, **STEP_SETTINGS)
 
     def sync() -> None:
         if where.type == "cuda":

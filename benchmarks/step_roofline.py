@@ -85,15 +85,14 @@ def time_by_group(run, steps: int) -> dict[str, float]:
 def roofline(job_dir: Path, config_name: str | None = None, steps: int = 4) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from lightly_dino import job_batch
+    from lightly_dino import STEP_SETTINGS, job_batch
     from tasks.pretrain.main_dino import Dist, build_training, dino_step
 
     config, crops = job_batch(job_dir, config_name)
     training = build_training(config, Dist(0, 1, 0, torch.device("cpu")), "fp32")
 
     def run() -> None:
-        dino_step(training, crops, lr=1e-4, weight_decay=0.04, momentum=0.996, teacher_temp=config.teacher_temp,
-                  epoch=1)
+        dino_step(training, crops, teacher_temp=config.teacher_temp, epoch=1, **STEP_SETTINGS)
 
     with FlopCounterMode(display=False) as counter:
         run()

@@ -265,7 +265,7 @@ def test_the_resnet18_demo_configs_partial_alarm_spares_its_healthy_teacher_and_
     healthy = ([_teacher_stats(3.7, 6.1)] * 50 + [_teacher_stats(4.0, 5.1)] * 50 + [_teacher_stats(4.1, 4.65)] * 50
                + [_teacher_stats(6.3, 6.74)] * 264)
     uniform = [_teacher_stats(6.0, 6.86)] * 50 + [_teacher_stats(6.48, 6.86)] * 50 + [_teacher_stats(6.85, 6.91)] * 314
-    configured, demo_cpus = alarm(config.collapse_min_groups), alarm(2.0)
+    configured, demo_cpus = alarm(config.collapse_min_groups), alarm(load_config("demo-cpu").collapse_min_groups)
     assert not any([configured.update(step, s) for step, s in enumerate(healthy, 1)])
     assert any([demo_cpus.update(step, s) for step, s in enumerate(healthy, 1)]) and 100 < demo_cpus.fired_at < 200
     monitor = alarm(config.collapse_min_groups)
