@@ -64,12 +64,12 @@ def held_out_patients(home: Path, labels: Path) -> tuple[int, str, float]:
     return len({r["patient_key"] for r in rows}), regions.most_common(1)[0][0] if regions else "-", upper
 
 
-def pretrain(home: Path, corpus: Path, config: str, overrides: list[str], prefect_home: Path) -> Path:
+def pretrain(home: Path, corpus: Path, config: str, overrides: list[str]) -> Path:
     """One ``dax pretrain`` on ``home`` with the corpus' labels; its job folder."""
     before = set((home / "pretrain").glob("*"))
     sets = [item for pair in overrides for item in ("--set", pair)]
     dax("pretrain", "--config", config, "--home", str(home), "--labels", str(corpus / "labels.parquet"),
-        "--device", "cpu", *sets, env={"PREFECT_HOME": str(prefect_home)})
+        "--device", "cpu", *sets)
     (job,) = set((home / "pretrain").glob("*")) - before
     return job
 
@@ -90,13 +90,11 @@ def one_split(index: int, corpus: Path, out: Path, overrides: list[str], config:
 
     home = out / f"split-{index}"
     shutil.rmtree(home, ignore_errors=True)   # a split is a fresh home: an old one keeps its old patient keys
-    prefect_home = out / "prefect"
     secret = secrets.token_hex(32)   # this split's key: never written, gone with this function
-    dax("ingest", str(corpus / "dicom"), "--home", str(home), env={"PREFECT_HOME": str(prefect_home),
-                                                                   "DAX_DEID_SECRET": secret})
+    dax("ingest", str(corpus / "dicom"), "--home", str(home), env={"DAX_DEID_SECRET": secret})
     del secret
     ingested = time.perf_counter()
-    job = pretrain(home, corpus, config, overrides, prefect_home)
+    job = pretrain(home, corpus, config, overrides)
     pretrain_min = (time.perf_counter() - ingested) / 60
     prepared = json.loads((job / "prepare.json").read_text())
     result = json.loads((job / "result.json").read_text())
@@ -117,7 +115,7 @@ def one_split(index: int, corpus: Path, out: Path, overrides: list[str], config:
                   "lightly_min": (time.perf_counter() - began) / 60}
     if variant:
         began = time.perf_counter()
-        other = pretrain(home, corpus, config, [*overrides, *variant], prefect_home)
+        other = pretrain(home, corpus, config, [*overrides, *variant])
         same = torch.load(other / "knn.pt", weights_only=False)
         assert all(torch.equal(same[key], probe[key]) for key in ("queries", "query_labels", "query_patients")), \
             "the variant was scored on other queries: not paired"
@@ -190,10 +188,10 @@ def main() -> None:
     from tasks.home import QUIET_DEFAULTS
     for key, value in QUIET_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    os.environ["PREFECT_HOME"] = str(args.out / "prefect")     # every dax() beneath: one Prefect database
     args.out.mkdir(parents=True, exist_ok=True)
     corpus = args.out / "corpus"
-    dax("synth", str(corpus), "--studies", str(args.studies), "--preset", "demo",
-        env={"PREFECT_HOME": str(args.out / "prefect")})
+    dax("synth", str(corpus), "--studies", str(args.studies), "--preset", "demo")
     rows = []
     for index in range(1, args.splits + 1):
         rows.append(one_split(index, corpus, args.out, args.overrides, args.config, args.lightly, tuple(args.variant)))

@@ -47,10 +47,9 @@ def corpus(out: Path, studies: int) -> tuple[Path, Path]:
         return home, labels
     from dax_cli import dax
 
-    dax("synth", str(out / "corpus"), "--studies", str(studies), "--seed", "7", "--preset", "demo",
-        env={"PREFECT_HOME": str(out / "prefect")})
+    dax("synth", str(out / "corpus"), "--studies", str(studies), "--seed", "7", "--preset", "demo")
     dax("ingest", str(out / "corpus" / "dicom"), "--home", str(home), "--max-size", "256",
-        env={"PREFECT_HOME": str(out / "prefect"), "DAX_DEID_SECRET": SECRET})
+        env={"DAX_DEID_SECRET": SECRET})
     return home, labels
 
 
@@ -61,6 +60,9 @@ def short_run(home: Path, labels: Path, job: Path, config_name: str, overrides: 
     from tasks.pretrain.steps import prepare_job, run_training
 
     config = load_config(config_name, overrides)
+    if not config.knn_every or config.epochs < config.knn_every:
+        sys.exit(f"{config.epochs} epochs with a kNN every {config.knn_every}: no kNN after step 0 to compare "
+                 "(set epochs to at least knn_every)")
     began = time.perf_counter()
     prepared = prepare_job(home, job, config, None, labels, device="cpu")
     result = run_training(job)
@@ -85,7 +87,7 @@ def main() -> None:
     from tasks.home import QUIET_DEFAULTS
     for key, value in QUIET_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    os.environ.setdefault("PREFECT_HOME", str(args.out / "prefect"))
+    os.environ["PREFECT_HOME"] = str(args.out / "prefect")     # this process's flows and every dax() beneath
     args.out.mkdir(parents=True, exist_ok=True)
     home, labels = corpus(args.out, args.studies)
     for seed in args.seeds:

@@ -6,8 +6,8 @@
   fewer than ``min_groups`` groups (either mode, partial).
 - kNN monitor (k=20, T=0.07, cosine; DINO's): classifies held-out images by body region with a bank of
   training-split images, at step 0 (the random-init backbone) and after every ``knn_every`` epochs.
-- ``knn_thumbnails``: the same kNN on 16 x 16 pixel thumbnails of the images, a yardstick that needs no
-  backbone at all.
+- ``knn_thumbnails`` (per query: ``knn_thumbnail_hits``): the same kNN on 16 x 16 pixel thumbnails of the
+  images, a yardstick that needs no backbone at all.
 - ``knn_margin``: a 95 % interval on the last epoch's margin over random init, by resampling the
   held-out patients.
 """
@@ -24,7 +24,7 @@ from dax_models.dino import entropy_ceiling
 from dax_models.metrics import knn_classify
 
 __all__ = ["MARGIN_MIN_PATIENTS", "CollapseMonitor", "features", "hits_bits", "knn_hits", "knn_margin", "knn_monitor",
-           "knn_thumbnails", "margin_text", "margin_verdict"]
+           "knn_thumbnail_hits", "knn_thumbnails", "margin_text", "margin_verdict"]
 
 
 class CollapseMonitor:
@@ -149,9 +149,14 @@ def hits_bits(hits: torch.Tensor) -> str:
     return "".join("1" if h else "0" for h in hits.tolist())
 
 
-def knn_thumbnails(knn: dict, side: int = 16) -> float:
-    """The same kNN on the images themselves, shrunk to ``side`` x ``side`` pixels: the reference a
-    backbone has to beat to have learned more than the coarse layout of the image."""
+def knn_thumbnail_hits(knn: dict, side: int = 16) -> torch.Tensor:
+    """The same kNN on the images themselves, shrunk to ``side`` x ``side`` pixels, per query."""
     def thumbnails(images: torch.Tensor) -> torch.Tensor:
         return nn.functional.adaptive_avg_pool2d(images.float(), side).flatten(1)
-    return float(knn_hits(thumbnails(knn["bank"]), thumbnails(knn["queries"]), knn).float().mean())
+    return knn_hits(thumbnails(knn["bank"]), thumbnails(knn["queries"]), knn)
+
+
+def knn_thumbnails(knn: dict, side: int = 16) -> float:
+    """``knn_thumbnail_hits``' accuracy: the reference a backbone has to beat to have learned more than the
+    coarse layout of the image."""
+    return float(knn_thumbnail_hits(knn, side).float().mean())

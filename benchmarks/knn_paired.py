@@ -1,0 +1,86 @@
+"""Two finished pretraining jobs of one home, paired on the kNN probe's held-out queries.
+
+    .venv/bin/python benchmarks/knn_paired.py HOME/pretrain/JOB_A HOME/pretrain/JOB_B
+
+A variant pretrained on a kept home beside its default (`dax pretrain --config C --home HOME --labels L --set
+KEY=VALUE`: the same images, held-out queries and seed) differs from it by the variant alone, so the two
+final teachers are compared query by query: B minus A with a 95 % interval from resampling the held-out
+patients (`tasks.pretrain.monitor.knn_margin`), each against the same kNN on 16 x 16 thumbnails, and each
+one's final student against its teacher (the student recomputed from the checkpoint; the teacher's hits are
+checked against the run's own). `benchmarks/knn_splits.py --variant` does the same on fresh splits; this
+script is for homes that already hold both jobs (docs/experiments.md, sections 22 and 25). Prints JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dax_models.backbones import create_backbone
+from tasks.pretrain.main_dino import CHECKPOINT, load_checkpoint, read_job
+from tasks.pretrain.monitor import hits_bits, knn_margin, knn_monitor, knn_thumbnail_hits
+
+PAIRED_KEYS = ("queries", "query_labels", "query_patients", "bank", "bank_labels")
+
+
+def final_backbones(job: Path) -> dict[str, torch.nn.Module]:
+    """The job's final teacher and student backbones, from its last checkpoint."""
+    _, config, _ = read_job(job)
+    state = load_checkpoint(job / "checkpoints" / CHECKPOINT)
+    out = {}
+    for who in ("teacher", "student"):
+        backbone = create_backbone(config.arch, config.in_chans, img_size=config.augment.global_size)
+        weights = {name.removeprefix("module.").removeprefix("backbone."): value for name, value in state[who].items()
+                   if name.removeprefix("module.").startswith("backbone.")}
+        backbone.load_state_dict(weights)
+        out[who] = backbone
+    return out
+
+
+def rate(hits: str) -> float:
+    return hits.count("1") / len(hits)
+
+
+def paired(job_a: Path, job_b: Path) -> dict:
+    probes = [torch.load(job / "knn.pt", weights_only=False) for job in (job_a, job_b)]
+    if not all(torch.equal(probes[0][key], probes[1][key]) for key in PAIRED_KEYS):
+        sys.exit("the two jobs' kNN probes differ (another home, selection or seed): not paired")
+    knn = probes[0]
+    thumbnails = hits_bits(knn_thumbnail_hits(knn))
+    jobs, teachers = {}, {}
+    for name, job in (("a", job_a), ("b", job_b)):
+        run_knn = json.loads((job / "result.json").read_text())["knn"]
+        hits = {who: hits_bits(knn_monitor(backbone, knn, torch.device("cpu")))
+                for who, backbone in final_backbones(job).items()}
+        if hits["teacher"] != load_checkpoint(job / "checkpoints" / CHECKPOINT)["knn"][-1]["hits"]:
+            sys.exit(f"{job.name}: the final teacher's kNN hits do not reproduce the run's")
+        teachers[name] = hits["teacher"]
+        jobs[name] = {"job": job.name, "by_epoch": [round(k["knn_accuracy"], 3) for k in run_knn],
+                      "teacher": rate(hits["teacher"]), "student": rate(hits["student"]),
+                      "minus_thumbnails": knn_margin(knn, thumbnails, hits["teacher"]),
+                      "student_minus_teacher": knn_margin(knn, hits["teacher"], hits["student"])}
+    b_minus_a = knn_margin(knn, teachers["a"], teachers["b"])
+    verdict = ("B clearly ahead" if b_minus_a["low"] > 0 else "A clearly ahead" if b_minus_a["high"] < 0
+               else "not clearly apart")
+    return {"thumbnails": rate(thumbnails), "a": jobs["a"], "b": jobs["b"], "b_minus_a": b_minus_a,
+            "verdict": verdict, "held_out": len(thumbnails)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("job_a", type=Path, help="the baseline job (HOME/pretrain/JOB)")
+    parser.add_argument("job_b", type=Path, help="the variant job on the same home")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(json.dumps(paired(args.job_a, args.job_b), indent=1))
+
+
+if __name__ == "__main__":
+    main()
