@@ -29,10 +29,9 @@ from tasks.pretrain.monitor import hits_bits, knn_margin, knn_monitor, knn_thumb
 PAIRED_KEYS = ("queries", "query_labels", "query_patients", "bank", "bank_labels")
 
 
-def final_backbones(job: Path) -> dict[str, torch.nn.Module]:
-    """The job's final teacher and student backbones, from its last checkpoint."""
+def final_backbones(job: Path, state: dict) -> dict[str, torch.nn.Module]:
+    """The job's final teacher and student backbones, from ``state``, its last checkpoint."""
     _, config, _ = read_job(job)
-    state = load_checkpoint(job / "checkpoints" / CHECKPOINT)
     out = {}
     for who in ("teacher", "student"):
         backbone = create_backbone(config.arch, config.in_chans, img_size=config.augment.global_size)
@@ -56,9 +55,10 @@ def paired(job_a: Path, job_b: Path) -> dict:
     jobs, teachers = {}, {}
     for name, job in (("a", job_a), ("b", job_b)):
         run_knn = json.loads((job / "result.json").read_text())["knn"]
+        state = load_checkpoint(job / "checkpoints" / CHECKPOINT)
         hits = {who: hits_bits(knn_monitor(backbone, knn, torch.device("cpu")))
-                for who, backbone in final_backbones(job).items()}
-        if hits["teacher"] != load_checkpoint(job / "checkpoints" / CHECKPOINT)["knn"][-1]["hits"]:
+                for who, backbone in final_backbones(job, state).items()}
+        if hits["teacher"] != state["knn"][-1]["hits"]:
             sys.exit(f"{job.name}: the final teacher's kNN hits do not reproduce the run's")
         teachers[name] = hits["teacher"]
         jobs[name] = {"job": job.name, "by_epoch": [round(k["knn_accuracy"], 3) for k in run_knn],
