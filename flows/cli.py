@@ -1,6 +1,7 @@
 """`dax`: the command-line door to the pipeline's flows."""
 from __future__ import annotations
 
+import inspect
 import sys
 from contextlib import contextmanager
 from enum import Enum
@@ -522,6 +523,17 @@ def connect(
                   highlight=False)
     console.print("next: prefect --no-prompt deploy --all   (from the repository root)", highlight=False)
 
+
+def unwrap_help(*apps: typer.Typer) -> None:
+    """Each command's help is its docstring with the source's line wrapping undone inside each paragraph: Typer's
+    rich help prints a docstring's single line breaks as they are, so `dax --help` broke sentences mid-line."""
+    for typer_app in apps:
+        for command in typer_app.registered_commands:
+            text = command.help or inspect.getdoc(command.callback) or ""
+            command.help = "\n\n".join(" ".join(paragraph.split()) for paragraph in text.split("\n\n"))
+
+
+unwrap_help(app, catalog_app)
 
 if __name__ == "__main__":
     app()

@@ -30,6 +30,18 @@ def test_version_and_a_refused_choice():
     assert refused.returncode == 2 and "huge" in refused.stderr and "demo" in refused.stderr
 
 
+def test_help_text_reads_as_sentences_not_as_the_source_wraps_it():
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    listing = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "300"}).output
+    assert "phi.parquet (the run's Prefect state goes to HOME)." in listing        # its docstring wraps there
+    assert "before `prefect deploy --all`: the Variables prefect.yaml reads (dax_home_id" in listing
+    predict = CliRunner().invoke(app, ["predict", "--help"], env={"COLUMNS": "300"}).output
+    assert ".png overlay. Per task, the best head under ALIAS" in predict
+
+
 HEAVY = ("torch", "torchvision", "mlflow", "prefect", "pydicom", "numpy")
 
 
