@@ -22,24 +22,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dax_models.backbones import create_backbone
-from tasks.pretrain.main_dino import CHECKPOINT, load_checkpoint, read_job
+from tasks.pretrain.main_dino import CHECKPOINT, job_backbone, load_checkpoint
 from tasks.pretrain.monitor import hits_bits, knn_margin, knn_monitor, knn_thumbnail_hits
 
 PAIRED_KEYS = ("queries", "query_labels", "query_patients", "bank", "bank_labels")
-
-
-def final_backbones(job: Path, state: dict) -> dict[str, torch.nn.Module]:
-    """The job's final teacher and student backbones, from ``state``, its last checkpoint."""
-    _, config, _ = read_job(job)
-    out = {}
-    for who in ("teacher", "student"):
-        backbone = create_backbone(config.arch, config.in_chans, img_size=config.augment.global_size)
-        weights = {name.removeprefix("module.").removeprefix("backbone."): value for name, value in state[who].items()
-                   if name.removeprefix("module.").startswith("backbone.")}
-        backbone.load_state_dict(weights)
-        out[who] = backbone
-    return out
 
 
 def rate(hits: str) -> float:
@@ -54,14 +40,13 @@ def paired(job_a: Path, job_b: Path) -> dict:
     thumbnails = hits_bits(knn_thumbnail_hits(knn))
     jobs, teachers = {}, {}
     for name, job in (("a", job_a), ("b", job_b)):
-        run_knn = json.loads((job / "result.json").read_text())["knn"]
         state = load_checkpoint(job / "checkpoints" / CHECKPOINT)
-        hits = {who: hits_bits(knn_monitor(backbone, knn, torch.device("cpu")))
-                for who, backbone in final_backbones(job, state).items()}
+        hits = {who: hits_bits(knn_monitor(job_backbone(job, who, state), knn, torch.device("cpu")))
+                for who in ("teacher", "student")}
         if hits["teacher"] != state["knn"][-1]["hits"]:
             sys.exit(f"{job.name}: the final teacher's kNN hits do not reproduce the run's")
         teachers[name] = hits["teacher"]
-        jobs[name] = {"job": job.name, "by_epoch": [round(k["knn_accuracy"], 3) for k in run_knn],
+        jobs[name] = {"job": job.name, "by_epoch": [round(k["knn_accuracy"], 3) for k in state["knn"]],
                       "teacher": rate(hits["teacher"]), "student": rate(hits["student"]),
                       "minus_thumbnails": knn_margin(knn, thumbnails, hits["teacher"]),
                       "student_minus_teacher": knn_margin(knn, hits["teacher"], hits["student"])}

@@ -583,16 +583,22 @@ def _finish(job_dir: Path, d: Dist, status: str, step: int, total_steps: int, kn
     return result
 
 
-def teacher_backbone(job_dir: Path) -> Backbone:
-    """The final (or latest) teacher backbone of a job, on CPU, in eval mode."""
+def job_backbone(job_dir: Path, which: str = "teacher", state: dict | None = None) -> Backbone:
+    """The final (or latest) ``which`` ("teacher" or "student") backbone of a job, on CPU, in eval mode;
+    ``state``: the job's checkpoint when the caller has it loaded already."""
     _, config, _ = read_job(job_dir)
-    state = load_checkpoint(Path(job_dir) / "checkpoints" / CHECKPOINT)
+    state = state or load_checkpoint(Path(job_dir) / "checkpoints" / CHECKPOINT)
     backbone = create_backbone(config.arch, config.in_chans, img_size=config.augment.global_size)
     prefix = "backbone."
-    weights = {k[len(prefix):]: v for k, v in state["teacher"].items() if k.startswith(prefix)}
+    weights = {k[len(prefix):]: v for k, v in state[which].items() if k.startswith(prefix)}
     weights = {k.replace("module.", ""): v for k, v in weights.items()}
     backbone.load_state_dict(weights)
     return backbone.eval()
+
+
+def teacher_backbone(job_dir: Path) -> Backbone:
+    """The final (or latest) teacher backbone of a job, on CPU, in eval mode: what is registered."""
+    return job_backbone(job_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
