@@ -6,7 +6,7 @@ import sys
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import typer
 from rich.console import Console
@@ -112,6 +112,22 @@ def user_errors():
         raise typer.Exit(2) from None
 
 
+def preflight(source: Path | None = None, configs: Sequence[str] = (), overrides: dict | None = None,
+              secret: bool = False) -> None:
+    """What a flow refuses at its start, refused before Prefect starts, as `user_errors`' one line (inside a
+    flow, a refusal also logs its traceback). The flows keep their own checks, for deployments."""
+    if secret:
+        from tasks.ingest.deidentify import load_key
+        load_key()
+    if source is not None:
+        from tasks.ingest.triage import check_source
+        check_source(source)
+    if configs:
+        from tasks.pretrain.main_dino import load_config
+        for config in configs:
+            load_config(config, overrides)
+
+
 @app.command()
 def synth(
     out: Path = typer.Argument(..., help="Corpus folder to create or extend."),
@@ -177,6 +193,7 @@ def ingest(
     from flows.runners import ingest_task_runner
 
     with user_errors():
+        preflight(source, secret=True)
         result = ingest_flow.with_options(task_runner=ingest_task_runner(runner.value, workers))(
             source=str(source), home=str(root), modalities=tuple(modality), max_size=max_size,
             frame_step=frame_step, batch_size=batch_size, shard_target_mb=shard_mb, image_format=image_format.value,
@@ -197,10 +214,13 @@ def locate(
     from tasks.ingest.triage import list_source
 
     wanted = sha256.lower()
-    for relpath in list_source(source):
-        if sha256_file(source / relpath) == wanted:
-            console.print(str(source / relpath), markup=False, highlight=False)
-            return
+    if len(wanted) != 64 or not set(wanted) <= set("0123456789abcdef"):
+        raise typer.BadParameter("a SHA-256 is 64 hexadecimal digits", param_hint="SHA256")
+    with user_errors():
+        for relpath in list_source(source):
+            if sha256_file(source / relpath) == wanted:
+                console.print(str(source / relpath), markup=False, highlight=False)
+                return
     console.print(f"no file under the source has SHA-256 {wanted}")
     raise typer.Exit(1)
 
@@ -281,6 +301,7 @@ def pretrain(
     from flows.pretrain import pretrain as pretrain_flow
 
     with user_errors():
+        preflight(configs=[] if resume else [config], overrides=overrides)
         summary = pretrain_flow(config=config, where=where, home=str(root), labels=str(labels) if labels else None,
                                 device=device.value, nproc_per_node=nproc_per_node, resume=resume, overrides=overrides)
     _print_pretraining(summary)
@@ -339,7 +360,8 @@ def heads(
 
 @app.command()
 def predict(
-    files: list[Path] = typer.Argument(..., help="DICOM files (ingested or not, any manufacturer)."),
+    files: list[Path] = typer.Argument(..., help="Projection X-ray DICOM files (XA, RF, DX, CR), ingested or not, "
+                                                 "any manufacturer."),
     out: Path = typer.Option(Path("predictions"), "--out", help="Output folder."),
     home: Optional[Path] = HOME_OPTION,
     alias: str = typer.Option("champion", help="Alias of the heads (and backbone) to use (champion, candidate...)."),
@@ -422,6 +444,7 @@ def retrain(
     from flows.pipeline import retrain as retrain_flow
 
     with user_errors():
+        preflight(configs=config)
         outcome = retrain_flow(configs=config, where=where, home=str(root), labels=str(labels) if labels else None,
                                device=device.value, nproc_per_node=nproc_per_node, seeds=seeds,
                                heads_config=heads_config)
@@ -446,6 +469,7 @@ def pipeline_command(
     from flows.pipeline import pipeline
 
     with user_errors():
+        preflight(source, configs=config, secret=True)
         outcome = pipeline(source=str(source), home=str(root), labels=str(labels) if labels else None, configs=config,
                            device=device.value, nproc_per_node=nproc_per_node, seeds=seeds, heads_config=heads_config)
     ingested = outcome["ingest"]
@@ -481,6 +505,7 @@ def demo(
 
     console.rule("the demo flow: corpus -> ingest -> DINO pretraining -> heads (fan-out) -> promotion -> a prediction")
     with user_errors():
+        preflight(configs=config or ())
         outcome = demo_flow(home=str(root), studies=studies, seeds=seeds, configs=config)
     console.rule("results: frozen-backbone heads, pretrained vs random-init vs the DAX paper")
     for retrained in outcome["retrained"]:

@@ -10,6 +10,7 @@ crash-safe (a rerun adds nothing; a killed run leaves nothing partial), so it is
 """
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections import Counter
@@ -42,6 +43,7 @@ from tasks.ingest.triage import DEFAULT_MODALITIES
 from tasks.version import code_version
 
 SHARDS_DIR = "shards"
+REASONS_LOGGED = 10  # distinct (status, reason) lines a run logs; the report and the artifact hold them all
 
 
 @flow(name="ingest", task_runner=ingest_task_runner())
@@ -114,9 +116,14 @@ def ingest(
 
     logger.info("ingested %(ingested)d files (%(images)d images, %(shards)d shards); %(duplicates)d duplicates, "
                 "%(skipped)d skipped, %(quarantined)d quarantined; %(unchanged)d unchanged, not read", summary)
+    for status, reason, files in reasons[:REASONS_LOGGED]:  # scrubbed reasons, as the catalog holds them
+        logger.log(logging.WARNING if status == "quarantined" else logging.INFO, "%s, %d file%s: %s", status, files,
+                   "" if files == 1 else "s", reason or "(no reason given)")
+    if len(reasons) > REASONS_LOGGED:
+        logger.info("%d more reasons: `dax catalog report`", len(reasons) - REASONS_LOGGED)
     events = emit_ingest_events(root, summary, retrain_after_images, quarantine_alert_share, reasons)
     if events["quarantine_alert"]:
-        logger.warning("%d of the %d files read were quarantined (alert above %.0f %%): see the reasons below or "
+        logger.warning("%d of the %d files read were quarantined (alert above %.0f %%): see the reasons above or "
                        "`dax catalog report`", summary["quarantined"], summary["surveyed"],
                        100 * quarantine_alert_share)
     create_markdown_artifact(key="ingest-summary", markdown=_summary_markdown(summary, reasons),

@@ -21,6 +21,7 @@ from tasks.ingest.catalog import (
     SNAPSHOT_FILE,
     TABLES,
     Catalog,
+    QueryError,
     ReadOnlyQueryError,
     SnapshotMissingError,
     open_snapshot,
@@ -284,8 +285,12 @@ def test_query_formats_and_refusals(home: Path):
                       "ATTACH 'other.duckdb' AS o", "SELECT 1; DELETE FROM sources"):
         with pytest.raises(ReadOnlyQueryError, match="read-only"):
             query(home, statement)
-    with pytest.raises(ValueError, match="unknown format"):
+    with pytest.raises(QueryError, match="unknown format"):
         query(home, sql, "xml")
+    with pytest.raises(QueryError, match="Binder Error.*nope"):      # DuckDB's own words, as one error
+        query(home, "SELECT nope FROM images")
+    with pytest.raises(QueryError, match="does not parse"):
+        query(home, "SELEC 1")
     assert count(home, "sources") == 5
 
 

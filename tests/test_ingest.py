@@ -179,6 +179,8 @@ def test_bad_inputs_have_specific_reasons(ingested):
     reasons = " | ".join(row["reason"] for row in rows).lower()
     for words in ("empty file", "not a dicom file", "no pixel data"):
         assert words in reasons
+    console = ingested["console"].lower()                       # the run's log says them too, not only the report
+    assert all("quarantined, " in console and words in console for words in ("empty file", "not a dicom file"))
 
 
 def test_shards_hold_exactly_the_cataloged_images(ingested):
@@ -338,6 +340,9 @@ def test_auditor_queries_the_snapshot_in_every_format(ingested):
     assert csv.splitlines()[0] == "modality"
     refused = run_dax(ingested["tmp"], "catalog", "sql", "DELETE FROM images", "--home", str(home), check=False)
     assert refused.returncode != 0
+    typo = run_dax(ingested["tmp"], "catalog", "sql", "SELECT columns FROM images", "--home", str(home), check=False)
+    assert typo.returncode == 2 and typo.stdout.startswith("error:") and "Binder Error" in typo.stdout
+    assert "Traceback" not in typo.stdout + typo.stderr
     report = run_dax(ingested["tmp"], "catalog", "report", "--home", str(home))
     assert (home / "catalog-report.html").exists() and "report written" in report.stdout
 
@@ -346,6 +351,10 @@ def test_locate_maps_a_hash_back_to_its_source_path(ingested):
     label = ingested["labels"][0]
     found = run_dax(ingested["tmp"], "locate", label["sha256"], str(ingested["source"])).stdout.strip()
     assert found.endswith(label["path"])
+    not_a_hash = run_dax(ingested["tmp"], "locate", "abc", str(ingested["source"]), check=False)
+    assert not_a_hash.returncode == 2 and "64 hexadecimal digits" in not_a_hash.stdout + not_a_hash.stderr
+    no_source = run_dax(ingested["tmp"], "locate", label["sha256"], str(ingested["tmp"] / "gone"), check=False)
+    assert no_source.returncode == 2 and no_source.stdout.startswith("error: the ingestion source does not exist")
 
 
 def test_user_errors_are_one_clear_line(tmp_path):
@@ -355,6 +364,18 @@ def test_user_errors_are_one_clear_line(tmp_path):
     no_secret = subprocess.run([DAX, "ingest", str(source), "--home", str(tmp_path / "home")], env=env,
                                capture_output=True, text=True, timeout=300)
     assert no_secret.returncode == 2 and "error: no de-identification secret" in no_secret.stdout
-    assert "Traceback" not in no_secret.stdout
+    assert "Traceback" not in no_secret.stdout + no_secret.stderr
+    short_secret = subprocess.run([DAX, "ingest", str(source), "--home", str(tmp_path / "home")],
+                                  env=env | {"DAX_DEID_SECRET": "too-short"}, capture_output=True, text=True,
+                                  timeout=300)
+    assert short_secret.returncode == 2 and "error: the de-identification secret must be" in short_secret.stdout
+    assert "Traceback" not in short_secret.stdout + short_secret.stderr
+    no_source = run_dax(tmp_path, "ingest", str(tmp_path / "no such export"), "--home", str(tmp_path / "home"),
+                        check=False)
+    assert no_source.returncode == 2 and "error: the ingestion source does not exist" in no_source.stdout
+    assert "Traceback" not in no_source.stdout + no_source.stderr and "no such export" not in no_source.stdout
+    unknown = run_dax(tmp_path, "pretrain", "--set", "nonsense=1", "--home", str(tmp_path / "home"), check=False)
+    assert unknown.returncode == 2 and "error: unknown pretraining settings: nonsense" in unknown.stdout
+    assert "Traceback" not in unknown.stdout + unknown.stderr
     no_snapshot = run_dax(tmp_path, "catalog", "sql", "SELECT 1", "--home", str(tmp_path / "empty"), check=False)
     assert no_snapshot.returncode == 2 and "run `dax ingest` first" in no_snapshot.stdout

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import heads_tracking
 from PIL import Image
+from pydicom.data import get_testdata_file
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from torch import nn
@@ -22,6 +23,7 @@ from tasks.label_schema import BODY_REGIONS
 from tasks.release.predict import (
     LoadedModels,
     PredictError,
+    load_models,
     predict,
     predict_file,
     prepare_dicom,
@@ -196,7 +198,7 @@ def test_best_heads_picks_each_task_from_the_architecture_that_scores_best(tmp_p
     scored best (its ``dax.eval``), else the head's own test figure; other aliases are not considered."""
     from mlflow.tracking import MlflowClient
 
-    from tasks.release.registry import backbone_model, best_heads, head_model
+    from tasks.release.registry import backbone_model, best_heads, head_aliases, head_model
 
     evals = {"vit_tiny_patch16": {"region.accuracy": 0.8, "metal.dice": 0.3},
              "resnet18": {"region.accuracy": 0.6, "metal.dice": 0.7}}
@@ -213,6 +215,10 @@ def test_best_heads_picks_each_task_from_the_architecture_that_scores_best(tmp_p
                 client.set_registered_model_alias(head_model(task, arch), alias, "1")
         chosen = best_heads(("region", "metal", "screws"), "champion")
         assert best_heads(("region",), "candidate") == {}
+        assert head_aliases(("region",)) == ["champion"] and head_aliases(("screws",)) == ["challenger", "champion"]
+        with pytest.raises(PredictError, match=r"no registered region head with alias @candidate \(the registered "
+                                               r"heads carry @champion: pass --alias champion\)"):
+            load_models(alias="candidate", tasks=("region",), home=tmp_path)
     assert {task: c["backbone"] for task, c in chosen.items()} == {
         "region": "dax-backbone-vit_tiny_patch16/1", "metal": "dax-backbone-resnet18/1",
         "screws": "dax-backbone-resnet18/1"}
@@ -229,13 +235,15 @@ def test_a_bad_file_is_refused_in_one_line(tmp_path, monkeypatch):
     with pytest.raises(PredictError, match="no pixel data") as refused:
         prepare_dicom(header_only)
     assert "\n" not in str(refused.value) and "Doe" not in str(refused.value)
+    ct = tmp_path / "Doe^Jane ct.dcm"                      # what ingestion skips, prediction refuses
+    shutil.copy(get_testdata_file("CT_small.dcm"), ct)
+    with pytest.raises(PredictError, match=r"\(CT Image Storage\) is not a projection X-ray image"):
+        prepare_dicom(ct)
 
 
 def test_predict_refuses_bad_files_and_still_writes_the_good_ones(heads_flow, heads_env, tmp_path):
     """The registered backbone and heads on real radiographs never ingested (pydicom-data's CR chest,
     deid-data's DX cat), next to a text file and a header without pixels, all with PHI in their names."""
-    from pydicom.data import get_testdata_file
-
     from tasks.synth.montage import real_radiographs
 
     inputs = tmp_path / "in"

@@ -7,3 +7,15 @@ queried by ``labels.py`` and ``report.py``), quarantined files with reasons, and
 ``deidentify`` (with ``deid_plan``'s recorded plans) -> ``normalize``; ``steps.py`` holds the batch
 steps as Prefect tasks.
 """
+import logging
+
+
+class _DeidImportNotice(logging.Filter):
+    """deid 0.4.13 imports pydicom's deprecated ``pixel_data_handlers``, and pydicom logs a WARNING about it
+    in every process that imports deid: nothing DAX or its user can act on. Drops that one message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("The 'pydicom.pixel_data_handlers' module will be removed")
+
+
+logging.getLogger("pydicom").addFilter(_DeidImportNotice())

@@ -171,6 +171,10 @@ class ReadOnlyQueryError(CatalogError, PermissionError):
     """A statement given to `query` that is not a read-only query."""
 
 
+class QueryError(CatalogError, ValueError):
+    """A query `query` cannot answer: DuckDB refused it (a typo, an unknown column), or an unknown format."""
+
+
 # --- PHI guards ----------------------------------------------------------------------------------------
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _PATH_KEY = re.compile(r"DAX-[0-9a-f]{16}")
@@ -609,7 +613,7 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
     try:
         statements = con.extract_statements(sql)
     except duckdb.Error as error:
-        raise CatalogError(f"the query does not parse: {error}") from None
+        raise QueryError(f"the query does not parse: {error}") from None
     if len(statements) != 1:
         raise ReadOnlyQueryError(f"give exactly one read-only statement (got {len(statements)})")
     kind = statements[0].type.name
@@ -630,7 +634,7 @@ def fetch(con: duckdb.DuckDBPyConnection, sql: str) -> tuple[list[str], list[str
     except duckdb.Error as error:
         if "read-only" in str(error):
             raise ReadOnlyQueryError(f"refused: the catalog snapshot is read-only ({error})") from None
-        raise
+        raise QueryError(str(error)) from None
     rows = list(zip(*(table.column(i).to_pylist() for i in range(table.num_columns)))) if table.num_columns else []
     return names, types, rows
 
@@ -638,7 +642,7 @@ def fetch(con: duckdb.DuckDBPyConnection, sql: str) -> tuple[list[str], list[str
 def query(home: Path, sql: str, fmt: str = "table") -> str:
     """Run a read-only query on the published snapshot and render it as 'table', 'csv' or 'json'."""
     if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
+        raise QueryError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
     con = open_snapshot(home)
     try:
         names, types, rows = fetch(con, sql)

@@ -39,11 +39,17 @@ class Rejected(Exception):
         self.reason = reason
 
 
+def check_source(source: Path) -> None:
+    """Raise NotADirectoryError (naming no path: export paths can carry names) unless ``source`` is a folder."""
+    if not Path(source).is_dir():
+        raise NotADirectoryError("the ingestion source " + ("must be a folder" if Path(source).exists()
+                                                            else "does not exist"))
+
+
 def list_source(source: Path) -> Iterator[str]:
     """Every regular file under ``source`` as a sorted POSIX path relative to it (symlinks skipped)."""
     source = Path(source)
-    if not source.is_dir():
-        raise NotADirectoryError("the ingestion source must be a folder")
+    check_source(source)
     for directory, subdirs, names in os.walk(source, followlinks=False):
         subdirs.sort()
         for name in sorted(names):

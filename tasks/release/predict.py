@@ -25,8 +25,9 @@ Outputs, named by the first 16 hex digits of the file's SHA-256, NOT by the inpu
 - ``<sha16>_mask.png``: the metal mask at the original size (8-bit, 0 or 255);
 - ``<sha16>.png``: an overlay like DAX's Figure 2 (top-3 regions, the mask, the screws with scores).
 
-A file that cannot be used (not DICOM, no pixel data, undecodable, needs a pixel review) raises a
-``PredictError`` with a one-line reason naming no path or value; ``predict`` records it and goes on.
+A file that cannot be used (not DICOM, not a projection X-ray image as ingestion's triage says, no pixel data,
+undecodable, needs a pixel review) raises a ``PredictError`` with a one-line reason naming no path or value;
+``predict`` records it and goes on.
 
 The key (``prediction_key``): the configured secret when there is one (``load_key()``: DAX_DEID_SECRET or
 the Prefect Secret block), else a random key for this process only. The outputs hold no pseudonym, so
@@ -117,7 +118,7 @@ def load_models(backbone_uri: str | None = None, head_uris: dict[str, str] | Non
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from tasks.release.registry import best_heads
+    from tasks.release.registry import best_heads, head_aliases
 
     configure_tracking(dax_home(home))
     dev = resolve_device(device)
@@ -139,8 +140,10 @@ def load_models(backbone_uri: str | None = None, head_uris: dict[str, str] | Non
         chosen = best_heads([t for t in tasks if t not in pinned], alias)
         missing = [t for t in tasks if t not in chosen and t not in pinned]
         if missing:
-            raise PredictError(f"no registered {' or '.join(missing)} head with alias @{alias} (run `dax heads` "
-                               "first, or give a backbone)")
+            others = [a for a in head_aliases(missing) if a != alias]
+            hint = (f"the registered heads carry {', '.join('@' + a for a in others)}: pass --alias {others[0]}"
+                    if others else "run `dax heads` first, or give a backbone")
+            raise PredictError(f"no registered {' or '.join(missing)} head with alias @{alias} ({hint})")
         uris = {task: pinned.get(task) or chosen[task]["uri"] for task in tasks}
     heads, refs = {}, {}
     for task, uri in uris.items():
@@ -194,16 +197,15 @@ def prepare_dicom(path: Path, frame: int = 0, max_size: int = INGEST_MAX_SIZE, k
         decode_frames,
         normalize,
     )
-    from tasks.ingest.triage import Rejected, read_dicom
+    from tasks.ingest.triage import DEFAULT_MODALITIES, Rejected, check_header, read_dicom
 
     try:
         ds = read_dicom(Path(path))
+        check_header(ds, DEFAULT_MODALITIES)     # what ingestion takes: projection X-ray images (CT, MR... refused)
     except Rejected as rejected:
         raise PredictError(rejected.reason) from None
     except OSError as error:
         raise PredictError(f"cannot read the file ({type(error).__name__})") from None
-    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        raise PredictError("no pixel data (not an image)")
     try:
         frames = decode_frames(ds)
     except PixelDataError as error:

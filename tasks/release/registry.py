@@ -145,8 +145,8 @@ def best_heads(tasks, alias: str) -> dict[str, dict]:
     client = MlflowClient()
     chosen = {}
     for task in tasks:
-        prefix, figure = head_model(task, ""), HEADLINE[task]
-        names = sorted(m.name for m in client.search_registered_models(filter_string=f"name LIKE '{prefix}%'"))
+        figure = HEADLINE[task]
+        names = sorted(m.name for m in _registered_heads(client, task))
         for name in names:
             try:
                 head = client.get_model_version_by_alias(name, alias)
@@ -165,6 +165,19 @@ def best_heads(tasks, alias: str) -> dict[str, dict]:
                 chosen[task] = {"uri": f"models:/{name}/{head.version}", "model": name, "version": str(head.version),
                                 "backbone": backbone, "score": score}
     return chosen
+
+
+def head_aliases(tasks) -> list[str]:
+    """The aliases that the registered heads of ``tasks`` carry, sorted (empty: none carries one)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    return sorted({alias for task in tasks for model in _registered_heads(client, task) for alias in model.aliases})
+
+
+def _registered_heads(client, task: str) -> list:
+    """The registered models of ``task``'s heads, one per backbone architecture (``dax-head-<task>-*``)."""
+    return client.search_registered_models(filter_string=f"name LIKE '{head_model(task, '')}%'")
 
 
 class _DropPickleCaution(logging.Filter):
