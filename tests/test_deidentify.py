@@ -443,3 +443,16 @@ def test_pixels_are_unchanged_and_the_source_file_is_untouched(tmp_path, relativ
     np.testing.assert_array_equal(out.pixel_array, before)
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
     assert source.PatientName == pydicom.dcmread(path).PatientName  # the input dataset is not modified
+
+
+def test_deids_pydicom_deprecation_notice_is_dropped_and_no_other_pydicom_warning(caplog):
+    """deid imports a pydicom module deprecated for v4, and pydicom logs a WARNING about it at every start of
+    `dax`; tasks.ingest drops that message (nothing a user can act on) and lets pydicom's others through."""
+    import logging
+
+    pydicom_logger = logging.getLogger("pydicom")
+    with caplog.at_level(logging.WARNING, logger="pydicom"):
+        pydicom_logger.warning("The 'pydicom.pixel_data_handlers' module will be removed in v4.0, please use "
+                               "'from pydicom.pixels.utils import get_expected_length' instead")
+        pydicom_logger.warning("Invalid value for VR UI: '1.2.3.abc'")
+    assert [record.getMessage() for record in caplog.records] == ["Invalid value for VR UI: '1.2.3.abc'"]
