@@ -30,10 +30,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dax_models.backbones import create_backbone
 from tasks.heads.data import HeadDataset
 from tasks.heads.training import train_end_to_end
-from tasks.pretrain.main_dino import read_job
+from tasks.pretrain.main_dino import initial_backbone, read_job
 from tasks.pretrain.monitor import hits_bits, knn_hits, knn_margin, knn_monitor, knn_thumbnails
 
 
@@ -47,8 +46,7 @@ def knn_ceiling(job_dir: Path, lr: float | None = None, threads: int = 2) -> dic
     knn = torch.load(job_dir / "knn.pt", weights_only=False)
     torch.set_num_threads(threads)
     began = time.perf_counter()
-    torch.manual_seed(config.seed)         # as build_models: the pretraining's random init
-    backbone = create_backbone(config.arch, config.in_chans, img_size=config.augment.global_size)
+    backbone = initial_backbone(config)    # the pretraining's random init
     random_hits = knn_monitor(backbone, knn, torch.device("cpu"))
     lr = lr or LEARNING_RATES[backbone.kind]
 

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dax_models.backbones import create_backbone, extract
-from tasks.pretrain.main_dino import CHECKPOINT, job_backbone, load_checkpoint, read_job
+from dax_models.backbones import extract
+from tasks.pretrain.main_dino import CHECKPOINT, initial_backbone, job_backbone, load_checkpoint, read_job
 from tasks.pretrain.monitor import hits_bits, knn_hits, knn_margin, knn_thumbnail_hits
 
 GRIDS = (2, 3)
@@ -59,9 +59,7 @@ def job_readouts(job: Path) -> dict:
     _, config, _ = read_job(job)
     knn = torch.load(job / "knn.pt", weights_only=False)
     state = load_checkpoint(job / "checkpoints" / CHECKPOINT)
-    torch.manual_seed(config.seed)            # as main_dino.build_models: the student's backbone comes first
-    backbones = {"random init": create_backbone(config.arch, config.in_chans, img_size=config.augment.global_size),
-                 "trained": job_backbone(job, "teacher", state)}
+    backbones = {"random init": initial_backbone(config), "trained": job_backbone(job, "teacher", state)}
     hits = {}
     for who, backbone in backbones.items():
         bank, queries = readouts(backbone, knn["bank"]), readouts(backbone, knn["queries"])

@@ -37,9 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dax_models.augment import _shrink, minmax, to_image_tensor
-from dax_models.backbones import create_backbone
 from dax_models.dino import clip_gradients, param_groups
-from tasks.pretrain.main_dino import PretrainConfig, build_schedules, read_job
+from tasks.pretrain.main_dino import PretrainConfig, build_schedules, initial_backbone, read_job
 from tasks.pretrain.monitor import hits_bits, knn_margin, knn_monitor
 
 
@@ -72,9 +71,7 @@ class LightlyDINO(torch.nn.Module):
         from lightly.models.utils import deactivate_requires_grad
 
         super().__init__()
-        torch.manual_seed(config.seed)      # the backbone is made first, as in DAX: the same random init
-        self.student_backbone = create_backbone(config.arch, config.in_chans, img_size=config.augment.global_size,
-                                                drop_path_rate=config.drop_path_rate)
+        self.student_backbone = initial_backbone(config, config.drop_path_rate)   # DAX's random init
 
         def head(freeze: int) -> torch.nn.Module:
             return DINOProjectionHead(self.student_backbone.embed_dim, config.head_hidden_dim,

@@ -329,20 +329,26 @@ def _any_rank(flag: bool, d: Dist) -> bool:
 
 # --- building the models --------------------------------------------------------------------------------
 
+def initial_backbone(config: PretrainConfig, drop_path_rate: float = 0.0) -> Backbone:
+    """The run's first backbone, the student's, seeded with ``config.seed`` (the same initial weights on every
+    rank; DDP also broadcasts them): the random init that benchmarks compare a finished run against."""
+    torch.manual_seed(config.seed)
+    return create_backbone(config.arch, config.in_chans, img_size=config.augment.global_size,
+                           drop_path_rate=drop_path_rate, checkpoint=config.init_checkpoint)
+
+
 def build_models(config: PretrainConfig, d: Dist) -> tuple[nn.Module, nn.Module, nn.Module]:
     """(student, teacher, student without DDP), on the device, teacher initialized from the student."""
-    torch.manual_seed(config.seed)  # the same initial weights on every rank (DDP also broadcasts them)
-    img = config.augment.global_size
 
-    def wrapper(drop_path: float) -> MultiCropWrapper:
-        backbone = create_backbone(config.arch, config.in_chans, img_size=img, drop_path_rate=drop_path,
-                                   checkpoint=config.init_checkpoint)
+    def wrapper(backbone: Backbone) -> MultiCropWrapper:
         head = DINOHead(backbone.embed_dim, config.out_dim, use_bn=config.use_bn_in_head,
                         norm_last_layer=config.norm_last_layer, hidden_dim=config.head_hidden_dim,
                         bottleneck_dim=config.head_bottleneck_dim)
         return MultiCropWrapper(backbone, head)
 
-    student, teacher = wrapper(config.drop_path_rate), wrapper(0.0)
+    student = wrapper(initial_backbone(config, config.drop_path_rate))
+    teacher = wrapper(create_backbone(config.arch, config.in_chans, img_size=config.augment.global_size,
+                                      checkpoint=config.init_checkpoint))
     # SyncBatchNorm is CUDA-only: on CPU (gloo) each rank keeps its own batch statistics
     if d.world > 1 and d.device.type == "cuda" and (config.use_bn_in_head or ARCHITECTURES[config.arch].kind == "resnet"):
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
