@@ -17,7 +17,10 @@ share (the regions the demo backbone confuses with their lower-limb look-alikes)
 pixel thumbnails (no backbone), the kNN accuracy at random init, at its best epoch and after the last epoch,
 the margin's 95 % interval with the held-out patients resampled (``tasks.pretrain.main_dino.knn_margin``), the
 supervised ceiling's kNN accuracy, lightly's final kNN accuracy and the interval of ours minus lightly's (the
-same paired resampling). Each row is also appended to ``OUT/rows.jsonl`` as it comes. Each home is deleted
+same paired resampling). A second table puts the kNN monitor's two readouts of the same teacher side by side
+(the final pool, and the layout readout: its last feature map pooled to 3 x 3, ``monitor.LAYOUT_READOUT``), each
+with its margin over random init and its paired interval over the thumbnails. Each row is also appended to
+``OUT/rows.jsonl`` as it comes. Each home is deleted
 after its row unless ``--keep``.
 
 ``--variant KEY=VALUE`` (repeat) pretrains a second time on each home with those overrides on top of ``--set``
@@ -133,7 +136,10 @@ def one_split(index: int, corpus: Path, out: Path, overrides: list[str], config:
             "best": max(k["knn_accuracy"] for k in knn[1:] or knn), "final": knn[-1]["knn_accuracy"],
             "interval": (result["knn_margin"]["low"], result["knn_margin"]["high"]),
             "verdict": margin_verdict(result["knn_margin"]), "ceiling": ceiling["ceiling"],
-            "pretrain_min": pretrain_min}
+            "versus_thumbnails": result["knn_margin_over_thumbnails"]["pool"],
+            "layout_random": knn[0]["knn_accuracy_layout"], "layout": knn[-1]["knn_accuracy_layout"],
+            "layout_verdict": margin_verdict(result["knn_layout_margin"]),
+            "layout_versus_thumbnails": result["knn_margin_over_thumbnails"]["layout"], "pretrain_min": pretrain_min}
 
 
 def table(rows: list[dict]) -> str:
@@ -153,6 +159,19 @@ def table(rows: list[dict]) -> str:
                      f"{r['best']:.3f} | {r['final']:.3f} | {r['final'] - r['random']:+.3f} | "
                      f"{r['interval'][0]:+.3f} to {r['interval'][1]:+.3f}: {r['verdict']} | {r['ceiling']:.3f} | "
                      f"{lightly} |")
+    return "\n".join(lines)
+
+
+def layout_table(rows: list[dict]) -> str:
+    """The kNN monitor's two readouts of the same teacher, split by split, against the thumbnails (paired)."""
+    interval = lambda v: f"{v['margin']:+.3f} ({v['low']:+.3f} to {v['high']:+.3f})"   # noqa: E731
+    lines = ["| split | kNN 16x16 thumbnails | final pool: random init | final | its margin over random init | "
+             "final pool - thumbnails (95 %) | layout readout: random init | final | its margin over random init | "
+             "layout readout - thumbnails (95 %) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['split']} | {r['thumbnails']:.3f} | {r['random']:.3f} | {r['final']:.3f} | "
+                     f"{r['verdict']} | {interval(r['versus_thumbnails'])} | {r['layout_random']:.3f} | {r['layout']:.3f} | "
+                     f"{r['layout_verdict']} | {interval(r['layout_versus_thumbnails'])} |")
     return "\n".join(lines)
 
 
@@ -219,6 +238,13 @@ def main() -> None:
     print(f"the supervised ceiling itself is at or under the thumbnails on {capped} of {len(rows)} splits")
     clear = sum(r["verdict"] == "clear" for r in rows)
     print(f"a clear margin (its interval above 0) on {clear} of {len(rows)} splits")
+    print()
+    print(layout_table(rows))
+    for name, key, verdict, versus in (("final pool", "final", "verdict", "versus_thumbnails"),
+                                       ("layout readout", "layout", "layout_verdict", "layout_versus_thumbnails")):
+        print(f"the {name}: a clear margin over random init on {sum(r[verdict] == 'clear' for r in rows)} of "
+              f"{len(rows)}, above the 16x16 thumbnails on {sum(r[key] > r['thumbnails'] for r in rows)} "
+              f"({sum(r[versus]['low'] > 0 for r in rows)} with the interval above 0)")
     if all("lightly" in r for r in rows):
         ahead = sum(r["final"] > r["lightly"] for r in rows)
         clearly = sum(r["versus_lightly"]["low"] > 0 for r in rows)

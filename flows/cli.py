@@ -310,24 +310,25 @@ def pretrain(
 def _print_pretraining(summary: dict) -> None:
     from rich.table import Table
 
-    from tasks.pretrain.monitor import margin_text
+    from tasks.pretrain.monitor import margin_lines
 
     console.print(f"pretraining [bold]{summary['status']}[/]: {summary['step']} of {summary['total_steps']} steps "
                   f"in {summary['seconds']:.0f} s (job {summary['job']}, MLflow run {summary['run_id']})")
     if summary.get("knn"):
-        table = Table("epoch", "kNN accuracy, held-out patients", "student",
-                      title="body region, k=20 cosine kNN on the teacher (registered) and the student")
+        table = Table("epoch", "kNN accuracy, held-out patients", "student", "layout readout",
+                      title="body region, k=20 cosine kNN on the teacher (registered) and the student; the layout "
+                            "readout: the teacher's last feature map pooled to 3 x 3")
         for row in summary["knn"]:
-            student = row.get("knn_accuracy_student")
+            student, layout = row.get("knn_accuracy_student"), row.get("knn_accuracy_layout")
             table.add_row("0 (random init)" if row["epoch"] == 0 else str(row["epoch"]), f"{row['knn_accuracy']:.3f}",
-                          "-" if student is None else f"{student:.3f}")
+                          "-" if student is None else f"{student:.3f}", "-" if layout is None else f"{layout:.3f}")
         prepared = summary["prepared"]
         table.add_row("chance", f"{prepared['chance_uniform']:.3f} uniform, {prepared['chance_majority']:.3f} majority")
         if "knn_thumbnails" in prepared:   # jobs prepared before the reference existed lack it
             table.add_row("16x16 pixel thumbnails", f"{prepared['knn_thumbnails']:.3f}")
-        if summary.get("knn_margin"):
-            table.add_row("margin over random init", margin_text(summary["knn_margin"]))
         console.print(table)
+        for what, text in margin_lines(summary):
+            console.print(f"{what}: {text}")
     if summary.get("registered"):
         console.print(f"registered {summary['registered']['uri']} (version {summary['registered']['version']})")
 
@@ -403,7 +404,7 @@ def predict(
 
 def _print_retrained(retrained: dict) -> None:
     """One backbone's outcome of `retrain`: the heads' table, the kNN monitor, the promotion."""
-    from tasks.pretrain.monitor import margin_text
+    from tasks.pretrain.monitor import margin_lines
 
     if "backbone" not in retrained:
         console.print(f"{retrained['config']}: pretraining {retrained.get('status')}, nothing registered")
@@ -415,11 +416,13 @@ def _print_retrained(retrained: dict) -> None:
     knn = retrained.get("knn") or []
     if knn:
         thumbnails = retrained.get("knn_thumbnails")
+        layout = (f" (layout readout {knn[0]['knn_accuracy_layout']:.3f} -> {knn[-1]['knn_accuracy_layout']:.3f})"
+                  if "knn_accuracy_layout" in knn[0] and "knn_accuracy_layout" in knn[-1] else "")
         console.print(f"kNN body-region accuracy during pretraining: random init {knn[0]['knn_accuracy']:.3f} -> "
-                      f"{knn[-1]['knn_accuracy']:.3f} after {knn[-1]['epoch']} epochs"
+                      f"{knn[-1]['knn_accuracy']:.3f} after {knn[-1]['epoch']} epochs{layout}"
                       + (f"; on 16x16 pixel thumbnails {thumbnails:.3f}" if thumbnails is not None else ""))
-        if retrained.get("knn_margin"):
-            console.print(f"kNN margin over random init: {margin_text(retrained['knn_margin'])}")
+        for what, text in margin_lines(retrained):
+            console.print(f"kNN {what}: {text}")
     promotion = retrained["promotion"]
     why = [f"{r['metric']} {r['candidate']:.3f} against {r['champion']:.3f} ({r['verdict']})"
            for r in promotion.get("rows", []) if r["verdict"] in ("worse", "not above floor")]

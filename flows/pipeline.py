@@ -89,7 +89,8 @@ def retrain(
         outcomes.append({"config": config, "backbone": backbone_uri, "reused": reused,
                          "knn": pretrained.get("knn"),
                          "knn_thumbnails": pretrained.get("prepared", {}).get("knn_thumbnails"),
-                         "knn_margin": pretrained.get("knn_margin"),
+                         **{key: pretrained.get(key) for key in ("knn_margin", "knn_layout_margin",
+                                                                  "knn_margin_over_thumbnails")},
                          "results": evaluation["table"],
                          "results_markdown": evaluation["markdown"], "heads": evaluation["registered"],
                          "promotion": decision})

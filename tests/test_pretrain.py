@@ -299,6 +299,36 @@ def test_the_thumbnail_reference_is_the_knn_on_shrunk_images():
     assert knn_thumbnails(two) == 0.5
 
 
+@pytest.mark.parametrize("arch", ["resnet18", "vit_tiny_patch16"])
+def test_the_knn_monitor_reads_the_final_pool_and_the_last_map_on_a_grid_from_one_pass(arch):
+    """``knn_monitor_readouts``: ``"pool"`` is what ``knn_monitor`` reads (the final pool); ``"layout"`` is the
+    last feature map average-pooled to 3 x 3, each cell L2-normalised; the backbone is left as found."""
+    from tasks.pretrain.monitor import (LAYOUT_READOUT, features, knn_hits, knn_monitor, knn_monitor_readouts,
+                                        readout_features)
+    g = torch.Generator().manual_seed(0)
+    bank_labels, query_labels = torch.arange(3).repeat(8), torch.arange(3).repeat(4)
+    knn = {"classes": ["a", "b", "c"], "bank": torch.rand(24, 1, 64, 64, generator=g), "bank_labels": bank_labels,
+           "queries": torch.rand(12, 1, 64, 64, generator=g), "query_labels": query_labels}
+    torch.manual_seed(0)
+    backbone = create_backbone(arch, 1, img_size=64)
+    backbone.train()
+    cpu = torch.device("cpu")
+    read = readout_features(backbone, knn["queries"], cpu, batch=5)     # batches of 5: the joins are checked too
+    assert backbone.training
+    assert LAYOUT_READOUT == {"level": 4, "grid": 3}
+    torch.testing.assert_close(read["pool"], features(backbone, knn["queries"], cpu))
+    backbone.eval()
+    with torch.no_grad():
+        last = backbone.feature_maps(knn["queries"])[3]
+    cells = F.normalize(F.adaptive_avg_pool2d(last, 3), dim=1)
+    assert cells.shape[2:] == (3, 3)
+    torch.testing.assert_close(read["layout"], cells.flatten(1))
+    hits = knn_monitor_readouts(backbone, knn, cpu)
+    assert torch.equal(hits["pool"], knn_monitor(backbone, knn, cpu))
+    bank = F.normalize(F.adaptive_avg_pool2d(backbone.feature_maps(knn["bank"])[3].detach(), 3), dim=1).flatten(1)
+    assert torch.equal(hits["layout"], knn_hits(bank, cells.flatten(1), knn))
+
+
 def test_the_knn_margin_interval_resamples_patients_not_frames():
     from tasks.pretrain.monitor import knn_margin, margin_text
     # patient 0: a 50-frame sweep, every frame turned right; patients 1-5: two frames each, unchanged
@@ -322,6 +352,8 @@ def test_the_knn_margin_interval_resamples_patients_not_frames():
     assert one["low"] == one["high"] == 1.0 and margin_text(one).endswith("too few held-out patients to tell)")
     assert margin_text(knn_margin(knn, after, before)).endswith("not clear)")        # the loss, reversed
     assert margin_text(knn_margin(spread, ("1" * 8 + "0" * 2) * 6, "0" * 60)).endswith("below random init)")
+    assert margin_text(knn_margin(spread, ("1" * 8 + "0" * 2) * 6, "0" * 60), "the thumbnails").endswith(
+        "below the thumbnails)")
 
 
 def test_configs_load_and_refuse_unknown_settings(tmp_path):
@@ -495,7 +527,7 @@ def test_ddp_with_two_cpu_processes_through_torchrun_finishes(small_corpus):
     assert teacher_backbone(job).kind == "vit"
 
 
-def test_pretraining_learns_and_registers_a_loadable_backbone(small_corpus, tmp_path):
+def test_pretraining_learns_and_registers_a_loadable_backbone(small_corpus, tmp_path, capsys):
     """The flow end to end: loss falls, the kNN monitor runs, MLflow holds it all, the model loads back."""
     from mlflow.tracking import MlflowClient
 
@@ -514,6 +546,7 @@ def test_pretraining_learns_and_registers_a_loadable_backbone(small_corpus, tmp_
     assert np.mean(losses[-8:]) < np.mean(losses[:8])
     knn = summary["knn"]
     assert [k["step"] for k in knn] == [0, 24, 48] and all(0.0 <= k["knn_accuracy"] <= 1.0 for k in knn)
+    assert all(0.0 <= k["knn_accuracy_layout"] <= 1.0 for k in knn)
     # "kNN rises above random init" is benchmarks/short_run_knn.py's question (50 studies, 120 steps: with 24
     # studies the patient split here leaves most held-out classes without a neighbour in the bank)
 
@@ -529,6 +562,27 @@ def test_pretraining_learns_and_registers_a_loadable_backbone(small_corpus, tmp_
     assert margin["low"] <= margin["margin"] <= margin["high"]
     assert margin["patients"] == summary["prepared"]["knn_patients"]
     assert run.data.metrics["knn_margin_low"] == pytest.approx(margin["low"])
+    # the layout readout: its own margin over random init, and both readouts against the thumbnails
+    layout = summary["knn_layout_margin"]
+    assert layout["margin"] == pytest.approx(knn[-1]["knn_accuracy_layout"] - knn[0]["knn_accuracy_layout"])
+    over = summary["knn_margin_over_thumbnails"]
+    thumbnails = summary["prepared"]["knn_thumbnails"]
+    assert over["pool"]["margin"] == pytest.approx(knn[-1]["knn_accuracy"] - thumbnails)
+    assert over["layout"]["margin"] == pytest.approx(knn[-1]["knn_accuracy_layout"] - thumbnails)
+    for metric, value in (("knn_accuracy_layout", knn[-1]["knn_accuracy_layout"]),
+                          ("knn_accuracy_layout_random_init", knn[0]["knn_accuracy_layout"]),
+                          ("knn_layout_margin_high", layout["high"]),
+                          ("knn_layout_over_thumbnails", over["layout"]["margin"]),
+                          ("knn_pool_over_thumbnails_low", over["pool"]["low"])):
+        assert run.data.metrics[metric] == pytest.approx(value), metric
+    from tasks.pretrain.steps import summary_markdown
+    markdown = summary_markdown(summary)
+    assert "layout readout" in markdown and "margin over the 16x16 thumbnails" in markdown
+    from flows.cli import _print_pretraining
+    capsys.readouterr()
+    _print_pretraining(summary)
+    printed = " ".join(capsys.readouterr().out.split())        # as words: rich wraps at the terminal's width
+    assert f"layout readout's margin over the 16x16 thumbnails: {over['layout']['margin']:+.3f}" in printed
     assert len(client.get_metric_history(run.info.run_id, "loss")) == 12
     assert any(key.startswith("system/") for key in run.data.metrics)
     assert run.data.params["arch"] == "vit_tiny_patch16"

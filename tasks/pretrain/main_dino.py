@@ -28,11 +28,12 @@ dominating, or a uniform output), or when over those steps the teacher sorts a b
 ``collapse_min_groups`` groups (either mode, partial); it warns and, with ``stop_on_collapse``, ends the
 run. The kNN monitor (k=20, T=0.07, cosine; DINO's) classifies held-out images by body region at step 0
 (the random-init backbone) and after every ``knn_every`` epochs, with the teacher (what is registered) and the
-student; ``knn_thumbnails`` gives the same kNN on 16 x 16 pixel thumbnails of the images, a reference that
-needs no backbone at all. The share of crop boxes the augmentation redrew for too little content is logged
-(``crop_rejection_rate``). At the end,
-``knn_margin`` puts a 95 % interval on the last epoch's margin over random init by resampling the
-held-out patients (``result.json`` and MLflow).
+student, on the final pool; the teacher also on its last feature map pooled to 3 x 3 cells (the layout readout,
+``knn_accuracy_layout``); ``knn_thumbnails`` gives the same kNN on 16 x 16 pixel thumbnails of the images, a
+reference that needs no backbone at all. The share of crop boxes the augmentation redrew for too little content
+is logged (``crop_rejection_rate``). At the end, ``knn_margin`` (final pool) and ``knn_layout_margin`` put a
+95 % interval on the last epoch's margin over random init, and ``knn_margin_over_thumbnails`` on each
+readout's margin over the thumbnails, by resampling the held-out patients (``result.json`` and MLflow).
 """
 from __future__ import annotations
 
@@ -73,7 +74,8 @@ from dax_models.dino import (
 )
 from deployments import checked_numbers, find_config
 from tasks.pretrain.data import Selection, train_loader
-from tasks.pretrain.monitor import CollapseMonitor, hits_bits, knn_margin, knn_monitor
+from tasks.pretrain.monitor import (CollapseMonitor, hits_bits, knn_margin, knn_monitor, knn_monitor_readouts,
+                                    knn_thumbnail_hits)
 
 log = logging.getLogger("dax.pretrain")
 
@@ -485,23 +487,26 @@ def train(job_dir: Path) -> dict:
             logger.log_artifact(path, f"checkpoints/step-{step:07d}")
         return path
 
-    def score_knn(epoch: int) -> tuple[float, float]:
-        """Run the kNN monitor on the teacher and the student now; record both (the teacher's per-query hits
-        too) in the history; (teacher, student) accuracy."""
-        hits = knn_monitor(teacher.backbone, knn, d.device)
-        accuracy = float(hits.float().mean())
+    def score_knn(epoch: int) -> dict[str, float]:
+        """Run the kNN monitor on the teacher (final pool and layout readouts) and the student (final pool) now;
+        record them (the teacher's per-query hits too) in the history; return the accuracies."""
+        hits = knn_monitor_readouts(teacher.backbone, knn, d.device)
+        accuracy = float(hits["pool"].float().mean())
         student_accuracy = (accuracy if step == 0 else      # at step 0 the teacher is a copy of the student
                             float(knn_monitor(student_plain.backbone, knn, d.device).float().mean()))
-        knn_history.append({"step": step, "epoch": epoch, "knn_accuracy": accuracy,
-                            "knn_accuracy_student": student_accuracy, "hits": hits_bits(hits)})
-        return accuracy, student_accuracy
+        scores = {"knn_accuracy": accuracy, "knn_accuracy_student": student_accuracy,
+                  "knn_accuracy_layout": float(hits["layout"].float().mean())}
+        knn_history.append({"step": step, "epoch": epoch, **scores, "hits": hits_bits(hits["pool"]),
+                            "hits_layout": hits_bits(hits["layout"])})
+        return scores
 
     if d.main and knn is not None and step == 0:
-        accuracy, _ = score_knn(0)
+        scores = score_knn(0)
         if logger:
-            logger.log_metrics({"knn_accuracy": accuracy, "knn_accuracy_student": accuracy,
-                                "knn_accuracy_random_init": accuracy}, step=0)
-        log.info("kNN accuracy at random init: %.3f", accuracy)
+            logger.log_metrics({**scores, "knn_accuracy_random_init": scores["knn_accuracy"],
+                                "knn_accuracy_layout_random_init": scores["knn_accuracy_layout"]}, step=0)
+        log.info("kNN accuracy at random init: %.3f (layout readout %.3f)", scores["knn_accuracy"],
+                 scores["knn_accuracy_layout"])
 
     transform = XrayMultiCrop(config.augment)
     alarm = CollapseMonitor(config.collapse_min_kl, config.collapse_min_entropy, config.collapse_patience,
@@ -558,10 +563,11 @@ def train(job_dir: Path) -> dict:
                     status = "stopped"
                     return _finish(job_dir, d, status, step, total_steps, knn_history, alarm, knn, run_facts())
             if d.main and knn is not None and config.knn_every and (epoch + 1) % config.knn_every == 0:
-                accuracy, student_accuracy = score_knn(epoch + 1)
+                scores = score_knn(epoch + 1)
                 if logger:
-                    logger.log_metrics({"knn_accuracy": accuracy, "knn_accuracy_student": student_accuracy}, step=step)
-                log.info("epoch %d: kNN accuracy %.3f (student %.3f)", epoch + 1, accuracy, student_accuracy)
+                    logger.log_metrics(scores, step=step)
+                log.info("epoch %d: kNN accuracy %.3f (student %.3f, layout readout %.3f)", epoch + 1,
+                         scores["knn_accuracy"], scores["knn_accuracy_student"], scores["knn_accuracy_layout"])
         if d.main:
             checkpoint(final=True)
     except TrainingCollapsed:
@@ -576,11 +582,17 @@ def train(job_dir: Path) -> dict:
 def _finish(job_dir: Path, d: Dist, status: str, step: int, total_steps: int, knn_history: list,
             alarm: CollapseMonitor, knn: dict | None, facts: dict) -> dict:
     result = {"status": status, "step": step, "total_steps": total_steps, "world_size": d.world,
-              "knn": [{k: v for k, v in entry.items() if k != "hits"} for entry in knn_history],
+              "knn": [{k: v for k, v in entry.items() if not k.startswith("hits")} for entry in knn_history],
               "collapse_alarm_step": alarm.fired_at, "collapse_alarm": alarm.message, **facts}
     scored = [entry for entry in knn_history if "hits" in entry]   # checkpoints of older runs lack hits
     if knn is not None and "query_patients" in knn and len(scored) > 1 and scored[0]["epoch"] == 0:
         result["knn_margin"] = knn_margin(knn, scored[0]["hits"], scored[-1]["hits"])
+        if "hits_layout" in scored[0] and "hits_layout" in scored[-1]:     # runs before the layout readout lack it
+            result["knn_layout_margin"] = knn_margin(knn, scored[0]["hits_layout"], scored[-1]["hits_layout"])
+            thumbnails = hits_bits(knn_thumbnail_hits(knn))
+            result["knn_margin_over_thumbnails"] = {
+                readout: knn_margin(knn, thumbnails, scored[-1][hits])
+                for readout, hits in (("pool", "hits"), ("layout", "hits_layout"))}
     if d.main:
         (job_dir / "result.json").write_text(json.dumps(result, indent=2))
     if d.world > 1 and dist.is_initialized():

@@ -5,7 +5,11 @@
   dominating, or a uniform output), or when the teacher, on average over those steps, sorts a batch into
   fewer than ``min_groups`` groups (either mode, partial).
 - kNN monitor (k=20, T=0.07, cosine; DINO's): classifies held-out images by body region with a bank of
-  training-split images, at step 0 (the random-init backbone) and after every ``knn_every`` epochs.
+  training-split images, at step 0 (the random-init backbone) and after every ``knn_every`` epochs. It reads
+  the backbone two ways from one pass (``knn_monitor_readouts``): the final pool (``"pool"``, DINO's readout,
+  what ``knn_accuracy`` reports) and the last feature map average-pooled to a 3 x 3 grid, each cell
+  L2-normalised (``"layout"``, ``LAYOUT_READOUT``), which keeps where things are in the image as the
+  thumbnails do; docs/experiments.md, section 26 (named on two homes, then tested on six fresh splits).
 - ``knn_thumbnails`` (per query: ``knn_thumbnail_hits``): the same kNN on 16 x 16 pixel thumbnails of the
   images, a yardstick that needs no backbone at all.
 - ``knn_margin``: a 95 % interval on the last epoch's margin over random init, by resampling the
@@ -20,11 +24,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from dax_models.backbones import extract
 from dax_models.dino import entropy_ceiling
 from dax_models.metrics import knn_classify
 
-__all__ = ["MARGIN_MIN_PATIENTS", "CollapseMonitor", "features", "hits_bits", "knn_hits", "knn_margin", "knn_monitor",
-           "knn_thumbnail_hits", "knn_thumbnails", "margin_text", "margin_verdict"]
+__all__ = ["LAYOUT_READOUT", "MARGIN_MIN_PATIENTS", "CollapseMonitor", "features", "hits_bits", "knn_hits",
+           "knn_margin", "knn_monitor", "knn_monitor_readouts", "knn_thumbnail_hits", "knn_thumbnails", "margin_lines",
+           "margin_text", "margin_verdict", "readout_features"]
 
 
 class CollapseMonitor:
@@ -111,8 +117,36 @@ def knn_hits(bank: torch.Tensor, queries: torch.Tensor, knn: dict) -> torch.Tens
 
 
 def knn_monitor(backbone: nn.Module, knn: dict, device: torch.device) -> torch.Tensor:
-    """The kNN monitor's verdict on each held-out query for ``backbone`` (bool, one per query)."""
+    """The kNN monitor's verdict on each held-out query for ``backbone``'s final pool (bool, one per query)."""
     return knn_hits(features(backbone, knn["bank"], device), features(backbone, knn["queries"], device), knn)
+
+
+LAYOUT_READOUT = {"level": 4, "grid": 3}    # the last of the backbone's 4 feature maps, pooled to 3 x 3 cells
+
+
+@torch.no_grad()
+def readout_features(backbone: nn.Module, images: torch.Tensor, device: torch.device,
+                     batch: int = 64) -> dict[str, torch.Tensor]:
+    """Per image, from one backbone pass: ``"pool"``, the final pool (``backbone(x)``), and ``"layout"``, the
+    ``LAYOUT_READOUT`` map average-pooled to its grid, each cell L2-normalised, the cells concatenated."""
+    was_training = backbone.training
+    backbone.eval()
+    out: dict[str, list[torch.Tensor]] = {"pool": [], "layout": []}
+    for i in range(0, len(images), batch):
+        parts = extract(backbone, images[i:i + batch].to(device, dtype=torch.float32), parts=("pooled", "maps"))
+        cells = nn.functional.adaptive_avg_pool2d(parts["maps"][LAYOUT_READOUT["level"] - 1].float(),
+                                                  LAYOUT_READOUT["grid"])
+        out["pool"].append(parts["pooled"].float().cpu())
+        out["layout"].append(nn.functional.normalize(cells, dim=1).flatten(1).cpu())
+    backbone.train(was_training)
+    return {name: torch.cat(chunks) for name, chunks in out.items()}
+
+
+def knn_monitor_readouts(backbone: nn.Module, knn: dict, device: torch.device) -> dict[str, torch.Tensor]:
+    """The kNN monitor's verdict on each held-out query, per readout (``"pool"``, ``"layout"``), from one pass
+    over the bank and one over the queries."""
+    bank, queries = readout_features(backbone, knn["bank"], device), readout_features(backbone, knn["queries"], device)
+    return {name: knn_hits(bank[name], queries[name], knn) for name in bank}
 
 
 def knn_margin(knn: dict, before: str, after: str, samples: int = 2000, seed: int = 0) -> dict:
@@ -132,17 +166,29 @@ def knn_margin(knn: dict, before: str, after: str, samples: int = 2000, seed: in
 MARGIN_MIN_PATIENTS = 5    # fewer, and resampling them says little about the next patients
 
 
-def margin_verdict(margin: dict) -> str:
-    """"clear" when ``knn_margin``'s interval lies above 0, "below random init" when below it."""
+def margin_verdict(margin: dict, against: str = "random init") -> str:
+    """"clear" when ``knn_margin``'s interval lies above 0, "below random init" (or what the margin is
+    ``against``) when below it."""
     if margin["patients"] < MARGIN_MIN_PATIENTS:
         return "too few held-out patients to tell"
-    return "clear" if margin["low"] > 0 else ("below random init" if margin["high"] < 0 else "not clear")
+    return "clear" if margin["low"] > 0 else (f"below {against}" if margin["high"] < 0 else "not clear")
 
 
-def margin_text(margin: dict) -> str:
+def margin_text(margin: dict, against: str = "random init") -> str:
     """``knn_margin``'s result in words, as the summaries print it."""
     return (f"{margin['margin']:+.3f} (95 % interval over {margin['patients']} held-out patients "
-            f"{margin['low']:+.3f} to {margin['high']:+.3f}: {margin_verdict(margin)})")
+            f"{margin['low']:+.3f} to {margin['high']:+.3f}: {margin_verdict(margin, against)})")
+
+
+def margin_lines(summary: dict) -> list[tuple[str, str]]:
+    """The kNN monitor's margins a pretraining summary holds, as (what, in words) in the order they are
+    printed: over random init (final pool, layout readout), then over the 16 x 16 thumbnails (each readout)."""
+    over_thumbnails = summary.get("knn_margin_over_thumbnails") or {}
+    named = [("margin over random init", summary.get("knn_margin"), "random init"),
+             ("layout readout's margin over random init", summary.get("knn_layout_margin"), "random init"),
+             ("margin over the 16x16 thumbnails", over_thumbnails.get("pool"), "the thumbnails"),
+             ("layout readout's margin over the 16x16 thumbnails", over_thumbnails.get("layout"), "the thumbnails")]
+    return [(what, margin_text(margin, against)) for what, margin, against in named if margin]
 
 
 def hits_bits(hits: torch.Tensor) -> str:

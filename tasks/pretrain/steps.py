@@ -40,7 +40,7 @@ from tasks.pretrain.main_dino import (
     train,
     write_job,
 )
-from tasks.pretrain.monitor import knn_thumbnails, margin_text
+from tasks.pretrain.monitor import knn_thumbnails, margin_lines
 from tasks.release.registry import (
     PRETRAIN_EXPERIMENT,
     backbone_model,
@@ -229,10 +229,11 @@ def register_backbone(job_dir: Path, alias: str = "candidate") -> dict:
                  if result.get(k) is not None}
         if facts:
             mlflow.log_metrics(facts)
-        if result.get("knn_margin"):
-            margin = result["knn_margin"]
-            mlflow.log_metrics({"knn_margin": margin["margin"], "knn_margin_low": margin["low"],
-                                "knn_margin_high": margin["high"]})
+        margins = {"knn_margin": result.get("knn_margin"), "knn_layout_margin": result.get("knn_layout_margin"),
+                   **{f"knn_{readout}_over_thumbnails": margin
+                      for readout, margin in (result.get("knn_margin_over_thumbnails") or {}).items()}}
+        mlflow.log_metrics({f"{name}{end}": margin[key] for name, margin in margins.items() if margin
+                            for end, key in (("", "margin"), ("_low", "low"), ("_high", "high"))})
     version = str(info.registered_model_version)
     client.set_registered_model_alias(name, alias, version)
     for key, value in {"dax.manifest_digest": selection.digest, "dax.config": config.name,
@@ -273,14 +274,14 @@ def summary_markdown(summary: dict) -> str:
     lines = [f"# Pretraining {summary['job']}", "", f"status **{summary['status']}**, {summary['step']} of "
              f"{summary['total_steps']} steps, {summary['seconds']} s, MLflow run `{summary['run_id']}`", ""]
     if knn:
-        lines += ["| epoch | kNN accuracy, teacher (held-out patients) | student |", "|---|---|---|"]
-        lines += [f"| {k['epoch']} | {k['knn_accuracy']:.3f} | {_student(k)} |" for k in knn]
+        lines += ["| epoch | kNN accuracy, teacher (held-out patients) | student | teacher, layout readout |",
+                  "|---|---|---|---|"]
+        lines += [f"| {k['epoch']} | {k['knn_accuracy']:.3f} | {_student(k)} | {_layout(k)} |" for k in knn]
         lines += ["", f"chance: {prepared.get('chance_uniform', 0):.3f} (uniform), "
                       f"{prepared.get('chance_majority', 0):.3f} (majority class)"]
         if "knn_thumbnails" in prepared:
             lines[-1] += f"; the same kNN on 16x16 pixel thumbnails: {prepared['knn_thumbnails']:.3f}"
-        if summary.get("knn_margin"):
-            lines += ["", f"margin over random init: {margin_text(summary['knn_margin'])}"]
+        lines += [f"\n{what}: {text}" for what, text in margin_lines(summary)]
     if registered:
         lines += ["", f"registered `{registered['uri']}` (version {registered['version']})"]
     return "\n".join(lines)
@@ -290,6 +291,13 @@ def _student(knn_row: dict) -> str:
     """The student's kNN accuracy of a monitor row ("-" for rows of runs before it was scored)."""
     value = knn_row.get("knn_accuracy_student")
     return f"{value:.3f}" if value is not None else "-"
+
+
+def _layout(knn_row: dict) -> str:
+    """The layout readout's kNN accuracy of a monitor row ("-" for rows of runs before it was scored)."""
+    value = knn_row.get("knn_accuracy_layout")
+    return f"{value:.3f}" if value is not None else "-"
+
 
 
 class PretrainingUnfinished(RuntimeError):
