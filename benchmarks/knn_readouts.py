@@ -2,13 +2,15 @@
 
     .venv/bin/python benchmarks/knn_readouts.py HOME/pretrain/JOB [HOME/pretrain/JOB ...]
 
-The kNN monitor reads the backbone's final pool (`tasks.pretrain.monitor.knn_monitor`), which keeps no trace of
-where things are; the 16 x 16 thumbnails it is compared with keep nothing else. Here the same kNN, on the same
-bank and held-out queries, also reads the backbone's last two feature maps (`dax_models.backbones.extract`'s
-``maps``, levels 3 and 4) average-pooled to a 2 x 2 or 3 x 3 grid, each cell L2-normalised, concatenated: for the
-run's random init (seeded as the run's) and its final teacher, each readout's trained minus random init and
-trained minus thumbnails with the 95 % interval over the held-out patients (`knn_margin`). The final pool is
-checked against the run's own kNN hits at step 0 and at the end. docs/experiments.md, section 26. Prints JSON.
+The kNN monitor's first readout is the backbone's final pool (`tasks.pretrain.monitor.knn_monitor`), which keeps
+no trace of where things are; the 16 x 16 thumbnails it is compared with keep nothing else. Here the same kNN, on
+the same bank and held-out queries, also reads the backbone's last two feature maps
+(`dax_models.backbones.extract`'s ``maps``, levels 3 and 4) average-pooled to a 2 x 2 or 3 x 3 grid, each cell
+L2-normalised, concatenated: for the run's random init (seeded as the run's) and its final teacher, each
+readout's trained minus random init and trained minus thumbnails with the 95 % interval over the held-out
+patients (`knn_margin`). The final pool is checked against the run's own kNN hits at step 0 and at the end, and
+level 4's 3 x 3 grid against the monitor's layout readout (``monitor.LAYOUT_READOUT``, which it became after
+this script's tests) in runs that recorded it. docs/experiments.md, sections 26-27. Prints JSON.
 """
 from __future__ import annotations
 
@@ -25,10 +27,11 @@ sys.path.insert(0, str(ROOT))
 
 from dax_models.backbones import extract
 from tasks.pretrain.main_dino import CHECKPOINT, initial_backbone, job_backbone, load_checkpoint, read_job
-from tasks.pretrain.monitor import hits_bits, knn_hits, knn_margin, knn_thumbnail_hits
+from tasks.pretrain.monitor import LAYOUT_READOUT, hits_bits, knn_hits, knn_margin, knn_thumbnail_hits
 
 GRIDS = (2, 3)
 LEVELS = (3, 4)      # of the backbone's 4 feature maps (ResNet stages; a ViT's map blocks)
+LAYOUT_NAME = f"level {LAYOUT_READOUT['level']}, {LAYOUT_READOUT['grid']} x {LAYOUT_READOUT['grid']}"  # the monitor's
 
 
 @torch.no_grad()
@@ -67,6 +70,8 @@ def job_readouts(job: Path) -> dict:
     for who, entry in (("random init", state["knn"][0]), ("trained", state["knn"][-1])):
         if hits[who]["final pool"] != entry["hits"]:
             sys.exit(f"{job.name}: the {who} final pool does not reproduce the run's kNN hits")
+        if "hits_layout" in entry and hits[who][LAYOUT_NAME] != entry["hits_layout"]:
+            sys.exit(f"{job.name}: the {who} {LAYOUT_NAME} grid does not reproduce the run's layout readout")
     thumbnails = hits_bits(knn_thumbnail_hits(knn))
     return {"job": str(job), "held_out": len(thumbnails), "thumbnails": rate(thumbnails),
             "readouts": {name: {"random init": rate(hits["random init"][name]), "trained": rate(hits["trained"][name]),

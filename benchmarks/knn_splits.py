@@ -170,8 +170,9 @@ def layout_table(rows: list[dict]) -> str:
              "layout readout - thumbnails (95 %) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['split']} | {r['thumbnails']:.3f} | {r['random']:.3f} | {r['final']:.3f} | "
-                     f"{r['verdict']} | {interval(r['versus_thumbnails'])} | {r['layout_random']:.3f} | {r['layout']:.3f} | "
-                     f"{r['layout_verdict']} | {interval(r['layout_versus_thumbnails'])} |")
+                     f"{r['final'] - r['random']:+.3f} ({r['verdict']}) | {interval(r['versus_thumbnails'])} | "
+                     f"{r['layout_random']:.3f} | {r['layout']:.3f} | {r['layout'] - r['layout_random']:+.3f} "
+                     f"({r['layout_verdict']}) | {interval(r['layout_versus_thumbnails'])} |")
     return "\n".join(lines)
 
 

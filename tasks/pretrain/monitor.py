@@ -9,7 +9,7 @@
   the backbone two ways from one pass (``knn_monitor_readouts``): the final pool (``"pool"``, DINO's readout,
   what ``knn_accuracy`` reports) and the last feature map average-pooled to a 3 x 3 grid, each cell
   L2-normalised (``"layout"``, ``LAYOUT_READOUT``), which keeps where things are in the image as the
-  thumbnails do; docs/experiments.md, section 26 (named on two homes, then tested on six fresh splits).
+  thumbnails do (docs/experiments.md, sections 26-27: named on two homes, then read on eleven fresh splits).
 - ``knn_thumbnails`` (per query: ``knn_thumbnail_hits``): the same kNN on 16 x 16 pixel thumbnails of the
   images, a yardstick that needs no backbone at all.
 - ``knn_margin``: a 95 % interval on the last epoch's margin over random init, by resampling the
