@@ -20,8 +20,7 @@ supervised ceiling's kNN accuracy, lightly's final kNN accuracy and the interval
 same paired resampling). A second table puts the kNN monitor's two readouts of the same teacher side by side
 (the final pool, and the layout readout: its last feature map pooled to 3 x 3, ``monitor.LAYOUT_READOUT``), each
 with its margin over random init and its paired interval over the thumbnails. Each row is also appended to
-``OUT/rows.jsonl`` as it comes. Each home is deleted
-after its row unless ``--keep``.
+``OUT/rows.jsonl`` as it comes. Each home is deleted after its row unless ``--keep``.
 
 ``--variant KEY=VALUE`` (repeat) pretrains a second time on each home with those overrides on top of ``--set``
 (the same images, held-out queries and seed) and reports the variant beside the default: its kNN, its own

@@ -276,7 +276,8 @@ def summary_markdown(summary: dict) -> str:
     if knn:
         lines += ["| epoch | kNN accuracy, teacher (held-out patients) | student | teacher, layout readout |",
                   "|---|---|---|---|"]
-        lines += [f"| {k['epoch']} | {k['knn_accuracy']:.3f} | {_student(k)} | {_layout(k)} |" for k in knn]
+        lines += [f"| {k['epoch']} | {k['knn_accuracy']:.3f} | {_accuracy(k, 'knn_accuracy_student')} | "
+                  f"{_accuracy(k, 'knn_accuracy_layout')} |" for k in knn]
         lines += ["", f"chance: {prepared.get('chance_uniform', 0):.3f} (uniform), "
                       f"{prepared.get('chance_majority', 0):.3f} (majority class)"]
         if "knn_thumbnails" in prepared:
@@ -287,17 +288,11 @@ def summary_markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _student(knn_row: dict) -> str:
-    """The student's kNN accuracy of a monitor row ("-" for rows of runs before it was scored)."""
-    value = knn_row.get("knn_accuracy_student")
+def _accuracy(knn_row: dict, key: str) -> str:
+    """A kNN accuracy of a monitor row (``knn_accuracy_student``, ``knn_accuracy_layout``); "-" in rows of runs
+    from before it was scored."""
+    value = knn_row.get(key)
     return f"{value:.3f}" if value is not None else "-"
-
-
-def _layout(knn_row: dict) -> str:
-    """The layout readout's kNN accuracy of a monitor row ("-" for rows of runs before it was scored)."""
-    value = knn_row.get("knn_accuracy_layout")
-    return f"{value:.3f}" if value is not None else "-"
-
 
 
 class PretrainingUnfinished(RuntimeError):
