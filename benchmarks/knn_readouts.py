@@ -20,14 +20,14 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dax_models.backbones import extract
 from tasks.pretrain.main_dino import CHECKPOINT, initial_backbone, job_backbone, load_checkpoint, read_job
-from tasks.pretrain.monitor import LAYOUT_READOUT, hits_bits, knn_hits, knn_margin, knn_thumbnail_hits
+from tasks.pretrain.monitor import (LAYOUT_READOUT, grid_cells, hits_bits, knn_hits, knn_margin, knn_thumbnail_hits,
+                                    margin_brief)
 
 GRIDS = (2, 3)
 LEVELS = (3, 4)      # of the backbone's 4 feature maps (ResNet stages; a ViT's map blocks)
@@ -44,8 +44,7 @@ def readouts(backbone: torch.nn.Module, images: torch.Tensor, batch: int = 64) -
         out.setdefault("final pool", []).append(parts["pooled"].float())
         for level in LEVELS:
             for grid in GRIDS:
-                cells = F.adaptive_avg_pool2d(parts["maps"][level - 1].float(), grid)
-                out.setdefault(f"level {level}, {grid} x {grid}", []).append(F.normalize(cells, dim=1).flatten(1))
+                out.setdefault(f"level {level}, {grid} x {grid}", []).append(grid_cells(parts["maps"][level - 1], grid))
     return {name: torch.cat(chunks) for name, chunks in out.items()}
 
 
@@ -54,8 +53,7 @@ def rate(hits: str) -> float:
 
 
 def margin(knn: dict, before: str, after: str) -> str:
-    m = knn_margin(knn, before, after)
-    return f"{m['margin']:+.3f} ({m['low']:+.3f} to {m['high']:+.3f})"
+    return margin_brief(knn_margin(knn, before, after))
 
 
 def job_readouts(job: Path) -> dict:

@@ -50,6 +50,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from dax_cli import dax  # noqa: E402
 
+from tasks.pretrain.monitor import margin_brief  # noqa: E402
+
 
 UPPER_LIMB = ("shoulder and upper arm", "elbow-forearm-hand")   # the regions the demo backbone confuses most
 
@@ -150,7 +152,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         if "lightly" in r:
             v = r["versus_lightly"]
-            lightly = f"{r['lightly']:.3f} | {v['margin']:+.3f} ({v['low']:+.3f} to {v['high']:+.3f})"
+            lightly = f"{r['lightly']:.3f} | {margin_brief(v)}"
         else:
             lightly = "- | -"
         lines.append(f"| {r['split']} | {r['held_out']} ({r['patients']}) | {r['majority_region']} | "
@@ -163,29 +165,27 @@ def table(rows: list[dict]) -> str:
 
 def layout_table(rows: list[dict]) -> str:
     """The kNN monitor's two readouts of the same teacher, split by split, against the thumbnails (paired)."""
-    interval = lambda v: f"{v['margin']:+.3f} ({v['low']:+.3f} to {v['high']:+.3f})"   # noqa: E731
     lines = ["| split | kNN 16x16 thumbnails | final pool: random init | final | its margin over random init | "
              "final pool - thumbnails (95 %) | layout readout: random init | final | its margin over random init | "
              "layout readout - thumbnails (95 %) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['split']} | {r['thumbnails']:.3f} | {r['random']:.3f} | {r['final']:.3f} | "
-                     f"{r['final'] - r['random']:+.3f} ({r['verdict']}) | {interval(r['versus_thumbnails'])} | "
+                     f"{r['final'] - r['random']:+.3f} ({r['verdict']}) | {margin_brief(r['versus_thumbnails'])} | "
                      f"{r['layout_random']:.3f} | {r['layout']:.3f} | {r['layout'] - r['layout_random']:+.3f} "
-                     f"({r['layout_verdict']}) | {interval(r['layout_versus_thumbnails'])} |")
+                     f"({r['layout_verdict']}) | {margin_brief(r['layout_versus_thumbnails'])} |")
     return "\n".join(lines)
 
 
 def variant_table(rows: list[dict], variant: list[str]) -> str:
     """The variant beside the default, split by split, paired on the same queries."""
-    interval = lambda v: f"{v['margin']:+.3f} ({v['low']:+.3f} to {v['high']:+.3f})"   # noqa: E731
     lines = [f"variant: {' '.join(variant)}", "",
              "| split | kNN 16x16 thumbnails | default, final | variant: random init | variant, final | "
              "its margin over random init | variant - default (95 %) | variant - lightly's (95 %) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        versus = interval(r["variant_versus_lightly"]) if "variant_versus_lightly" in r else "-"
+        versus = margin_brief(r["variant_versus_lightly"]) if "variant_versus_lightly" in r else "-"
         lines.append(f"| {r['split']} | {r['thumbnails']:.3f} | {r['final']:.3f} | {r['variant_random']:.3f} | "
-                     f"{r['variant']:.3f} | {r['variant_verdict']} | {interval(r['variant_versus_default'])} | "
+                     f"{r['variant']:.3f} | {r['variant_verdict']} | {margin_brief(r['variant_versus_default'])} | "
                      f"{versus} |")
     return "\n".join(lines)
 

@@ -28,9 +28,9 @@ from dax_models.backbones import extract
 from dax_models.dino import entropy_ceiling
 from dax_models.metrics import knn_classify
 
-__all__ = ["LAYOUT_READOUT", "MARGIN_MIN_PATIENTS", "CollapseMonitor", "features", "hits_bits", "knn_hits",
-           "knn_margin", "knn_monitor", "knn_monitor_readouts", "knn_thumbnail_hits", "knn_thumbnails", "margin_lines",
-           "margin_text", "margin_verdict", "readout_features"]
+__all__ = ["LAYOUT_READOUT", "MARGIN_MIN_PATIENTS", "CollapseMonitor", "end_margins", "features", "grid_cells",
+           "hits_bits", "knn_hits", "knn_margin", "knn_monitor", "knn_monitor_readouts", "knn_thumbnail_hits",
+           "knn_thumbnails", "margin_brief", "margin_lines", "margin_text", "margin_verdict", "readout_features"]
 
 
 class CollapseMonitor:
@@ -124,6 +124,13 @@ def knn_monitor(backbone: nn.Module, knn: dict, device: torch.device) -> torch.T
 LAYOUT_READOUT = {"level": 4, "grid": 3}    # the last of the backbone's 4 feature maps, pooled to 3 x 3 cells
 
 
+def grid_cells(feature_map: torch.Tensor, grid: int) -> torch.Tensor:
+    """A (B, C, H, W) feature map average-pooled to ``grid`` x ``grid`` cells, each cell L2-normalised, the cells
+    concatenated: (B, C * grid * grid)."""
+    cells = nn.functional.adaptive_avg_pool2d(feature_map.float(), grid)
+    return nn.functional.normalize(cells, dim=1).flatten(1)
+
+
 @torch.no_grad()
 def readout_features(backbone: nn.Module, images: torch.Tensor, device: torch.device,
                      batch: int = 64) -> dict[str, torch.Tensor]:
@@ -134,10 +141,8 @@ def readout_features(backbone: nn.Module, images: torch.Tensor, device: torch.de
     out: dict[str, list[torch.Tensor]] = {"pool": [], "layout": []}
     for i in range(0, len(images), batch):
         parts = extract(backbone, images[i:i + batch].to(device, dtype=torch.float32), parts=("pooled", "maps"))
-        cells = nn.functional.adaptive_avg_pool2d(parts["maps"][LAYOUT_READOUT["level"] - 1].float(),
-                                                  LAYOUT_READOUT["grid"])
         out["pool"].append(parts["pooled"].float().cpu())
-        out["layout"].append(nn.functional.normalize(cells, dim=1).flatten(1).cpu())
+        out["layout"].append(grid_cells(parts["maps"][LAYOUT_READOUT["level"] - 1], LAYOUT_READOUT["grid"]).cpu())
     backbone.train(was_training)
     return {name: torch.cat(chunks) for name, chunks in out.items()}
 
@@ -180,15 +185,29 @@ def margin_text(margin: dict, against: str = "random init") -> str:
             f"{margin['low']:+.3f} to {margin['high']:+.3f}: {margin_verdict(margin, against)})")
 
 
-def margin_lines(summary: dict) -> list[tuple[str, str]]:
-    """The kNN monitor's margins a pretraining summary holds, as (what, in words) in the order they are
-    printed: over random init (final pool, layout readout), then over the 16 x 16 thumbnails (each readout)."""
+def margin_brief(margin: dict) -> str:
+    """``knn_margin``'s result in a table cell: "+0.123 (-0.010 to +0.250)"."""
+    return f"{margin['margin']:+.3f} ({margin['low']:+.3f} to {margin['high']:+.3f})"
+
+
+def end_margins(summary: dict) -> list[tuple[str, str, str, dict]]:
+    """The kNN monitor's end-of-run margins a pretraining result or summary holds, as (MLflow metric, what,
+    against, margin), in the order they are printed: over random init (final pool, layout readout), then over
+    the 16 x 16 thumbnails (each readout)."""
     over_thumbnails = summary.get("knn_margin_over_thumbnails") or {}
-    named = [("margin over random init", summary.get("knn_margin"), "random init"),
-             ("layout readout's margin over random init", summary.get("knn_layout_margin"), "random init"),
-             ("margin over the 16x16 thumbnails", over_thumbnails.get("pool"), "the thumbnails"),
-             ("layout readout's margin over the 16x16 thumbnails", over_thumbnails.get("layout"), "the thumbnails")]
-    return [(what, margin_text(margin, against)) for what, margin, against in named if margin]
+    named = [("knn_margin", "margin over random init", "random init", summary.get("knn_margin")),
+             ("knn_layout_margin", "layout readout's margin over random init", "random init",
+              summary.get("knn_layout_margin")),
+             ("knn_pool_over_thumbnails", "margin over the 16x16 thumbnails", "the thumbnails",
+              over_thumbnails.get("pool")),
+             ("knn_layout_over_thumbnails", "layout readout's margin over the 16x16 thumbnails", "the thumbnails",
+              over_thumbnails.get("layout"))]
+    return [entry for entry in named if entry[3]]
+
+
+def margin_lines(summary: dict) -> list[tuple[str, str]]:
+    """``end_margins`` as (what, in words), as the summaries print them."""
+    return [(what, margin_text(margin, against)) for _, what, against, margin in end_margins(summary)]
 
 
 def hits_bits(hits: torch.Tensor) -> str:

@@ -40,7 +40,7 @@ from tasks.pretrain.main_dino import (
     train,
     write_job,
 )
-from tasks.pretrain.monitor import knn_thumbnails, margin_lines
+from tasks.pretrain.monitor import end_margins, knn_thumbnails, margin_lines
 from tasks.release.registry import (
     PRETRAIN_EXPERIMENT,
     backbone_model,
@@ -229,10 +229,7 @@ def register_backbone(job_dir: Path, alias: str = "candidate") -> dict:
                  if result.get(k) is not None}
         if facts:
             mlflow.log_metrics(facts)
-        margins = {"knn_margin": result.get("knn_margin"), "knn_layout_margin": result.get("knn_layout_margin"),
-                   **{f"knn_{readout}_over_thumbnails": margin
-                      for readout, margin in (result.get("knn_margin_over_thumbnails") or {}).items()}}
-        mlflow.log_metrics({f"{name}{end}": margin[key] for name, margin in margins.items() if margin
+        mlflow.log_metrics({f"{metric}{end}": margin[key] for metric, _, _, margin in end_margins(result)
                             for end, key in (("", "margin"), ("_low", "low"), ("_high", "high"))})
     version = str(info.registered_model_version)
     client.set_registered_model_alias(name, alias, version)
