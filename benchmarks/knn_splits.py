@@ -20,7 +20,12 @@ supervised ceiling's kNN accuracy, lightly's final kNN accuracy and the interval
 same paired resampling). A second table puts the kNN monitor's two readouts of the same teacher side by side
 (the final pool, and the layout readout: its last feature map pooled to 3 x 3, ``monitor.LAYOUT_READOUT``), each
 with its margin over random init and its paired interval over the thumbnails. Each row is also appended to
-``OUT/rows.jsonl`` as it comes. Each home is deleted after its row unless ``--keep``.
+``OUT/rows.jsonl`` as it comes. Each home is deleted after its row unless ``--keep``; ``--add-lightly`` trains
+lightly's DINO later on the kept homes of such a run whose rows lack it (read both ways, beside ours in the
+second table) and prints the tables again::
+
+    .venv/bin/python benchmarks/knn_splits.py --splits 5 --no-lightly --keep --out /tmp/ks    # lightly's later:
+    .venv/bin/python benchmarks/knn_splits.py --add-lightly --out /tmp/ks
 
 ``--variant KEY=VALUE`` (repeat) pretrains a second time on each home with those overrides on top of ``--set``
 (the same images, held-out queries and seed) and reports the variant beside the default: its kNN, its own
@@ -78,11 +83,28 @@ def pretrain(home: Path, corpus: Path, config: str, overrides: list[str]) -> Pat
     return job
 
 
-def final_hits(job: Path) -> str:
-    """The job's per-query kNN hits after its last epoch (the checkpoint keeps them; result.json only the rate)."""
+def final_hits(job: Path, readout: str = "hits") -> str:
+    """The job's per-query kNN hits after its last epoch (the checkpoint keeps them; result.json only the rate):
+    the final pool's, or with ``readout="hits_layout"`` the layout readout's."""
     from tasks.pretrain.main_dino import CHECKPOINT, load_checkpoint
 
-    return load_checkpoint(job / "checkpoints" / CHECKPOINT)["knn"][-1]["hits"]
+    return load_checkpoint(job / "checkpoints" / CHECKPOINT)["knn"][-1][readout]
+
+
+def lightly_columns(job: Path, probe: dict) -> dict:
+    """lightly's DINO trained on ``job``'s images, config and kNN probe (``benchmarks/lightly_dino.py``, in its own
+    process), and ours minus lightly's per readout, paired on the same queries."""
+    from tasks.pretrain.monitor import knn_margin
+
+    began = time.perf_counter()
+    subprocess.run([sys.executable, str(Path(__file__).with_name("lightly_dino.py")), "--job", str(job)],
+                   check=True, capture_output=True, text=True)
+    theirs = json.loads((job / "lightly.json").read_text())
+    return {"lightly": theirs["knn"][-1]["knn_accuracy"], "lightly_random": theirs["knn"][0]["knn_accuracy"],
+            "versus_lightly": knn_margin(probe, theirs["final_hits"], final_hits(job)),
+            "lightly_layout": theirs["knn"][-1]["knn_accuracy_layout"],
+            "layout_versus_lightly": knn_margin(probe, theirs["final_hits_layout"], final_hits(job, "hits_layout")),
+            "lightly_min": (time.perf_counter() - began) / 60}
 
 
 def one_split(index: int, corpus: Path, out: Path, overrides: list[str], config: str = "demo-cpu",
@@ -107,16 +129,7 @@ def one_split(index: int, corpus: Path, out: Path, overrides: list[str], config:
     ceiling = knn_ceiling(job)
     probe = torch.load(job / "knn.pt", weights_only=False)     # the bank and queries every model is scored on
     ours = final_hits(job)
-    theirs = {}
-    if lightly:
-        began = time.perf_counter()
-        subprocess.run([sys.executable, str(Path(__file__).with_name("lightly_dino.py")), "--job", str(job)],
-                       check=True, capture_output=True, text=True)
-        lightly_result = json.loads((job / "lightly.json").read_text())
-        theirs = {"lightly": lightly_result["knn"][-1]["knn_accuracy"],
-                  "lightly_random": lightly_result["knn"][0]["knn_accuracy"],
-                  "versus_lightly": knn_margin(probe, lightly_result["final_hits"], ours),
-                  "lightly_min": (time.perf_counter() - began) / 60}
+    theirs = lightly_columns(job, probe) if lightly else {}
     if variant:
         began = time.perf_counter()
         other = pretrain(home, corpus, config, [*overrides, *variant])
@@ -130,7 +143,8 @@ def one_split(index: int, corpus: Path, out: Path, overrides: list[str], config:
                       variant_versus_default=knn_margin(probe, ours, hits_v),
                       variant_min=(time.perf_counter() - began) / 60)
         if lightly:
-            theirs["variant_versus_lightly"] = knn_margin(probe, lightly_result["final_hits"], hits_v)
+            lightly_hits = json.loads((job / "lightly.json").read_text())["final_hits"]
+            theirs["variant_versus_lightly"] = knn_margin(probe, lightly_hits, hits_v)
     return {**theirs, "split": index, "held_out": prepared["held_out"], "patients": patients,
             "majority": prepared["chance_majority"], "majority_region": majority_region, "upper_limb": upper_limb,
             "thumbnails": prepared["knn_thumbnails"], "random": knn[0]["knn_accuracy"],
@@ -164,15 +178,19 @@ def table(rows: list[dict]) -> str:
 
 
 def layout_table(rows: list[dict]) -> str:
-    """The kNN monitor's two readouts of the same teacher, split by split, against the thumbnails (paired)."""
+    """The kNN monitor's two readouts of the same teacher, split by split, against the thumbnails (paired), and
+    lightly's teacher read the same two ways where it was trained with both readouts."""
     lines = ["| split | kNN 16x16 thumbnails | final pool: random init | final | its margin over random init | "
              "final pool - thumbnails (95 %) | layout readout: random init | final | its margin over random init | "
-             "layout readout - thumbnails (95 %) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "layout readout - thumbnails (95 %) | lightly's DINO: final pool | layout readout | "
+             "ours - lightly's, layout readout (95 %) |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        lightly = (f"{r['lightly']:.3f} | {r['lightly_layout']:.3f} | {margin_brief(r['layout_versus_lightly'])}"
+                   if "lightly_layout" in r else "- | - | -")
         lines.append(f"| {r['split']} | {r['thumbnails']:.3f} | {r['random']:.3f} | {r['final']:.3f} | "
                      f"{r['final'] - r['random']:+.3f} ({r['verdict']}) | {margin_brief(r['versus_thumbnails'])} | "
                      f"{r['layout_random']:.3f} | {r['layout']:.3f} | {r['layout'] - r['layout_random']:+.3f} "
-                     f"({r['layout_verdict']}) | {margin_brief(r['layout_versus_thumbnails'])} |")
+                     f"({r['layout_verdict']}) | {margin_brief(r['layout_versus_thumbnails'])} | {lightly} |")
     return "\n".join(lines)
 
 
@@ -203,10 +221,16 @@ def main() -> None:
     parser.add_argument("--config", default="demo-cpu", help="the pretraining config (default demo-cpu)")
     parser.add_argument("--no-lightly", dest="lightly", action="store_false",
                         help="skip lightly's DINO (it needs the bench extra and as long again)")
+    parser.add_argument("--add-lightly", action="store_true",
+                        help="no new splits: train lightly's DINO on the kept homes of an earlier --keep run in --out "
+                             "whose rows lack it, rewrite OUT/rows.jsonl and print the tables")
     args = parser.parse_args()
     from tasks.home import QUIET_DEFAULTS
     for key, value in QUIET_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    if args.add_lightly:
+        report(add_lightly(args.out), args.variant)
+        return
     os.environ["PREFECT_HOME"] = str(args.out / "prefect")     # every dax() beneath: one Prefect database
     args.out.mkdir(parents=True, exist_ok=True)
     corpus = args.out / "corpus"
@@ -227,6 +251,31 @@ def main() -> None:
               flush=True)
         if not args.keep:
             shutil.rmtree(args.out / f"split-{index}")
+    report(rows, args.variant)
+
+
+def add_lightly(out: Path) -> list[dict]:
+    """lightly's columns added to the rows of an earlier ``--keep`` run whose rows lack them (each split's first
+    job, the default run, on its kept home); ``out/rows.jsonl`` rewritten after each split."""
+    import torch
+
+    saved = out / "rows.jsonl"
+    rows = [json.loads(line) for line in saved.read_text().splitlines()]
+    for r in rows:
+        if "lightly_layout" in r:
+            continue
+        job = sorted((out / f"split-{r['split']}" / "pretrain").glob("*"))[0]     # timestamped: the default first
+        result = json.loads((job / "result.json").read_text())
+        assert result["knn"][-1]["knn_accuracy"] == r["final"], f"{job.name} is not split {r['split']}'s run"
+        r.update(lightly_columns(job, torch.load(job / "knn.pt", weights_only=False)))
+        print(f"split {r['split']}: lightly's {r['lightly']:.3f} (layout readout {r['lightly_layout']:.3f}), "
+              f"ours {r['final']:.3f} ({r['layout']:.3f}), {r['lightly_min']:.1f} min", flush=True)
+        saved.write_text("".join(json.dumps(row, default=str) + "\n" for row in rows))
+    return rows
+
+
+def report(rows: list[dict], variant: list[str]) -> None:
+    """The tables and counts of a run's rows, as printed at its end."""
     margins = [r["final"] - r["random"] for r in rows]
     print()
     print(table(rows))
@@ -250,9 +299,14 @@ def main() -> None:
         clearly = sum(r["versus_lightly"]["low"] > 0 for r in rows)
         print(f"ours beats lightly's DINO at the same budget on {ahead} of {len(rows)} splits "
               f"({clearly} with the interval above 0)")
-    if args.variant:
+    if all("lightly_layout" in r for r in rows):
+        ahead = sum(r["layout"] > r["lightly_layout"] for r in rows)
+        clearly = sum(r["layout_versus_lightly"]["low"] > 0 for r in rows)
+        print(f"read by the layout readout, ours beats lightly's on {ahead} of {len(rows)} splits "
+              f"({clearly} with the interval above 0)")
+    if variant:
         print()
-        print(variant_table(rows, args.variant))
+        print(variant_table(rows, variant))
         counts = {"a clear margin over random init": sum(r["variant_verdict"] == "clear" for r in rows),
                   "beats the 16x16 thumbnails": sum(r["variant"] > r["thumbnails"] for r in rows),
                   "beats the default": sum(r["variant"] > r["final"] for r in rows),

@@ -15,7 +15,9 @@ learning-rate, weight-decay and teacher-momentum schedules and gradient clipping
 lightly brings: its generic augmentation (on the image min-max scaled to 8 bits, the mapping evaluation
 uses, normalize off since the backbone reads gray [0, 1]) and its loss and head code. The images stream
 through DAX's loader (the same shards, keys and shuffling). The same kNN probe scores the teacher at
-random init and after every epoch; the margin's interval resamples the held-out patients as ours does.
+random init and after every epoch, with both of the monitor's readouts (the final pool and the layout readout,
+``tasks.pretrain.monitor.knn_monitor_readouts``); each margin's interval resamples the held-out patients as ours
+does.
 
 Speed (``step_speed``): DAX's ``dino_step`` and lightly's step on the same in-memory multi-crop batch, the
 same config and torch threads, alternated in one process (2 warm-up steps each, then rounds of N steps).
@@ -39,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 from dax_models.augment import _shrink, minmax, to_image_tensor
 from dax_models.dino import clip_gradients, param_groups
 from tasks.pretrain.main_dino import PretrainConfig, build_schedules, initial_backbone, read_job
-from tasks.pretrain.monitor import hits_bits, knn_margin, knn_monitor
+from tasks.pretrain.monitor import hits_bits, knn_margin, knn_monitor_readouts
 
 
 class LightlyViews:
@@ -154,12 +156,17 @@ def train_lightly(job_dir: Path, out: Path | None = None) -> dict:
     model = training.model
     views = LightlyViews(config)
 
-    def score() -> torch.Tensor:
-        return knn_monitor(model.teacher_backbone, knn, device)
+    def score() -> dict[str, torch.Tensor]:
+        return knn_monitor_readouts(model.teacher_backbone, knn, device)
+
+    def accuracies(hits: dict[str, torch.Tensor]) -> dict[str, float]:
+        return {"knn_accuracy": float(hits["pool"].float().mean()),
+                "knn_accuracy_layout": float(hits["layout"].float().mean())}
 
     random_hits = score()
-    history = [{"epoch": 0, "knn_accuracy": float(random_hits.float().mean())}]
-    print(f"lightly: kNN at random init {history[0]['knn_accuracy']:.3f}", flush=True)
+    history = [{"epoch": 0, **accuracies(random_hits)}]
+    print(f"lightly: kNN at random init {history[0]['knn_accuracy']:.3f} "
+          f"(layout readout {history[0]['knn_accuracy_layout']:.3f})", flush=True)
     began, step, hits = time.perf_counter(), 0, random_hits
     model.train()
     for epoch in range(config.epochs):
@@ -171,10 +178,13 @@ def train_lightly(job_dir: Path, out: Path | None = None) -> dict:
             if not np.isfinite(loss):
                 raise FloatingPointError(f"lightly's DINO loss is {loss} at step {step}")
         hits = score()
-        history.append({"epoch": epoch + 1, "knn_accuracy": float(hits.float().mean()), "loss": loss})
-        print(f"lightly: epoch {epoch + 1}: kNN {history[-1]['knn_accuracy']:.3f} (loss {loss:.3f})", flush=True)
+        history.append({"epoch": epoch + 1, **accuracies(hits), "loss": loss})
+        print(f"lightly: epoch {epoch + 1}: kNN {history[-1]['knn_accuracy']:.3f} (layout readout "
+              f"{history[-1]['knn_accuracy_layout']:.3f}, loss {loss:.3f})", flush=True)
     result = {"steps": step, "seconds": time.perf_counter() - began, "knn": history,
-              "knn_margin": knn_margin(knn, hits_bits(random_hits), hits_bits(hits)), "final_hits": hits_bits(hits)}
+              "knn_margin": knn_margin(knn, hits_bits(random_hits["pool"]), hits_bits(hits["pool"])),
+              "knn_layout_margin": knn_margin(knn, hits_bits(random_hits["layout"]), hits_bits(hits["layout"])),
+              "final_hits": hits_bits(hits["pool"]), "final_hits_layout": hits_bits(hits["layout"])}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "lightly.json").write_text(json.dumps(result, indent=2))
