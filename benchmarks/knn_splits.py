@@ -264,6 +264,8 @@ def add_lightly(out: Path) -> list[dict]:
     for r in rows:
         if "lightly_layout" in r:
             continue
+        if "layout" not in r:
+            raise SystemExit(f"split {r['split']} ran before the monitor's layout readout: run fresh splits instead")
         job = sorted((out / f"split-{r['split']}" / "pretrain").glob("*"))[0]     # timestamped: the default first
         result = json.loads((job / "result.json").read_text())
         assert result["knn"][-1]["knn_accuracy"] == r["final"], f"{job.name} is not split {r['split']}'s run"
