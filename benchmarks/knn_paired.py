@@ -7,8 +7,10 @@ KEY=VALUE`: the same images, held-out queries and seed) differs from it by the v
 final teachers are compared query by query: B minus A with a 95 % interval from resampling the held-out
 patients (`tasks.pretrain.monitor.knn_margin`), each against the same kNN on 16 x 16 thumbnails, and each
 one's final student against its teacher (the student recomputed from the checkpoint; the teacher's hits are
-checked against the run's own). `benchmarks/knn_splits.py --variant` does the same on fresh splits; this
-script is for homes that already hold both jobs (docs/experiments.md, sections 22 and 25). Prints JSON.
+checked against the run's own). Where both runs recorded the monitor's layout readout (runs since 2026-12-06),
+the same for their final teachers' layout hits, read from the checkpoints. `benchmarks/knn_splits.py --variant`
+does the same on fresh splits; this script is for homes that already hold both jobs (docs/experiments.md,
+sections 22, 25 and 28). Prints JSON.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ def paired(job_a: Path, job_b: Path) -> dict:
         sys.exit("the two jobs' kNN probes differ (another home, selection or seed): not paired")
     knn = probes[0]
     thumbnails = hits_bits(knn_thumbnail_hits(knn))
-    jobs, teachers = {}, {}
+    jobs, teachers, layouts = {}, {}, {}
     for name, job in (("a", job_a), ("b", job_b)):
         state = load_checkpoint(job / "checkpoints" / CHECKPOINT)
         hits = {who: hits_bits(knn_monitor(job_backbone(job, who, state), knn, torch.device("cpu")))
@@ -50,11 +52,22 @@ def paired(job_a: Path, job_b: Path) -> dict:
                       "teacher": rate(hits["teacher"]), "student": rate(hits["student"]),
                       "minus_thumbnails": knn_margin(knn, thumbnails, hits["teacher"]),
                       "student_minus_teacher": knn_margin(knn, hits["teacher"], hits["student"])}
+        if "hits_layout" in state["knn"][-1]:
+            layouts[name] = state["knn"][-1]["hits_layout"]
+            jobs[name].update(layout=rate(layouts[name]),
+                              layout_minus_thumbnails=knn_margin(knn, thumbnails, layouts[name]))
     b_minus_a = knn_margin(knn, teachers["a"], teachers["b"])
-    verdict = ("B clearly ahead" if b_minus_a["low"] > 0 else "A clearly ahead" if b_minus_a["high"] < 0
-               else "not clearly apart")
-    return {"thumbnails": rate(thumbnails), "a": jobs["a"], "b": jobs["b"], "b_minus_a": b_minus_a,
-            "verdict": verdict, "held_out": len(thumbnails)}
+    result = {"thumbnails": rate(thumbnails), "a": jobs["a"], "b": jobs["b"], "b_minus_a": b_minus_a,
+              "verdict": verdict(b_minus_a), "held_out": len(thumbnails)}
+    if len(layouts) == 2:
+        result["layout_b_minus_a"] = knn_margin(knn, layouts["a"], layouts["b"])
+        result["layout_verdict"] = verdict(result["layout_b_minus_a"])
+    return result
+
+
+def verdict(b_minus_a: dict) -> str:
+    return ("B clearly ahead" if b_minus_a["low"] > 0 else "A clearly ahead" if b_minus_a["high"] < 0
+            else "not clearly apart")
 
 
 def main() -> None:
