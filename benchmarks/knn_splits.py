@@ -83,17 +83,17 @@ def pretrain(home: Path, corpus: Path, config: str, overrides: list[str]) -> Pat
     return job
 
 
-def final_hits(job: Path, readout: str = "hits") -> str:
-    """The job's per-query kNN hits after its last epoch (the checkpoint keeps them; result.json only the rate):
-    the final pool's, or with ``readout="hits_layout"`` the layout readout's."""
+def final_knn(job: Path) -> dict:
+    """The job's kNN monitor entry after its last epoch, with its per-query hits (the checkpoint keeps them;
+    result.json only the rates): ``"hits"`` for the final pool, ``"hits_layout"`` for the layout readout."""
     from tasks.pretrain.main_dino import CHECKPOINT, load_checkpoint
 
-    return load_checkpoint(job / "checkpoints" / CHECKPOINT)["knn"][-1][readout]
+    return load_checkpoint(job / "checkpoints" / CHECKPOINT)["knn"][-1]
 
 
-def lightly_columns(job: Path, probe: dict) -> dict:
+def lightly_columns(job: Path, probe: dict, ours: dict) -> dict:
     """lightly's DINO trained on ``job``'s images, config and kNN probe (``benchmarks/lightly_dino.py``, in its own
-    process), and ours minus lightly's per readout, paired on the same queries."""
+    process), and ours (``final_knn(job)``) minus lightly's per readout, paired on the same queries."""
     from tasks.pretrain.monitor import knn_margin
 
     began = time.perf_counter()
@@ -101,9 +101,9 @@ def lightly_columns(job: Path, probe: dict) -> dict:
                    check=True, capture_output=True, text=True)
     theirs = json.loads((job / "lightly.json").read_text())
     return {"lightly": theirs["knn"][-1]["knn_accuracy"], "lightly_random": theirs["knn"][0]["knn_accuracy"],
-            "versus_lightly": knn_margin(probe, theirs["final_hits"], final_hits(job)),
+            "versus_lightly": knn_margin(probe, theirs["final_hits"], ours["hits"]),
             "lightly_layout": theirs["knn"][-1]["knn_accuracy_layout"],
-            "layout_versus_lightly": knn_margin(probe, theirs["final_hits_layout"], final_hits(job, "hits_layout")),
+            "layout_versus_lightly": knn_margin(probe, theirs["final_hits_layout"], ours["hits_layout"]),
             "lightly_min": (time.perf_counter() - began) / 60}
 
 
@@ -128,8 +128,8 @@ def one_split(index: int, corpus: Path, out: Path, overrides: list[str], config:
     patients, majority_region, upper_limb = held_out_patients(home, corpus / "labels.parquet")
     ceiling = knn_ceiling(job)
     probe = torch.load(job / "knn.pt", weights_only=False)     # the bank and queries every model is scored on
-    ours = final_hits(job)
-    theirs = lightly_columns(job, probe) if lightly else {}
+    ours = final_knn(job)
+    theirs = lightly_columns(job, probe, ours) if lightly else {}
     if variant:
         began = time.perf_counter()
         other = pretrain(home, corpus, config, [*overrides, *variant])
@@ -137,10 +137,10 @@ def one_split(index: int, corpus: Path, out: Path, overrides: list[str], config:
         assert all(torch.equal(same[key], probe[key]) for key in ("queries", "query_labels", "query_patients")), \
             "the variant was scored on other queries: not paired"
         result_v = json.loads((other / "result.json").read_text())
-        hits_v = final_hits(other)
+        hits_v = final_knn(other)["hits"]
         theirs.update(variant=result_v["knn"][-1]["knn_accuracy"], variant_random=result_v["knn"][0]["knn_accuracy"],
                       variant_verdict=margin_verdict(result_v["knn_margin"]),
-                      variant_versus_default=knn_margin(probe, ours, hits_v),
+                      variant_versus_default=knn_margin(probe, ours["hits"], hits_v),
                       variant_min=(time.perf_counter() - began) / 60)
         if lightly:
             lightly_hits = json.loads((job / "lightly.json").read_text())["final_hits"]
@@ -267,9 +267,9 @@ def add_lightly(out: Path) -> list[dict]:
         if "layout" not in r:
             raise SystemExit(f"split {r['split']} ran before the monitor's layout readout: run fresh splits instead")
         job = sorted((out / f"split-{r['split']}" / "pretrain").glob("*"))[0]     # timestamped: the default first
-        result = json.loads((job / "result.json").read_text())
-        assert result["knn"][-1]["knn_accuracy"] == r["final"], f"{job.name} is not split {r['split']}'s run"
-        r.update(lightly_columns(job, torch.load(job / "knn.pt", weights_only=False)))
+        ours = final_knn(job)
+        assert ours["knn_accuracy"] == r["final"], f"{job.name} is not split {r['split']}'s run"
+        r.update(lightly_columns(job, torch.load(job / "knn.pt", weights_only=False), ours))
         print(f"split {r['split']}: lightly's {r['lightly']:.3f} (layout readout {r['lightly_layout']:.3f}), "
               f"ours {r['final']:.3f} ({r['layout']:.3f}), {r['lightly_min']:.1f} min", flush=True)
         saved.write_text("".join(json.dumps(row, default=str) + "\n" for row in rows))
