@@ -266,6 +266,15 @@ def init_distributed(device: str) -> Dist:
     return Dist(rank, world, local_rank, dev)
 
 
+def _any_rank(flag: bool, d: Dist) -> bool:
+    """Whether ``flag`` holds on any rank (the same answer on every rank)."""
+    if d.world == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=d.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 # --- checkpoints ----------------------------------------------------------------------------------------
 
 def _rng_state() -> dict:
@@ -315,18 +324,6 @@ def read_job(job_dir: Path) -> tuple[dict, PretrainConfig, Selection]:
     keys = tuple(k for k in (job_dir / "keys.txt").read_text().split("\n") if k)
     selection = Selection(job["where"], keys, tuple(tuple(s) for s in job["shards"]), job["shard_dir"])
     return job, PretrainConfig.from_dict(job["config"]), selection
-
-
-def _any_rank(flag: bool, d: Dist) -> bool:
-    if d.world == 1:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=d.device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
-# --- monitoring -----------------------------------------------------------------------------------------
-
 
 
 # --- building the models --------------------------------------------------------------------------------

@@ -51,9 +51,8 @@ from tasks.version import code_version, git_commit
 
 log = logging.getLogger("dax.pretrain")
 
-__all__ = ["attention_figure", "eval_images", "open_run", "prepare_job", "register_backbone",
-           "run_training"]
-
+__all__ = ["attention_figure", "build_knn_probe", "eval_images", "knn_probe_rows", "open_run", "prepare_job",
+           "register_backbone", "run_training"]
 
 
 def _spread(keys: list[str], limit: int) -> list[str]:
@@ -75,6 +74,36 @@ def eval_images(shard_dir: Path, rows: list[dict], size: int) -> tuple[torch.Ten
     return torch.stack([views[k] for k in keys]), keys
 
 
+def knn_probe_rows(rows: list[dict], config: PretrainConfig) -> tuple[list[dict], list[dict], list[dict]]:
+    """The labelled rows of a selection -> (held-out rows, the kNN bank's rows, its queries' rows).
+
+    Held out: the ``test`` split's patients; the bank is spread over the ``train`` split's images
+    (``knn_max_bank``), the queries over the held-out ones (``knn_max_queries``), deterministically.
+    """
+    held_out = [r for r in rows if r["split"] == "test"]
+    bank_keys = set(_spread([r["key"] for r in rows if r["split"] == "train"], config.knn_max_bank))
+    query_keys = set(_spread([r["key"] for r in held_out], config.knn_max_queries))
+    return held_out, [r for r in rows if r["key"] in bank_keys], [r for r in rows if r["key"] in query_keys]
+
+
+def build_knn_probe(shard_dir: Path, bank_rows: list[dict], query_rows: list[dict], size: int) -> dict:
+    """The kNN monitor's data (``knn.pt``): bank and query images at ``size`` px, their region indices and
+    which held-out patient each query is (0..P-1, for ``knn_margin``)."""
+    classes = list(BODY_REGIONS)
+    knn = {"classes": classes}
+    for name, chosen_rows in (("bank", bank_rows), ("queries", query_rows)):
+        images, keys = eval_images(shard_dir, chosen_rows, size)
+        region = {r["key"]: r["region"] for r in chosen_rows}
+        knn[name] = images
+        knn["bank_labels" if name == "bank" else "query_labels"] = torch.tensor(
+            [classes.index(region[k]) for k in keys])
+        if name == "queries":
+            patient = {r["key"]: r["patient_key"] for r in chosen_rows}
+            _, index = np.unique([patient[k] for k in keys], return_inverse=True)
+            knn["query_patients"] = torch.from_numpy(index.astype(np.int64))
+    return knn
+
+
 def prepare_job(home: Path, job_dir: Path, config: PretrainConfig, where: str | None, labels: Path | None,
                 device: str = "auto") -> dict:
     """Select the images, build the kNN monitor's data, write the job folder; returns a summary."""
@@ -82,31 +111,17 @@ def prepare_job(home: Path, job_dir: Path, config: PretrainConfig, where: str | 
     summary = {"selected": len(selection.keys), "shards": len(selection.shards), "catalog_images": catalog_images(home),
                "query_digest": selection.digest}     # what the query selected, before holding out test patients
     if labels is not None:
-        table = load_labels(home, labels, ("region",)).to_pylist()
         chosen = set(selection.keys)
-        rows = [r for r in table if r["key"] in chosen]
-        held_out = [r for r in rows if r["split"] == "test"]
+        rows = [r for r in load_labels(home, labels, ("region",)).to_pylist() if r["key"] in chosen]
+        held_out, bank_rows, query_rows = knn_probe_rows(rows, config)
         selection = selection.without(r["key"] for r in held_out)
-        bank_keys = set(_spread([r["key"] for r in rows if r["split"] == "train"], config.knn_max_bank))
-        query_keys = set(_spread([r["key"] for r in held_out], config.knn_max_queries))
-        classes = list(BODY_REGIONS)
-        knn = {"classes": classes}
-        for name, wanted in (("bank", bank_keys), ("queries", query_keys)):
-            chosen_rows = [r for r in rows if r["key"] in wanted]
-            images, keys = eval_images(Path(selection.shard_dir), chosen_rows, config.knn_size)
-            region = {r["key"]: r["region"] for r in chosen_rows}
-            knn[name] = images
-            knn[f"{name}_labels" if name == "bank" else "query_labels"] = torch.tensor(
-                [classes.index(region[k]) for k in keys])
-            if name == "queries":    # which held-out patient each query is, as 0..P-1 (for knn_margin)
-                patient = {r["key"]: r["patient_key"] for r in chosen_rows}
-                _, index = np.unique([patient[k] for k in keys], return_inverse=True)
-                knn["query_patients"] = torch.from_numpy(index.astype(np.int64))
+        knn = build_knn_probe(Path(selection.shard_dir), bank_rows, query_rows, config.knn_size)
         job_dir.mkdir(parents=True, exist_ok=True)
         torch.save(knn, job_dir / "knn.pt")
-        counts = np.bincount(knn["query_labels"].numpy(), minlength=len(classes))
+        classes = len(knn["classes"])
+        counts = np.bincount(knn["query_labels"].numpy(), minlength=classes)
         summary.update(held_out=len(held_out), knn_bank=len(knn["bank"]), knn_queries=len(knn["queries"]),
-                       chance_uniform=1.0 / len(classes), chance_majority=float(counts.max() / max(counts.sum(), 1)),
+                       chance_uniform=1.0 / classes, chance_majority=float(counts.max() / max(counts.sum(), 1)),
                        knn_thumbnails=knn_thumbnails(knn), knn_patients=int(knn["query_patients"].unique().numel()))
     if not selection.keys:
         raise ValueError("nothing left to pretrain on after holding out the test patients")
