@@ -25,13 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tasks.pretrain.main_dino import CHECKPOINT, job_backbone, load_checkpoint
-from tasks.pretrain.monitor import hits_bits, knn_margin, knn_monitor, knn_thumbnail_hits
+from tasks.pretrain.monitor import hits_bits, hits_rate, knn_margin, knn_monitor, knn_thumbnail_hits
 
 PAIRED_KEYS = ("queries", "query_labels", "query_patients", "bank", "bank_labels")
-
-
-def rate(hits: str) -> float:
-    return hits.count("1") / len(hits)
 
 
 def paired(job_a: Path, job_b: Path) -> dict:
@@ -49,15 +45,15 @@ def paired(job_a: Path, job_b: Path) -> dict:
             sys.exit(f"{job.name}: the final teacher's kNN hits do not reproduce the run's")
         teachers[name] = hits["teacher"]
         jobs[name] = {"job": job.name, "by_epoch": [round(k["knn_accuracy"], 3) for k in state["knn"]],
-                      "teacher": rate(hits["teacher"]), "student": rate(hits["student"]),
+                      "teacher": hits_rate(hits["teacher"]), "student": hits_rate(hits["student"]),
                       "minus_thumbnails": knn_margin(knn, thumbnails, hits["teacher"]),
                       "student_minus_teacher": knn_margin(knn, hits["teacher"], hits["student"])}
         if "hits_layout" in state["knn"][-1]:
             layouts[name] = state["knn"][-1]["hits_layout"]
-            jobs[name].update(layout=rate(layouts[name]),
+            jobs[name].update(layout=hits_rate(layouts[name]),
                               layout_minus_thumbnails=knn_margin(knn, thumbnails, layouts[name]))
     b_minus_a = knn_margin(knn, teachers["a"], teachers["b"])
-    result = {"thumbnails": rate(thumbnails), "a": jobs["a"], "b": jobs["b"], "b_minus_a": b_minus_a,
+    result = {"thumbnails": hits_rate(thumbnails), "a": jobs["a"], "b": jobs["b"], "b_minus_a": b_minus_a,
               "verdict": verdict(b_minus_a), "held_out": len(thumbnails)}
     if len(layouts) == 2:
         result["layout_b_minus_a"] = knn_margin(knn, layouts["a"], layouts["b"])

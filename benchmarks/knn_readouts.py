@@ -26,8 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 from dax_models.backbones import extract
 from tasks.pretrain.main_dino import CHECKPOINT, initial_backbone, job_backbone, load_checkpoint, read_job
-from tasks.pretrain.monitor import (LAYOUT_READOUT, grid_cells, hits_bits, knn_hits, knn_margin, knn_thumbnail_hits,
-                                    margin_brief)
+from tasks.pretrain.monitor import (LAYOUT_READOUT, grid_cells, hits_bits, hits_rate, knn_hits, knn_margin,
+                                    knn_thumbnail_hits, margin_brief)
 
 GRIDS = (2, 3)
 LEVELS = (3, 4)      # of the backbone's 4 feature maps (ResNet stages; a ViT's map blocks)
@@ -46,10 +46,6 @@ def readouts(backbone: torch.nn.Module, images: torch.Tensor, batch: int = 64) -
             for grid in GRIDS:
                 out.setdefault(f"level {level}, {grid} x {grid}", []).append(grid_cells(parts["maps"][level - 1], grid))
     return {name: torch.cat(chunks) for name, chunks in out.items()}
-
-
-def rate(hits: str) -> float:
-    return round(hits.count("1") / len(hits), 3)
 
 
 def margin(knn: dict, before: str, after: str) -> str:
@@ -71,8 +67,9 @@ def job_readouts(job: Path) -> dict:
         if "hits_layout" in entry and hits[who][LAYOUT_NAME] != entry["hits_layout"]:
             sys.exit(f"{job.name}: the {who} {LAYOUT_NAME} grid does not reproduce the run's layout readout")
     thumbnails = hits_bits(knn_thumbnail_hits(knn))
-    return {"job": str(job), "held_out": len(thumbnails), "thumbnails": rate(thumbnails),
-            "readouts": {name: {"random init": rate(hits["random init"][name]), "trained": rate(hits["trained"][name]),
+    return {"job": str(job), "held_out": len(thumbnails), "thumbnails": hits_rate(thumbnails),
+            "readouts": {name: {"random init": hits_rate(hits["random init"][name]),
+                                "trained": hits_rate(hits["trained"][name]),
                                 "trained minus random init": margin(knn, hits["random init"][name],
                                                                     hits["trained"][name]),
                                 "trained minus thumbnails": margin(knn, thumbnails, hits["trained"][name])}

@@ -30,15 +30,12 @@ sys.path.insert(0, str(ROOT))
 from tasks.ingest.labels import load_labels
 from tasks.pretrain.data import select_images
 from tasks.pretrain.main_dino import CHECKPOINT, initial_backbone, job_backbone, load_checkpoint, read_job
-from tasks.pretrain.monitor import hits_bits, knn_margin, knn_monitor_readouts, knn_thumbnail_hits, margin_brief
+from tasks.pretrain.monitor import (hits_bits, hits_rate, knn_margin, knn_monitor_readouts, knn_thumbnail_hits,
+                                    margin_brief)
 from tasks.pretrain.steps import build_knn_probe, knn_probe_rows
 
 CPU = torch.device("cpu")
 PROBE_KEYS = ("bank", "bank_labels", "queries", "query_labels", "query_patients")
-
-
-def rate(hits: str) -> float:
-    return round(hits.count("1") / len(hits), 3)
 
 
 def probe_rows(job: Path, labels: Path) -> tuple[list[dict], list[dict]]:
@@ -76,10 +73,11 @@ def job_sizes(job: Path, labels: Path, sizes: list[int]) -> dict:
         margins = {"trained minus random init": knn_margin(stored, random, trained),
                    "trained minus thumbnails": knn_margin(stored, thumbnails, trained),
                    f"trained minus trained at {config.knn_size} px": knn_margin(stored, base[readout], trained)}
-        return {"random init": rate(random), "trained": rate(trained),
+        return {"random init": hits_rate(random), "trained": hits_rate(trained),
                 **{name: {**m, "brief": margin_brief(m)} for name, m in margins.items()}}
 
-    return {"job": str(job), "knn_size": config.knn_size, "held_out": len(thumbnails), "thumbnails": rate(thumbnails),
+    return {"job": str(job), "knn_size": config.knn_size, "held_out": len(thumbnails),
+            "thumbnails": hits_rate(thumbnails),
             "sizes": {size: {readout: row(size, readout) for readout in ("pool", "layout")} for size in hits}}
 
 

@@ -330,12 +330,14 @@ def test_the_knn_monitor_reads_the_final_pool_and_the_last_map_on_a_grid_from_on
 
 
 def test_the_knn_margin_interval_resamples_patients_not_frames():
-    from tasks.pretrain.monitor import knn_margin, margin_text
+    from tasks.pretrain.monitor import hits_bits, hits_rate, knn_margin, margin_text
+    assert hits_bits(torch.tensor([True, False, True, True])) == "1011" and hits_rate("1011") == 0.75
     # patient 0: a 50-frame sweep, every frame turned right; patients 1-5: two frames each, unchanged
     knn = {"query_patients": torch.tensor([0] * 50 + [p for p in range(1, 6) for _ in range(2)])}
     before, after = "0" * 50 + "01" * 5, "1" * 50 + "01" * 5
     margin = knn_margin(knn, before, after)
-    assert margin["margin"] == pytest.approx(50 / 60) and margin["patients"] == 6
+    assert margin["margin"] == pytest.approx(50 / 60) == hits_rate(after) - hits_rate(before)
+    assert margin["patients"] == 6
     # one patient made the whole gain: draws without patient 0 ((5/6)^6 = 33 %) gain nothing
     assert margin["low"] == 0.0 and margin["high"] > 0.9
     assert margin_text(margin).endswith("not clear)")

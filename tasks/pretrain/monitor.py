@@ -211,7 +211,13 @@ def margin_lines(summary: dict) -> list[tuple[str, str]]:
 
 
 def hits_bits(hits: torch.Tensor) -> str:
+    """Per-query hits (bool) as a "0"/"1" string: how checkpoints and ``result.json`` keep them."""
     return "".join("1" if h else "0" for h in hits.tolist())
+
+
+def hits_rate(hits: str) -> float:
+    """The accuracy of ``hits_bits``' string."""
+    return hits.count("1") / len(hits)
 
 
 def knn_thumbnail_hits(knn: dict, side: int = 16) -> torch.Tensor:
