@@ -8,8 +8,8 @@ configs), while DINO's global crops at the same 96 px are random-resized from 0.
 network learns objects magnified by 1/sqrt(scale) (median 1.32x). A network trained on random-resized crops
 reads best at a test size somewhat larger than its training size (Touvron et al. 2019, "Fixing the train-test
 resolution discrepancy"). Here the same bank and query images (the same keys, rebuilt from the home's shards by
-``tasks.pretrain.steps.build_knn_probe``; at the job's own ``knn_size`` checked equal to its ``knn.pt``) are
-rendered at each size and read by the monitor's two readouts (``knn_monitor_readouts``: the final pool, the
+``tasks.pretrain.steps.build_knn_probe``; at the job's own ``knn_size`` checked equal to its ``knn.pt``, and
+both readouts there against the run's own hits at step 0 and at the end) are rendered at each size and read by the monitor's two readouts (``knn_monitor_readouts``: the final pool, the
 layout readout) for the run's seeded random init and its final teacher. Per size and readout: the accuracies,
 trained minus random init at the same size, trained minus the job's 16 x 16 thumbnails (of its ``knn.pt``, the
 registered figure) and trained at this size minus trained at ``knn_size``, each with the 95 % interval over the
@@ -61,10 +61,11 @@ def job_sizes(job: Path, labels: Path, sizes: list[int]) -> dict:
             sys.exit(f"{job.name}: the probe rebuilt at {size} px differs from the job's knn.pt")
         hits[size] = {who: {name: hits_bits(h) for name, h in knn_monitor_readouts(b, probe, CPU).items()}
                       for who, b in backbones.items()}
-    runs = state["knn"]
-    if hits[config.knn_size]["random init"]["pool"] != runs[0]["hits"] or \
-            hits[config.knn_size]["trained"]["pool"] != runs[-1]["hits"]:
-        sys.exit(f"{job.name}: the final pool at {config.knn_size} px does not reproduce the run's kNN hits")
+    for who, entry in (("random init", state["knn"][0]), ("trained", state["knn"][-1])):
+        for readout, key in (("pool", "hits"), ("layout", "hits_layout")):
+            if key in entry and hits[config.knn_size][who][readout] != entry[key]:
+                sys.exit(f"{job.name}: the {who} {readout} readout at {config.knn_size} px does not reproduce "
+                         "the run's kNN hits")
     thumbnails = hits_bits(knn_thumbnail_hits(stored))
     base = hits[config.knn_size]["trained"]
 
