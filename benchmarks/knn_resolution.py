@@ -9,8 +9,9 @@ network learns objects magnified by 1/sqrt(scale) (median 1.32x). A network trai
 reads best at a test size somewhat larger than its training size (Touvron et al. 2019, "Fixing the train-test
 resolution discrepancy"). Here the same bank and query images (the same keys, rebuilt from the home's shards by
 ``tasks.pretrain.steps.build_knn_probe``; at the job's own ``knn_size`` checked equal to its ``knn.pt``, and
-both readouts there against the run's own hits at step 0 and at the end) are rendered at each size and read by the monitor's two readouts (``knn_monitor_readouts``: the final pool, the
-layout readout) for the run's seeded random init and its final teacher. Per size and readout: the accuracies,
+both readouts there against the run's own hits at step 0 and at the end) are rendered at each size and read
+by the monitor's two readouts (``knn_monitor_readouts``: the final pool, the layout readout) for the run's seeded
+random init and its final teacher. Per size and readout: the accuracies,
 trained minus random init at the same size, trained minus the job's 16 x 16 thumbnails (of its ``knn.pt``, the
 registered figure) and trained at this size minus trained at ``knn_size``, each with the 95 % interval over the
 held-out patients (``knn_margin``). docs/experiments.md, section 29. Prints JSON.
