@@ -11,10 +11,11 @@ resolution discrepancy"). Here the same bank and query images (the same keys, re
 ``tasks.pretrain.steps.build_knn_probe``; at the job's own ``knn_size`` checked equal to its ``knn.pt``, and
 both readouts there against the run's own hits at step 0 and at the end) are rendered at each size and read
 by the monitor's two readouts (``knn_monitor_readouts``: the final pool, the layout readout) for the run's seeded
-random init and its final teacher. Per size and readout: the accuracies,
-trained minus random init at the same size, trained minus the job's 16 x 16 thumbnails (of its ``knn.pt``, the
-registered figure) and trained at this size minus trained at ``knn_size``, each with the 95 % interval over the
-held-out patients (``knn_margin``). docs/experiments.md, section 29. Prints JSON.
+random init and its final teacher. Per size and readout: the accuracies, trained minus random init at the same
+size, trained minus the job's 16 x 16 thumbnails (of its ``knn.pt``, the registered figure) and trained at this
+size minus trained at ``knn_size``, each with the 95 % interval over the held-out patients (``knn_margin``). A
+run's final pool must be reproduced at its own size, its layout readout where the run recorded one.
+docs/experiments.md, section 29. Prints JSON.
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from tasks.ingest.labels import load_labels
 from tasks.pretrain.data import select_images
-from tasks.pretrain.main_dino import CHECKPOINT, initial_backbone, job_backbone, load_checkpoint, read_job
+from tasks.pretrain.main_dino import (CHECKPOINT, PretrainConfig, initial_backbone, job_backbone, load_checkpoint,
+                                      read_job)
 from tasks.pretrain.monitor import (hits_bits, hits_rate, knn_margin, knn_monitor_readouts, knn_thumbnail_hits,
                                     margin_brief)
 from tasks.pretrain.steps import build_knn_probe, knn_probe_rows
@@ -39,11 +41,10 @@ CPU = torch.device("cpu")
 PROBE_KEYS = ("bank", "bank_labels", "queries", "query_labels", "query_patients")
 
 
-def probe_rows(job: Path, labels: Path) -> tuple[list[dict], list[dict]]:
+def probe_rows(job: Path, labels: Path, where: str, config: PretrainConfig) -> tuple[list[dict], list[dict]]:
     """The catalog rows of the job's kNN bank and queries, chosen as ``prepare_job`` chose them."""
-    meta, config, _ = read_job(job)
     home = job.parents[1]
-    chosen = set(select_images(home, meta["where"]).keys)
+    chosen = set(select_images(home, where).keys)
     rows = [r for r in load_labels(home, labels, ("region",)).to_pylist() if r["key"] in chosen]
     _, bank_rows, query_rows = knn_probe_rows(rows, config)
     return bank_rows, query_rows
@@ -51,7 +52,7 @@ def probe_rows(job: Path, labels: Path) -> tuple[list[dict], list[dict]]:
 
 def job_sizes(job: Path, labels: Path, sizes: list[int]) -> dict:
     meta, config, _ = read_job(job)
-    bank_rows, query_rows = probe_rows(job, labels)
+    bank_rows, query_rows = probe_rows(job, labels, meta["where"], config)
     stored = torch.load(job / "knn.pt", weights_only=False)
     state = load_checkpoint(job / "checkpoints" / CHECKPOINT)
     backbones = {"random init": initial_backbone(config), "trained": job_backbone(job, "teacher", state)}
@@ -64,7 +65,7 @@ def job_sizes(job: Path, labels: Path, sizes: list[int]) -> dict:
                       for who, b in backbones.items()}
     for who, entry in (("random init", state["knn"][0]), ("trained", state["knn"][-1])):
         for readout, key in (("pool", "hits"), ("layout", "hits_layout")):
-            if key in entry and hits[config.knn_size][who][readout] != entry[key]:
+            if (key == "hits" or key in entry) and hits[config.knn_size][who][readout] != entry[key]:
                 sys.exit(f"{job.name}: the {who} {readout} readout at {config.knn_size} px does not reproduce "
                          "the run's kNN hits")
     thumbnails = hits_bits(knn_thumbnail_hits(stored))
