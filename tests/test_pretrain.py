@@ -484,6 +484,17 @@ def test_a_killed_run_resumed_gives_the_same_loss_curve(small_corpus):
     torch.testing.assert_close(a["loss"]["center"], b["loss"]["center"])
 
 
+def test_a_run_resumed_from_an_epochs_end_scores_that_epochs_knn(small_corpus):
+    """A checkpoint written at an epoch's last step comes before that epoch's kNN: the resumed run scores it."""
+    from tasks.pretrain.steps import run_training
+    settings = {"epochs": 2, "steps_per_epoch": 2, "checkpoint_every": 2, "knn_max_bank": 64, "knn_max_queries": 32}
+    job = _job(small_corpus, "resumed-at-an-epochs-end", settings, labels=True)
+    assert run_training(job, stop_after=2)["status"] == "stopped"    # dies at the end of epoch 1, checkpoint there
+    result = run_training(job, resume=True)
+    assert result["status"] == "finished" and result["step"] == 4
+    assert [(entry["step"], entry["epoch"]) for entry in result["knn"]] == [(0, 0), (2, 1), (4, 2)]
+
+
 def test_the_resnet18_demo_config_lets_lars_move_each_layer_by_its_norm():
     """LARS scales each step to 0.001 of a layer's norm: the lr schedule decides how far a run can go."""
     from dax_models.dino import lars_reach

@@ -504,6 +504,12 @@ def train(job_dir: Path) -> dict:
                                 "knn_accuracy_layout_random_init": scores["knn_accuracy_layout"]}, step=0)
         log.info("kNN accuracy at random init: %.3f (layout readout %.3f)", scores["knn_accuracy"],
                  scores["knn_accuracy_layout"])
+    elif (d.main and knn is not None and config.knn_every and step % steps_per_epoch == 0
+          and (step // steps_per_epoch) % config.knn_every == 0 and all(e["step"] != step for e in knn_history)):
+        # resumed from a checkpoint written at an epoch's last step, before that epoch's kNN ran
+        scores = score_knn(step // steps_per_epoch)
+        if logger:
+            logger.log_metrics(scores, step=step)
 
     transform = XrayMultiCrop(config.augment)
     alarm = CollapseMonitor(config.collapse_min_kl, config.collapse_min_entropy, config.collapse_patience,
