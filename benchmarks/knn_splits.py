@@ -29,8 +29,8 @@ second table) and prints the tables again::
 
 ``--variant KEY=VALUE`` (repeat) pretrains a second time on each home with those overrides on top of ``--set``
 (the same images, held-out queries and seed) and reports the variant beside the default: its kNN, its own
-margin over random init, and the paired intervals of variant minus default and variant minus lightly's on the
-same queries, so a candidate change is judged split by split against what it would replace::
+margin over random init, and the paired intervals of variant minus default (by both readouts) and variant minus
+lightly's on the same queries, so a candidate change is judged split by split against what it would replace::
 
     .venv/bin/python benchmarks/knn_splits.py --splits 2 --config demo-cpu-resnet18 \
         --variant augment.jitter=0 --variant augment.solarize_p=0 --variant augment.blur=sharpness
@@ -137,10 +137,13 @@ def one_split(index: int, corpus: Path, out: Path, overrides: list[str], config:
         assert all(torch.equal(same[key], probe[key]) for key in ("queries", "query_labels", "query_patients")), \
             "the variant was scored on other queries: not paired"
         result_v = json.loads((other / "result.json").read_text())
-        hits_v = final_knn(other)["hits"]
+        final_v = final_knn(other)
+        hits_v = final_v["hits"]
         theirs.update(variant=result_v["knn"][-1]["knn_accuracy"], variant_random=result_v["knn"][0]["knn_accuracy"],
                       variant_verdict=margin_verdict(result_v["knn_margin"]),
                       variant_versus_default=knn_margin(probe, ours["hits"], hits_v),
+                      variant_layout=result_v["knn"][-1]["knn_accuracy_layout"],
+                      variant_layout_versus_default=knn_margin(probe, ours["hits_layout"], final_v["hits_layout"]),
                       variant_min=(time.perf_counter() - began) / 60)
         if lightly:
             lightly_hits = json.loads((job / "lightly.json").read_text())["final_hits"]
@@ -195,16 +198,20 @@ def layout_table(rows: list[dict]) -> str:
 
 
 def variant_table(rows: list[dict], variant: list[str]) -> str:
-    """The variant beside the default, split by split, paired on the same queries."""
+    """The variant beside the default, split by split, paired on the same queries; the final pool, then the layout
+    readout (rows written before the variant's layout readout was kept show "-" there)."""
     lines = [f"variant: {' '.join(variant)}", "",
              "| split | kNN 16x16 thumbnails | default, final | variant: random init | variant, final | "
-             "its margin over random init | variant - default (95 %) | variant - lightly's (95 %) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "its margin over random init | variant - default (95 %) | variant - lightly's (95 %) | "
+             "default, layout readout | variant, layout readout | variant - default, layout readout (95 %) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         versus = margin_brief(r["variant_versus_lightly"]) if "variant_versus_lightly" in r else "-"
+        layout = (f"{r['layout']:.3f} | {r['variant_layout']:.3f} | "
+                  f"{margin_brief(r['variant_layout_versus_default'])}" if "variant_layout" in r else "- | - | -")
         lines.append(f"| {r['split']} | {r['thumbnails']:.3f} | {r['final']:.3f} | {r['variant_random']:.3f} | "
                      f"{r['variant']:.3f} | {r['variant_verdict']} | {margin_brief(r['variant_versus_default'])} | "
-                     f"{versus} |")
+                     f"{versus} | {layout} |")
     return "\n".join(lines)
 
 
@@ -316,6 +323,10 @@ def report(rows: list[dict], variant: list[str]) -> None:
                       sum(r["variant_versus_default"]["low"] > 0 for r in rows)}
         if all("variant_versus_lightly" in r for r in rows):
             counts["beats lightly's DINO"] = sum(r["variant"] > r["lightly"] for r in rows)
+        if all("variant_layout" in r for r in rows):
+            counts["by the layout readout, beats the default"] = sum(r["variant_layout"] > r["layout"] for r in rows)
+            counts["by the layout readout, beats the 16x16 thumbnails"] = sum(r["variant_layout"] > r["thumbnails"]
+                                                                            for r in rows)
         print("the variant: " + "; ".join(f"{what} on {n} of {len(rows)}" for what, n in counts.items()))
     print("command: " + shlex.join(["python", "benchmarks/knn_splits.py", *sys.argv[1:]]))
 
