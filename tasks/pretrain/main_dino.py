@@ -510,6 +510,9 @@ def train(job_dir: Path) -> dict:
         scores = score_knn(step // steps_per_epoch)
         if logger:
             logger.log_metrics(scores, step=step)
+        log.info("epoch %d (resumed at its end): kNN accuracy %.3f (student %.3f, layout readout %.3f)",
+                 step // steps_per_epoch, scores["knn_accuracy"], scores["knn_accuracy_student"],
+                 scores["knn_accuracy_layout"])
 
     transform = XrayMultiCrop(config.augment)
     alarm = CollapseMonitor(config.collapse_min_kl, config.collapse_min_entropy, config.collapse_patience,
