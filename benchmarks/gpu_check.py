@@ -5,7 +5,10 @@ No GPU was lent while DAX was built, so its CUDA branches (bf16 autocast, channe
 only as far as the CPU tests reach. A session lent one gets about 15 minutes of device time on a bare machine
 with no network and 64 MiB per call; this script makes one call enough.
 
-Here, once, on a finished ``dax pretrain`` job that holds the kNN probe (a run with labels, e.g. the demo's):
+Here, once, on a finished ``dax pretrain`` job that holds the kNN probe (a run with labels: the demo's, or one made
+in about 2 minutes with ``DAX_HOME`` and ``DAX_DEID_SECRET`` set: ``dax synth C --studies 40``, ``dax ingest
+C/dicom``, ``dax pretrain --config demo-cpu-resnet18 --labels C/labels.parquet --set epochs=1 --set
+steps_per_epoch=2``):
 
     .venv/bin/python benchmarks/gpu_check.py pack --job dax-home/pretrain/JOB
 
@@ -145,8 +148,14 @@ def pack(job: Path, out: Path, images: int, bank: int, queries: int, wheels: boo
     return summary
 
 
+def device_path(out: Path) -> Path:
+    """``out`` as the device sees it: relative to the repository's root, where the device tool copies it."""
+    out = out.resolve()
+    return out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
+
+
 def device_command(out: Path) -> str:
-    rel = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
+    rel = device_path(out)
     return (f"python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "
             f"{rel}/wheels/*.whl && PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py run "
             f"--pack {rel} --out $OUT/gpu-check.json")
@@ -383,11 +392,13 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--heads-epochs", type=int, default=3)
     args = parser.parse_args(argv)
     if args.command == "pack":
+        if not args.out.resolve().is_relative_to(ROOT):
+            print(f"note: the device tool carries folders inside the repository only, not {args.out}", file=sys.stderr)
         summary = pack(args.job, args.out, args.images, args.bank, args.queries, args.wheels)
         size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
         print(f"{args.out}: {summary['images']} images at {summary['decode_size']} px, "
-              f"{len(summary['wheels'])} wheels, {size / 2 ** 20:.1f} MiB. On the device (carry {args.out.name}):\n"
-              f"{device_command(args.out.resolve())}")
+              f"{len(summary['wheels'])} wheels, {size / 2 ** 20:.1f} MiB. On the device "
+              f"(carry {device_path(args.out)}):\n{device_command(args.out)}")
         return 0
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
