@@ -485,7 +485,7 @@ def test_a_killed_run_resumed_gives_the_same_loss_curve(small_corpus):
 
 
 def test_a_run_resumed_from_an_epochs_end_scores_that_epochs_knn(small_corpus):
-    """A checkpoint written at an epoch's last step comes before that epoch's kNN: the resumed run scores it."""
+    """A checkpoint written at an epoch's last step holds that epoch's kNN score: a run resumed from it keeps it."""
     from tasks.pretrain.steps import run_training
     settings = {"epochs": 2, "steps_per_epoch": 2, "checkpoint_every": 2, "knn_max_bank": 64, "knn_max_queries": 32}
     job = _job(small_corpus, "resumed-at-an-epochs-end", settings, labels=True)

@@ -504,15 +504,6 @@ def train(job_dir: Path) -> dict:
                                 "knn_accuracy_layout_random_init": scores["knn_accuracy_layout"]}, step=0)
         log.info("kNN accuracy at random init: %.3f (layout readout %.3f)", scores["knn_accuracy"],
                  scores["knn_accuracy_layout"])
-    elif (d.main and knn is not None and config.knn_every and step % steps_per_epoch == 0
-          and (step // steps_per_epoch) % config.knn_every == 0 and all(e["step"] != step for e in knn_history)):
-        # resumed from a checkpoint written at an epoch's last step, before that epoch's kNN ran
-        scores = score_knn(step // steps_per_epoch)
-        if logger:
-            logger.log_metrics(scores, step=step)
-        log.info("epoch %d (resumed at its end): kNN accuracy %.3f (student %.3f, layout readout %.3f)",
-                 step // steps_per_epoch, scores["knn_accuracy"], scores["knn_accuracy_student"],
-                 scores["knn_accuracy_layout"])
 
     transform = XrayMultiCrop(config.augment)
     alarm = CollapseMonitor(config.collapse_min_kl, config.collapse_min_entropy, config.collapse_patience,
@@ -563,17 +554,19 @@ def train(job_dir: Path) -> dict:
                         logger.set_tag("collapse_alarm", alarm.message)
                 if config.stop_on_collapse and _any_rank(alarm.fired_at is not None, d):
                     raise TrainingCollapsed(f"training collapsed (alarm at step {alarm.fired_at})")
+                # the epoch's kNN before its checkpoint: a checkpoint at an epoch's end holds the epoch's score
+                if (step % steps_per_epoch == 0 and d.main and knn is not None and config.knn_every
+                        and (epoch + 1) % config.knn_every == 0):
+                    scores = score_knn(epoch + 1)
+                    if logger:
+                        logger.log_metrics(scores, step=step)
+                    log.info("epoch %d: kNN accuracy %.3f (student %.3f, layout readout %.3f)", epoch + 1,
+                             scores["knn_accuracy"], scores["knn_accuracy_student"], scores["knn_accuracy_layout"])
                 if step % config.checkpoint_every == 0 and d.main:
                     checkpoint()
                 if job.get("stop_after") and step >= job["stop_after"]:
                     status = "stopped"
                     return _finish(job_dir, d, status, step, total_steps, knn_history, alarm, knn, run_facts())
-            if d.main and knn is not None and config.knn_every and (epoch + 1) % config.knn_every == 0:
-                scores = score_knn(epoch + 1)
-                if logger:
-                    logger.log_metrics(scores, step=step)
-                log.info("epoch %d: kNN accuracy %.3f (student %.3f, layout readout %.3f)", epoch + 1,
-                         scores["knn_accuracy"], scores["knn_accuracy_student"], scores["knn_accuracy_layout"])
         if d.main:
             checkpoint(final=True)
     except TrainingCollapsed:
