@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from dax_models.backbones import extract
 from tasks.pretrain.main_dino import CHECKPOINT, initial_backbone, job_backbone, load_checkpoint, read_job
 from tasks.pretrain.monitor import (LAYOUT_READOUT, grid_cells, hits_bits, hits_rate, knn_hits, knn_margin,
-                                    knn_thumbnail_hits, margin_brief)
+                                    knn_thumbnail_hits, margin_brief, unreproduced_readouts)
 
 GRIDS = (2, 3)
 LEVELS = (3, 4)      # of the backbone's 4 feature maps (ResNet stages; a ViT's map blocks)
@@ -62,10 +62,10 @@ def job_readouts(job: Path) -> dict:
         bank, queries = readouts(backbone, knn["bank"]), readouts(backbone, knn["queries"])
         hits[who] = {name: hits_bits(knn_hits(bank[name], queries[name], knn)) for name in bank}
     for who, entry in (("random init", state["knn"][0]), ("trained", state["knn"][-1])):
-        if hits[who]["final pool"] != entry["hits"]:
-            sys.exit(f"{job.name}: the {who} final pool does not reproduce the run's kNN hits")
-        if "hits_layout" in entry and hits[who][LAYOUT_NAME] != entry["hits_layout"]:
-            sys.exit(f"{job.name}: the {who} {LAYOUT_NAME} grid does not reproduce the run's layout readout")
+        monitor_names = {"pool": hits[who]["final pool"], "layout": hits[who][LAYOUT_NAME]}
+        if differ := unreproduced_readouts(entry, monitor_names):
+            sys.exit(f"{job.name}: the {who} {' and '.join(differ)} readout does not reproduce the run's kNN hits "
+                     f"(the layout readout is {LAYOUT_NAME} here)")
     thumbnails = hits_bits(knn_thumbnail_hits(knn))
     return {"job": str(job), "held_out": len(thumbnails), "thumbnails": hits_rate(thumbnails),
             "readouts": {name: {"random init": hits_rate(hits["random init"][name]),

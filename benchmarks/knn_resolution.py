@@ -34,7 +34,7 @@ from tasks.pretrain.data import select_images
 from tasks.pretrain.main_dino import (CHECKPOINT, PretrainConfig, initial_backbone, job_backbone, load_checkpoint,
                                       read_job)
 from tasks.pretrain.monitor import (hits_bits, hits_rate, knn_margin, knn_monitor_readouts, knn_thumbnail_hits,
-                                    margin_brief)
+                                    margin_brief, unreproduced_readouts)
 from tasks.pretrain.steps import build_knn_probe, knn_probe_rows
 
 CPU = torch.device("cpu")
@@ -64,10 +64,9 @@ def job_sizes(job: Path, labels: Path, sizes: list[int]) -> dict:
         hits[size] = {who: {name: hits_bits(h) for name, h in knn_monitor_readouts(b, probe, CPU).items()}
                       for who, b in backbones.items()}
     for who, entry in (("random init", state["knn"][0]), ("trained", state["knn"][-1])):
-        for readout, key in (("pool", "hits"), ("layout", "hits_layout")):
-            if (key == "hits" or key in entry) and hits[config.knn_size][who][readout] != entry[key]:
-                sys.exit(f"{job.name}: the {who} {readout} readout at {config.knn_size} px does not reproduce "
-                         "the run's kNN hits")
+        if differ := unreproduced_readouts(entry, hits[config.knn_size][who]):
+            sys.exit(f"{job.name}: the {who} {' and '.join(differ)} readout at {config.knn_size} px does not "
+                     "reproduce the run's kNN hits")
     thumbnails = hits_bits(knn_thumbnail_hits(stored))
     base = hits[config.knn_size]["trained"]
 

@@ -11,7 +11,8 @@ Training (``train_lightly``): lightly's own ``DINOProjectionHead``, ``DINOLoss``
 ``update_momentum``, as its DINO example wires them (teacher per global view, student per view), on the
 job's backbone architecture built with the job's seed (so its random init is ours: the kNN at step 0 is the
 same), with the job's head sizes, crops (sizes, scales, counts), batch, steps, temperatures, optimizer,
-learning-rate, weight-decay and teacher-momentum schedules and gradient clipping. What differs is what
+learning-rate, weight-decay and teacher-momentum schedules, gradient clipping and precision (``auto`` resolved as
+DAX's run resolves it: bf16 autocast for a ResNet on a CPU that computes bf16). What differs is what
 lightly brings: its generic augmentation (on the image min-max scaled to 8 bits, the mapping evaluation
 uses, normalize off since the backbone reads gray [0, 1]) and its loss and head code. The images stream
 through DAX's loader (the same shards, keys and shuffling). The same kNN probe scores the teacher at
@@ -40,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from dax_models.augment import _shrink, minmax, to_image_tensor
 from dax_models.dino import clip_gradients, param_groups
-from tasks.pretrain.main_dino import PretrainConfig, build_schedules, initial_backbone, read_job
+from tasks.pretrain.main_dino import PretrainConfig, auto_precision, build_schedules, initial_backbone, read_job
 from tasks.pretrain.monitor import hits_bits, knn_margin, knn_monitor_readouts
 
 
@@ -117,8 +118,9 @@ class LightlyTraining:
             self.optimizer = torch.optim.AdamW(param_groups(student), lr=0.0)
 
     def step(self, views: list[torch.Tensor], *, lr: float, weight_decay: float, momentum: float,
-             epoch: int) -> float:
-        """One step of lightly's DINO example (momentum update first, as there), DAX's schedules and clipping."""
+             epoch: int, amp: torch.dtype | None = None) -> float:
+        """One step of lightly's DINO example (momentum update first, as there), DAX's schedules and clipping;
+        the forward passes and the loss under ``amp`` autocast on the CPU where given (as DAX's step runs)."""
         from lightly.models.utils import update_momentum
 
         for i, group in enumerate(self.optimizer.param_groups):
@@ -128,9 +130,10 @@ class LightlyTraining:
         model = self.model
         update_momentum(model.student_backbone, model.teacher_backbone, m=momentum)
         update_momentum(model.student_head, model.teacher_head, m=momentum)
-        teacher_out = [model.forward_teacher(view) for view in views[:2]]
-        student_out = [model.forward(view) for view in views]
-        loss = self.criterion(teacher_out, student_out, epoch=epoch)
+        with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+            teacher_out = [model.forward_teacher(view) for view in views[:2]]
+            student_out = [model.forward(view) for view in views]
+            loss = self.criterion(teacher_out, student_out, epoch=epoch)
         loss.backward()
         if self.config.clip_grad:
             clip_gradients(self.student, self.config.clip_grad)
@@ -150,6 +153,9 @@ def train_lightly(job_dir: Path, out: Path | None = None) -> dict:
         raise SystemExit(f"this comparison runs AdamW and LARS configs only, not {config.optimizer}")
     knn = torch.load(job_dir / "knn.pt", weights_only=False)
     device = torch.device("cpu")
+    # DAX's run of this job resolved its precision so (bf16 for a ResNet on a CPU that computes it): the same here
+    precision = config.precision if config.precision != "auto" else auto_precision(device, config.arch)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     steps_per_epoch = config.epoch_steps(len(selection.keys))
     schedules = build_schedules(config, steps_per_epoch, config.batch_size)
     training = LightlyTraining(config)
@@ -173,7 +179,7 @@ def train_lightly(job_dir: Path, out: Path | None = None) -> dict:
         for batch in train_loader(selection, views, config.batch_size, steps_per_epoch, epoch, seed=config.seed,
                                   workers=config.workers, shuffle_buffer=config.shuffle_buffer):
             loss = training.step(batch, lr=schedules["lr"][step], weight_decay=schedules["wd"][step],
-                                 momentum=schedules["momentum"][step], epoch=epoch)
+                                 momentum=schedules["momentum"][step], epoch=epoch, amp=amp)
             step += 1
             if not np.isfinite(loss):
                 raise FloatingPointError(f"lightly's DINO loss is {loss} at step {step}")
@@ -181,7 +187,7 @@ def train_lightly(job_dir: Path, out: Path | None = None) -> dict:
         history.append({"epoch": epoch + 1, **accuracies(hits), "loss": loss})
         print(f"lightly: epoch {epoch + 1}: kNN {history[-1]['knn_accuracy']:.3f} (layout readout "
               f"{history[-1]['knn_accuracy_layout']:.3f}, loss {loss:.3f})", flush=True)
-    result = {"steps": step, "seconds": time.perf_counter() - began, "knn": history,
+    result = {"steps": step, "seconds": time.perf_counter() - began, "precision": precision, "knn": history,
               "knn_margin": knn_margin(knn, hits_bits(random_hits["pool"]), hits_bits(hits["pool"])),
               "knn_layout_margin": knn_margin(knn, hits_bits(random_hits["layout"]), hits_bits(hits["layout"])),
               "final_hits": hits_bits(hits["pool"]), "final_hits_layout": hits_bits(hits["layout"])}

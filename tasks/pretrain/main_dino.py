@@ -74,8 +74,8 @@ from dax_models.dino import (
 )
 from deployments import checked_numbers, find_config
 from tasks.pretrain.data import Selection, train_loader
-from tasks.pretrain.monitor import (CollapseMonitor, hits_bits, knn_margin, knn_monitor, knn_monitor_readouts,
-                                    knn_thumbnail_hits)
+from tasks.pretrain.monitor import (HIT_KEYS, CollapseMonitor, hits_bits, knn_margin, knn_monitor,
+                                    knn_monitor_readouts, knn_thumbnail_hits, recorded_hits)
 
 log = logging.getLogger("dax.pretrain")
 
@@ -127,7 +127,7 @@ class PretrainConfig:
     workers: int = 2
     shuffle_buffer: int = 256
     # device
-    precision: str = "auto"                # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    precision: str = "auto"                # auto (bf16 on CUDA; auto_precision on a CPU) | fp32 | bf16 | fp16
     compile: bool = False
     seed: int = 0
     # bookkeeping and monitoring
@@ -388,6 +388,22 @@ class Training:
     forward_teacher: nn.Module
 
 
+def native_bf16_cpu() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX-512 BF16 or AMX): there oneDNN's bf16 kernels are faster than
+    fp32, elsewhere they are emulated. torch has no public probe; a torch without these private ones reads as no."""
+    probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(probe is not None and probe() for probe in probes)
+
+
+def auto_precision(device: torch.device, arch: str) -> str:
+    """``precision: auto``: bf16 autocast on CUDA, and for ResNets on a CPU that computes bf16 natively (AVX-512 BF16
+    or AMX: the ResNet-18 DINO step 1.4-1.7x fp32's, trained level with it on three paired splits; the ViT-Ti/16
+    step only 0.9-1.2x); fp32 elsewhere. docs/experiments.md, sections 25, 30 and 31."""
+    if device.type == "cuda":
+        return "bf16"
+    return "bf16" if ARCHITECTURES[arch].kind == "resnet" and native_bf16_cpu() else "fp32"
+
+
 def build_training(config: PretrainConfig, d: Dist, precision: str) -> Training:
     student, teacher, student_plain = build_models(config, d)
     return Training(
@@ -444,7 +460,9 @@ def train(job_dir: Path) -> dict:
         from tasks.release.registry import RunLogger
         logger = RunLogger(job["run_id"])
 
-    precision = config.precision if config.precision != "auto" else ("bf16" if d.device.type == "cuda" else "fp32")
+    precision = config.precision if config.precision != "auto" else auto_precision(d.device, config.arch)
+    if d.main:
+        log.info("precision %s (config: %s)", precision, config.precision)
     steps_per_epoch = config.epoch_steps(len(selection.keys), d.world)
     total_steps = config.epochs * steps_per_epoch
     total_batch = config.batch_size * d.world
@@ -493,8 +511,7 @@ def train(job_dir: Path) -> dict:
                             float(knn_monitor(student_plain.backbone, knn, d.device).float().mean()))
         scores = {"knn_accuracy": accuracy, "knn_accuracy_student": student_accuracy,
                   "knn_accuracy_layout": float(hits["layout"].float().mean())}
-        knn_history.append({"step": step, "epoch": epoch, **scores, "hits": hits_bits(hits["pool"]),
-                            "hits_layout": hits_bits(hits["layout"])})
+        knn_history.append({"step": step, "epoch": epoch, **scores, **recorded_hits(hits)})
         return scores
 
     if d.main and knn is not None and step == 0:
@@ -513,7 +530,8 @@ def train(job_dir: Path) -> dict:
     window_draws = CropDraws()           # ... up to the start of the current log window
 
     def run_facts() -> dict:
-        return {**teacher_make_up(schedules["momentum"]), "crop_rejection_rate": draws.rejection_rate}
+        return {**teacher_make_up(schedules["momentum"]), "crop_rejection_rate": draws.rejection_rate,
+                "precision": precision}
 
     models.student.train()
     teacher.train()
@@ -590,8 +608,7 @@ def _finish(job_dir: Path, d: Dist, status: str, step: int, total_steps: int, kn
             result["knn_layout_margin"] = knn_margin(knn, scored[0]["hits_layout"], scored[-1]["hits_layout"])
             thumbnails = hits_bits(knn_thumbnail_hits(knn))
             result["knn_margin_over_thumbnails"] = {
-                readout: knn_margin(knn, thumbnails, scored[-1][hits])
-                for readout, hits in (("pool", "hits"), ("layout", "hits_layout"))}
+                readout: knn_margin(knn, thumbnails, scored[-1][hits]) for readout, hits in HIT_KEYS.items()}
     if d.main:
         (job_dir / "result.json").write_text(json.dumps(result, indent=2))
     if d.world > 1 and dist.is_initialized():

@@ -215,6 +215,21 @@ def hits_bits(hits: torch.Tensor) -> str:
     return "".join("1" if h else "0" for h in hits.tolist())
 
 
+HIT_KEYS = {"pool": "hits", "layout": "hits_layout"}   # per readout, the key of its hits in a run's kNN history
+
+
+def recorded_hits(hits: dict[str, torch.Tensor]) -> dict[str, str]:
+    """``knn_monitor_readouts``' hits as a run's kNN history records them (``HIT_KEYS``)."""
+    return {HIT_KEYS[name]: hits_bits(h) for name, h in hits.items()}
+
+
+def unreproduced_readouts(entry: dict, hits: dict[str, str]) -> list[str]:
+    """The readouts (``HIT_KEYS``' names) whose hits, as ``hits_bits`` strings, differ from those a run recorded
+    in one entry of its kNN history: what a script that re-reads a finished run checks before it reports. A
+    readout the entry lacks (runs before the layout readout) or ``hits`` lacks is not compared."""
+    return [name for name, key in HIT_KEYS.items() if key in entry and name in hits and hits[name] != entry[key]]
+
+
 def hits_rate(hits: str) -> float:
     """The accuracy of ``hits_bits``' string."""
     return hits.count("1") / len(hits)

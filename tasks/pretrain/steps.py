@@ -244,6 +244,8 @@ def register_backbone(job_dir: Path, alias: str = "candidate") -> dict:
                  if result.get(k) is not None}
         if facts:
             mlflow.log_metrics(facts)
+        if result.get("precision"):
+            mlflow.set_tag("dax.precision", result["precision"])     # what the config's precision resolved to
         mlflow.log_metrics({f"{metric}{end}": margin[key] for metric, _, _, margin in end_margins(result)
                             for end, key in (("", "margin"), ("_low", "low"), ("_high", "high"))})
     version = str(info.registered_model_version)
