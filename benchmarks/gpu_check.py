@@ -48,6 +48,7 @@ Exit status 1 when a check failed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
 import math
@@ -200,6 +201,15 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+@contextlib.contextmanager
+def crash_noted(failures: list[str], label: str):
+    """A crash inside is a finding: ``label`` and its traceback go to ``failures`` and the caller's loop goes on."""
+    try:
+        yield
+    except Exception:
+        failures.append(f"{label} raised:\n{traceback.format_exc()}")
+
+
 def check_pretraining(pack_dir: Path, scratch: Path, device: torch.device, configs: list[str], epochs: int,
                       steps: int, compiled: bool, workers: int) -> dict:
     # (config, compiled, resumed): the first config stops at its first epoch's end and resumes from there
@@ -208,7 +218,7 @@ def check_pretraining(pack_dir: Path, scratch: Path, device: torch.device, confi
     rows, failures = [], []
     for name, compile_, resumed in runs:
         label = f"{name}{' compiled' if compile_ else ''}{' resumed' if resumed else ''}"
-        try:
+        with crash_noted(failures, label):
             overrides = {"epochs": epochs, "steps_per_epoch": steps, "warmup_epochs": min(1, epochs - 1),
                          "checkpoint_every": steps if resumed else 10 ** 9, "log_every": steps, "knn_every": 1,
                          "compile": compile_, "workers": workers}
@@ -242,8 +252,6 @@ def check_pretraining(pack_dir: Path, scratch: Path, device: torch.device, confi
                 failures.append(f"{label}: the kNN monitor scored {len(knn)} times, not {epochs + 1}, "
                                 "or gave no margin")
             print(f"pretrain {label}: {json.dumps(row)}", flush=True)
-        except Exception:      # a crash is a finding; the other runs still go
-            failures.append(f"{label} raised:\n{traceback.format_exc()}")
     return {"runs": rows, "failures": failures}
 
 
@@ -255,7 +263,7 @@ def check_speed(pack_dir: Path, scratch: Path, device: torch.device, configs: li
     precisions = ("bf16", "fp32") if device.type == "cuda" else ("fp32",)
     for name in configs:
         for precision in precisions:
-            try:
+            with crash_noted(failures, f"speed {name} {precision}"):
                 reset_peak(device)
                 speed = step_speed(job, device=str(device), precision=precision, config_name=name)
                 row = {k: speed[k] for k in ("arch", "batch", "precision", "dax", "lightly", "ratio", "peak_gpu_mb")}
@@ -266,8 +274,6 @@ def check_speed(pack_dir: Path, scratch: Path, device: torch.device, configs: li
                     failures.append(f"speed {name} {precision}: no images/s")
                 print(f"speed {name} {precision}: DAX {row['dax']} images/s, lightly {row['lightly']}, "
                       f"{row['ratio']:.2f}x (target 1.3x)", flush=True)
-            except Exception:      # a crash is a finding; the others still go
-                failures.append(f"speed {name} {precision} raised:\n{traceback.format_exc()}")
     return {"runs": rows, "failures": failures, "target": 1.3}
 
 
@@ -299,7 +305,7 @@ def check_heads(device: torch.device, size: int, n: int, epochs: int) -> dict:
     crop = size // 2
     rows, failures = [], []
     for arch in ("resnet18", "vit_tiny_patch16"):
-        try:
+        with crash_noted(failures, f"heads {arch}"):
             torch.manual_seed(0)
             backbone = create_backbone(arch, 1, img_size=size).eval()
             with torch.no_grad():
@@ -336,8 +342,6 @@ def check_heads(device: torch.device, size: int, n: int, epochs: int) -> dict:
             if len(found) != len(val_idx) or not all(math.isfinite(s["score"]) for f in found for s in f):
                 failures.append(f"heads {arch}: screw predictions for {len(found)} of {len(val_idx)} images")
             print(f"heads {arch}: {json.dumps(row)}", flush=True)
-        except Exception:      # a crash is a finding; the others still go
-            failures.append(f"heads {arch} raised:\n{traceback.format_exc()}")
     return {"runs": rows, "failures": failures}
 
 

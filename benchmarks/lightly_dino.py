@@ -41,7 +41,8 @@ sys.path.insert(0, str(ROOT))
 
 from dax_models.augment import _shrink, minmax, to_image_tensor
 from dax_models.dino import clip_gradients, param_groups
-from tasks.pretrain.main_dino import PretrainConfig, auto_precision, build_schedules, initial_backbone, read_job
+from tasks.pretrain.main_dino import (AMP_DTYPES, PretrainConfig, build_schedules, initial_backbone, read_job,
+                                      run_precision)
 from tasks.pretrain.monitor import hits_bits, knn_margin, knn_monitor_readouts
 
 
@@ -153,9 +154,8 @@ def train_lightly(job_dir: Path, out: Path | None = None) -> dict:
         raise SystemExit(f"this comparison runs AdamW and LARS configs only, not {config.optimizer}")
     knn = torch.load(job_dir / "knn.pt", weights_only=False)
     device = torch.device("cpu")
-    # DAX's run of this job resolved its precision so (bf16 for a ResNet on a CPU that computes it): the same here
-    precision = config.precision if config.precision != "auto" else auto_precision(device, config.arch)
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    precision = run_precision(config, device)      # as DAX's run of this job resolved it
+    amp = AMP_DTYPES.get(precision)
     steps_per_epoch = config.epoch_steps(len(selection.keys))
     schedules = build_schedules(config, steps_per_epoch, config.batch_size)
     training = LightlyTraining(config)
@@ -229,7 +229,7 @@ def step_speed(job_dir: Path, steps: int = 8, rounds: int = 3, device: str = "cp
     if config.optimizer == "adamw":      # the same fused AdamW as ours on CUDA
         theirs.optimizer = torch.optim.AdamW(param_groups(theirs.student), lr=0.0,
                                              **({"fused": True} if where.type == "cuda" else {}))
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    amp = AMP_DTYPES.get(precision)
 
     def run_ours() -> None:
         dino_step(ours, crops, teacher_temp=config.teacher_temp, epoch=1, **STEP_SETTINGS)

@@ -404,6 +404,15 @@ def auto_precision(device: torch.device, arch: str) -> str:
     return "bf16" if ARCHITECTURES[arch].kind == "resnet" and native_bf16_cpu() else "fp32"
 
 
+def run_precision(config: PretrainConfig, device: torch.device) -> str:
+    """The precision a run of ``config`` on ``device`` trains at: the config's, ``auto`` resolved by
+    ``auto_precision``."""
+    return config.precision if config.precision != "auto" else auto_precision(device, config.arch)
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}   # autocast's dtype per precision (fp32: no autocast)
+
+
 def build_training(config: PretrainConfig, d: Dist, precision: str) -> Training:
     student, teacher, student_plain = build_models(config, d)
     return Training(
@@ -411,7 +420,7 @@ def build_training(config: PretrainConfig, d: Dist, precision: str) -> Training:
         loss=DINOLoss(config.out_dim, 2, config.student_temp, config.center_momentum).to(d.device),
         optimizer=build_optimizer(config, student, d.device),
         scaler=torch.amp.GradScaler(d.device.type, enabled=precision == "fp16"),
-        amp_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision),
+        amp_dtype=AMP_DTYPES.get(precision),
         forward_student=torch.compile(student) if config.compile else student,
         forward_teacher=torch.compile(teacher) if config.compile else teacher)
 
@@ -460,7 +469,7 @@ def train(job_dir: Path) -> dict:
         from tasks.release.registry import RunLogger
         logger = RunLogger(job["run_id"])
 
-    precision = config.precision if config.precision != "auto" else auto_precision(d.device, config.arch)
+    precision = run_precision(config, d.device)
     if d.main:
         log.info("precision %s (config: %s)", precision, config.precision)
     steps_per_epoch = config.epoch_steps(len(selection.keys), d.world)
