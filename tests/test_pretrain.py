@@ -563,14 +563,20 @@ def test_the_collapse_alarm_can_stop_a_run(small_corpus):
     assert (job / "checkpoints" / "last.pt").is_file()
 
 
-def test_ddp_with_two_cpu_processes_through_torchrun_finishes(small_corpus):
+@pytest.mark.parametrize("config, precision, kind", [("demo-cpu", "fp32", "vit"),
+                                                     ("demo-cpu-resnet18", "bf16", "resnet")])
+def test_ddp_with_two_cpu_processes_through_torchrun_finishes(small_corpus, config, precision, kind):
+    """The ViT-Ti in fp32 and the ResNet-18 as ``auto`` runs it on a CPU with native bf16: under bf16 autocast,
+    LARS, a BN head and batch norm kept per rank (SyncBatchNorm is CUDA-only; gloo all-reduces fp32 gradients)."""
     from tasks.pretrain.steps import run_training
-    job = _job(small_corpus, "ddp", {"epochs": 2, "steps_per_epoch": 3, "checkpoint_every": 3})
+    job = _job(small_corpus, f"ddp-{kind}", {"epochs": 2, "steps_per_epoch": 3, "checkpoint_every": 3,
+                                             "precision": precision}, config=config)
     result = run_training(job, nproc_per_node=2)
-    assert result == {**result, "status": "finished", "world_size": 2, "step": 6}
+    assert result == {**result, "status": "finished", "world_size": 2, "step": 6, "precision": precision}
     log = (job / "torchrun.log").read_text()
     assert "rank0 step 6/6" in log         # rank 0 logs; both ranks took part (world_size 2 above)
-    assert teacher_backbone(job).kind == "vit"
+    assert all(np.isfinite(_losses(job)))
+    assert teacher_backbone(job).kind == kind
 
 
 def test_pretraining_learns_and_registers_a_loadable_backbone(small_corpus, tmp_path, capsys):
