@@ -4,9 +4,10 @@
     .venv/bin/python benchmarks/ceilings.py --home HOME --task metal --max-images 250 resnet18:512:10:3e-4
     .venv/bin/python benchmarks/ceilings.py --home HOME --task metal frozen:resnet18:512:60 frozen:JOB:512:60
 
-Each recipe is ARCH:SIDE:EPOCHS:LR (a ceiling) or, for metal and screws, frozen:BACKBONE:SIDE:EPOCHS: the task's
-frozen head for EPOCHS on the cached maps of BACKBONE, an architecture (its random init, the ceiling's own
-starting point) or a pretraining job folder (its final teacher), beside the ceilings at the same budget.
+Each recipe is ARCH:SIDE:EPOCHS:LR (a ceiling) or, for metal and screws, frozen:BACKBONE:SIDE:EPOCHS[:LR]: the
+task's frozen head for EPOCHS on the cached maps of BACKBONE, an architecture (its random init, the ceiling's own
+starting point) or a pretraining job folder (its final teacher), beside the ceilings at the same budget; LR is the
+head's (default: the head config's ``seg_lr`` / ``screw_lr``). Maps are computed once per backbone and side.
 The labelled images of HOME (its ``corpus/labels.parquet``, or ``--labels``);
 the patient split is the home's, seed 0, best validation epoch.
 
@@ -18,12 +19,14 @@ the patient split is the home's, seed 0, best validation epoch.
   ``--config`` (windows, batch, hidden channels, head learning rate); LR is the backbone's. Metal: Dice at native
   resolution on test images with metal; screws: recall, precision, head / tip L1 and angle at native resolution.
   A frozen recipe trains the same head with the same config (``seg_epochs`` / ``screw_epochs`` = EPOCHS), its lr
-  column the head's.
+  column the head's; a frozen metal row also gives the head's Dice on the training and the test images with metal
+  at the input size (underfitting when the two are level, overfitting when training is far above).
+  ``--set KEY=VALUE`` overrides any head config field for every recipe (``seg_hidden=64``, ``dense_crop=0``).
 
 Prints one markdown row per recipe (metal and screws: with the 95 % interval of the headline figure resampling
 test patients, and after the table each row minus the first, paired on the same images). Not a speed figure: it
 finds what caps a task (a head whose ceiling is low cannot be rescued by pretraining) within a CPU budget
-(docs/experiments.md, sections 9, 10 and 12).
+(docs/experiments.md, sections 9, 10, 12 and 33).
 """
 from __future__ import annotations
 
@@ -70,16 +73,20 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224, help="region: the side the images are loaded at")
     parser.add_argument("--max-images", type=int, default=250, help="metal, screws: an evenly spread subset")
     parser.add_argument("--config", default="demo", help="metal, screws: the head config (deployments/heads/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="metal, screws: override a head config field (repeatable), e.g. seg_hidden=64")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--out", type=Path, default=None,
                         help="metal, screws: a JSON of every row with its per-image figures and test patients")
     parser.add_argument("recipes", nargs="+", metavar="ARCH:SIDE:EPOCHS:LR")
     args = parser.parse_args()
 
+    import numpy as np
     import torch
+    import yaml
 
     from tasks.heads.data import load_head_dataset
-    from tasks.heads.evaluation import patient_interval
+    from tasks.heads.evaluation import patient_interval, predict_masks, segmentation_metrics
     from tasks.heads.features import FeatureStore
     from tasks.heads.training import dense_ceiling, load_head_config, run_task, train_end_to_end
 
@@ -88,11 +95,14 @@ def main() -> None:
         if recipe.startswith("frozen:"):
             if args.task == "region":
                 parser.error("frozen recipes are for metal and screws (the heads flow trains region's)")
-            _, backbone, side, epochs = recipe.rsplit(":", 3)
-            recipes.append((recipe, backbone, int(side), int(epochs), None))
+            backbone, side, epochs, *head_lr = recipe.split(":")[1:]
+            if len(head_lr) > 1:
+                parser.error(f"{recipe}: frozen:BACKBONE:SIDE:EPOCHS[:LR]")
+            recipes.append((recipe, backbone, int(side), int(epochs), float(head_lr[0]) if head_lr else None, True))
         else:
             arch, side, epochs, lr = recipe.split(":")
-            recipes.append((recipe, arch, int(side), int(epochs), float(lr)))
+            recipes.append((recipe, arch, int(side), int(epochs), float(lr), False))
+    overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.overrides)}
     torch.set_num_threads(args.threads)
     labels = args.labels or args.home / "corpus" / "labels.parquet"
     if args.task == "region":
@@ -102,19 +112,19 @@ def main() -> None:
         header = ("| architecture | side (px) | epochs | lr | test accuracy | val accuracy | macro F1 | minutes |\n"
                   "|---|---|---|---|---|---|---|---|")
     else:
-        loaded = {}
+        loaded, maps = {}, {}
         header = {"metal": "| architecture | side (px) | epochs | lr | Dice (native) | 95 % (patients) | val Dice "
-                           "| IoU | minutes |\n|---|---|---|---|---|---|---|---|---|",
+                           "| IoU | train / test Dice (input px) | minutes |\n" + "|---" * 10 + "|",
                   "screws": "| architecture | side (px) | epochs | lr | recall | 95 % (patients) | precision | "
                             "head / tip L1 (px) | angle (deg) | minutes |\n" + "|---" * 10 + "|"}[args.task]
     print(header, flush=True)
     headline = "dice" if args.task == "metal" else "recall"
     rows = []
-    for recipe, arch, side, epochs, lr in recipes:
+    for recipe, arch, side, epochs, lr, frozen in recipes:
         began = time.perf_counter()
         twin, origin = recipe_backbone(arch, side)
-        if lr is None:   # frozen:BACKBONE
-            arch = f"frozen {twin.arch}, {origin}"
+        if frozen:
+            arch = f"frozen {twin.arch}, {origin}" + ("" if lr is None else f", head lr {lr:g}")
         if args.task == "region":
             train, val, test = data.indices("train"), data.indices("val"), data.indices("test")
             result = train_end_to_end(twin, data, train, val, test, epochs, lr, 32, 0, "cpu", size=side)
@@ -125,15 +135,27 @@ def main() -> None:
             loaded[side] = load_head_dataset(args.home, labels, size=side, max_images=args.max_images)
             print(f"<!-- {len(loaded[side])} images at {side} px: {len(loaded[side].indices('train'))} train, "
                   f"{len(loaded[side].indices('test'))} test (split by patient) -->", flush=True)
-        if lr is None:
-            config = load_head_config(args.config, {"dense_size": side, "seg_epochs": epochs, "screw_epochs": epochs,
-                                                    "device": "cpu"})
-            lr = config.seg_lr if args.task == "metal" else config.screw_lr
-            store = FeatureStore.compute(twin, loaded[side].images, ("maps",), "cpu", config.feature_batch)
-            result = run_task(args.task, 0, loaded[side], store, config, twin.arch)
+        if frozen:
+            key = "seg_lr" if args.task == "metal" else "screw_lr"
+            config = load_head_config(args.config, {**overrides, "dense_size": side, "seg_epochs": epochs,
+                                                    "screw_epochs": epochs, "device": "cpu",
+                                                    **({} if lr is None else {key: lr})})
+            lr = getattr(config, key)
+            if (arch_side := (recipe.split(":")[1], side)) not in maps:
+                maps.clear()     # one backbone's maps at a time: a few GB at 512 px
+                maps[arch_side] = FeatureStore.compute(twin, loaded[side].images, ("maps",), "cpu",
+                                                       config.feature_batch)
+            result = run_task(args.task, 0, loaded[side], maps[arch_side], config, twin.arch)
+            if args.task == "metal":   # the fit: underfitting (train ~ test) or overfitting (train >> test)
+                data = loaded[side]
+                for part in ("train", "test"):   # images with metal, at the input size
+                    idx = np.asarray([int(i) for i in data.indices(part) if bool(data.masks[i].any())])
+                    probs = predict_masks(result.head.head, maps[arch_side], idx, side, "cpu")
+                    result.metrics[f"{part}_dice_metal_input"] = segmentation_metrics(probs > 0.5,
+                                                                                      data.masks[idx])["dice"]
         else:
-            config = load_head_config(args.config, {"dense_size": side, "e2e_epochs": epochs, "e2e_lr": lr,
-                                                    "device": "cpu"})
+            config = load_head_config(args.config, {**overrides, "dense_size": side, "e2e_epochs": epochs,
+                                                    "e2e_lr": lr, "device": "cpu"})
             result = dense_ceiling(args.task, 0, loaded[side], twin, config)
         minutes = (time.perf_counter() - began) / 60
         m, test = result.metrics, loaded[side].indices("test")
@@ -146,8 +168,10 @@ def main() -> None:
         if args.out:
             args.out.write_text(json.dumps(rows, indent=1))
         if args.task == "metal":
+            fit = (f"{m['train_dice_metal_input']:.1%} / {m['test_dice_metal_input']:.1%}"
+                   if "train_dice_metal_input" in m else "-")
             print(f"| {arch} | {side} | {epochs} | {lr:g} | {m['dice']:.1%} | {spread} | {result.val_score:.1%} | "
-                  f"{m['iou']:.1%} | {minutes:.1f} |", flush=True)
+                  f"{m['iou']:.1%} | {fit} | {minutes:.1f} |", flush=True)
         else:
             print(f"| {arch} | {side} | {epochs} | {lr:g} | {m['recall']:.1%} | {spread} | {m['precision']:.1%} | "
                   f"{m['head_l1_px']:.1f} / {m['tip_l1_px']:.1f} | {m['angle_deg']:.1f} | {minutes:.1f} |", flush=True)

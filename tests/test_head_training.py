@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from dax_models.augment import Letterbox, XrayEvalTransform, mask_to_input, mask_to_native
 from dax_models.backbones import create_backbone, extract
 from dax_models.metrics import segmentation_metrics
-from tasks.heads.data import load_head_dataset
+from tasks.heads.data import load_head_dataset, shown_mask, shown_screws
 from tasks.heads.evaluation import evaluate_screws, predict_masks, predict_screws
 from tasks.heads.features import FeatureStore, LiveFeatures
 from tasks.heads.training import (
@@ -33,7 +33,8 @@ from tasks.heads.training import (
     run_task,
     train_end_to_end,
 )
-from tasks.label_schema import BODY_REGIONS
+from tasks.ingest.normalize import blanked_boxes
+from tasks.label_schema import BODY_REGIONS, png_to_mask
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tests/conftest.py
 
@@ -135,6 +136,54 @@ def test_the_dataset_follows_the_letterbox_and_splits_by_patient(corpus64):
             sx, sy = (1 / s for s in box.scale)                                 # is on native metal
             window = native[int(max(0, y - sy)):int(y + sy) + 1, int(max(0, x - sx)):int(x + sx) + 1]
             assert window.any()
+
+
+def test_the_truth_is_what_the_image_shows_cleaned_text_hides_metal_and_screws():
+    """Blanked burned-in text reads as air in the models' view: metal and screw points inside a cleaned box
+    (on the grid asked for, rounded outwards) are not in the heads' truth."""
+    params = {"rows": 100, "cols": 200, "blanked": [[10, 5, 31, 9]]}        # normalized size's pixels
+    assert blanked_boxes(params, 100, 200) == [(10, 5, 31, 9)]
+    assert blanked_boxes(params, 300, 300) == [(15, 15, 47, 27)]            # native grid: 1.5x, 3x; outwards
+    assert blanked_boxes({"rows": 10, "cols": 10, "blanked": [[0, 8, 10, 10]]}, 15, 15) == [(0, 12, 15, 15)]
+    assert blanked_boxes(None, 10, 10) == [] and blanked_boxes({"rows": 10}, 10, 10) == []
+    mask = np.ones((20, 30), dtype=bool)
+    shown = shown_mask(mask, [(2, 3, 5, 7)])
+    assert mask.all() and not shown[3:7, 2:5].any() and shown.sum() == 600 - 12       # the label is untouched
+    assert shown_mask(mask, []) is mask
+    screws = np.array([[1, 1, 1.9, 2.9], [3, 4, 10, 10], [10, 10, 4.9, 6.9], [10, 10, 5, 7]], dtype=np.float64)
+    np.testing.assert_array_equal(shown_screws(screws, [(2, 3, 5, 7)]), screws[[0, 3]])   # head or tip inside
+
+
+def test_the_corpus_truth_leaves_out_what_cleaned_text_hides(heads_corpus, corpus64):
+    """On the ingested corpus: every image whose burned-in text was cleaned carries its boxes in native pixels,
+    and neither its native mask, its letterboxed mask nor its screws have anything inside them; the label file
+    does have metal there on some image (what the images do not show)."""
+    import pyarrow.parquet as pq
+
+    from tasks.ingest.labels import load_labels
+
+    data = corpus64
+    labels = load_labels(heads_corpus.home, heads_corpus.labels, ("metal_mask_png", "screws")).to_pylist()
+    assert [r["key"] for r in labels] == data.keys
+    assert sum(bool(b) for b in data.hidden) >= 1
+    assert pq.read_table(heads_corpus.labels, columns=["burned_in_text"]).column(0).to_pylist().count(True) >= 1
+    hidden_metal = 0
+    for i, boxes in enumerate(data.hidden):
+        box = data.boxes[i]
+        raw = png_to_mask(labels[i]["metal_mask_png"]) if labels[i]["metal_mask_png"] else None
+        native = data.native_mask(i)
+        for x0, y0, x1, y1 in boxes:
+            assert 0 <= x0 < x1 <= box.native_w and 0 <= y0 < y1 <= box.native_h
+            assert not native[y0:y1, x0:x1].any()
+            hidden_metal += bool(raw is not None and raw[y0:y1, x0:x1].any())
+            (ix0, iy0), (ix1, iy1) = box.to_input(np.array([[x0, y0], [x1, y1]]))
+            assert not data.masks[i, int(np.ceil(iy0)):int(iy1), int(np.ceil(ix0)):int(ix1)].any()
+            for points in (data.native_screws[i][:, :2], data.native_screws[i][:, 2:]):
+                assert not ((points[:, 0] >= x0) & (points[:, 0] < x1) & (points[:, 1] >= y0) &
+                            (points[:, 1] < y1)).any()
+        if raw is not None and not boxes:
+            np.testing.assert_array_equal(native, raw)
+    assert hidden_metal >= 1, "the test corpus should have metal under cleaned text"
 
 
 def _metal_contrast(image: np.ndarray, mask: np.ndarray, box: Letterbox) -> float:

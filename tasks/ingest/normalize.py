@@ -38,7 +38,8 @@ with the display's black, which the models' view of fluoroscopy would turn white
 (the metal head marked it). ``normalize(..., blanked=boxes)`` records the boxes (``verdict.boxes``) in output
 pixels as the ``blanked`` parameter, rounded outwards so that the pixels the area averaging mixed with the fill
 are inside, and ``model_view`` sets them to 0 (no attenuation) after the polarity step. Samples normalized
-before carry no boxes: read as before.
+before carry no boxes: read as before. ``blanked_boxes(params, rows, cols)`` gives the same boxes on any grid of
+the same image (the stored pixels, the native detector grid where the labels live), rounded outwards.
 """
 from __future__ import annotations
 
@@ -54,8 +55,8 @@ from pydicom.uid import UID, AllTransferSyntaxes, PrivateTransferSyntaxes
 
 __all__ = [
     "MAX_FRAMES", "MAX_SIDE", "MIN_SIDE", "NORMALIZE_VERSION", "OUTPUT_MAX",
-    "NormalizeConfig", "NormalizedFrame", "PixelDataError", "attenuation_bright", "decode_frames", "model_view",
-    "normalize",
+    "NormalizeConfig", "NormalizedFrame", "PixelDataError", "attenuation_bright", "blanked_boxes", "decode_frames",
+    "model_view", "normalize",
 ]
 
 MIN_SIDE = 8            # rows or columns below this: not an image we can learn from (icons, junk)
@@ -416,8 +417,18 @@ def model_view(pixels: np.ndarray, params: dict[str, Any] | None) -> np.ndarray:
     if pixels.dtype != np.uint16:
         raise ValueError(f"expected normalized uint16 pixels, got {pixels.dtype}")
     view = pixels.copy() if bright else OUTPUT_MAX - pixels
-    sy = pixels.shape[0] / int(params.get("rows") or pixels.shape[0])   # boxes are in the normalized size's pixels
-    sx = pixels.shape[1] / int(params.get("cols") or pixels.shape[1])
-    for x0, y0, x1, y1 in boxes:
-        view[math.floor(y0 * sy):math.ceil(y1 * sy), math.floor(x0 * sx):math.ceil(x1 * sx)] = 0
+    for x0, y0, x1, y1 in blanked_boxes(params, *pixels.shape):
+        view[y0:y1, x0:x1] = 0
     return view
+
+
+def blanked_boxes(params: dict[str, Any] | None, rows: int, cols: int) -> list[tuple[int, int, int, int]]:
+    """The boxes cleaned of burned-in text (``params["blanked"]``, recorded in the normalized size's pixels) on a
+    ``rows`` x ``cols`` grid of the same image: (x0, y0, x1, y1), ends exclusive, rounded outwards. Empty
+    without params or boxes."""
+    if not params or not params.get("blanked"):
+        return []
+    sy = rows / int(params.get("rows") or rows)
+    sx = cols / int(params.get("cols") or cols)
+    return [(max(0, math.floor(x0 * sx)), max(0, math.floor(y0 * sy)), min(cols, math.ceil(x1 * sx)),
+             min(rows, math.ceil(y1 * sy))) for x0, y0, x1, y1 in params["blanked"]]
