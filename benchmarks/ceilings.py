@@ -86,7 +86,8 @@ def main() -> None:
     import yaml
 
     from tasks.heads.data import load_head_dataset
-    from tasks.heads.evaluation import patient_interval, predict_masks, segmentation_metrics
+    from dax_models.metrics import segmentation_metrics
+    from tasks.heads.evaluation import patient_interval, predict_masks
     from tasks.heads.features import FeatureStore
     from tasks.heads.training import dense_ceiling, load_head_config, run_task, train_end_to_end
 
@@ -147,12 +148,13 @@ def main() -> None:
                                                        config.feature_batch)
             result = run_task(args.task, 0, loaded[side], maps[arch_side], config, twin.arch)
             if args.task == "metal":   # the fit: underfitting (train ~ test) or overfitting (train >> test)
-                data = loaded[side]
-                for part in ("train", "test"):   # images with metal, at the input size
-                    idx = np.asarray([int(i) for i in data.indices(part) if bool(data.masks[i].any())])
-                    probs = predict_masks(result.head.head, maps[arch_side], idx, side, "cpu")
-                    result.metrics[f"{part}_dice_metal_input"] = segmentation_metrics(probs > 0.5,
-                                                                                      data.masks[idx])["dice"]
+                dense = loaded[side]      # images with metal, at the input size; test's probabilities are run_task's
+                fitted = np.asarray([int(i) for i in dense.indices("train") if bool(dense.masks[i].any())])
+                probs = predict_masks(result.head.head, maps[arch_side], fitted, side, "cpu")
+                tested = [j for j, i in enumerate(result.extra["test_idx"]) if bool(dense.masks[i].any())]
+                for part, p, idx in (("train", probs, fitted), ("test", result.extra["probabilities"][tested],
+                                                                 result.extra["test_idx"][tested])):
+                    result.metrics[f"{part}_dice_metal_input"] = segmentation_metrics(p > 0.5, dense.masks[idx])["dice"]
         else:
             config = load_head_config(args.config, {**overrides, "dense_size": side, "e2e_epochs": epochs,
                                                     "e2e_lr": lr, "device": "cpu"})
