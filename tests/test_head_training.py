@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from dax_models.augment import Letterbox, XrayEvalTransform, mask_to_input, mask_to_native
 from dax_models.backbones import create_backbone, extract
 from dax_models.metrics import segmentation_metrics
-from tasks.heads.data import load_head_dataset, shown_mask, shown_screws
+from tasks.heads.data import load_head_dataset, shown_mask, shown_screws, unseen_pixels
 from tasks.heads.evaluation import evaluate_screws, predict_masks, predict_screws
 from tasks.heads.features import FeatureStore, LiveFeatures
 from tasks.heads.training import (
@@ -33,7 +33,7 @@ from tasks.heads.training import (
     run_task,
     train_end_to_end,
 )
-from tasks.ingest.normalize import blanked_boxes
+from tasks.ingest.normalize import AIR_CLIP_SHARE, air_clipped, blanked_boxes
 from tasks.label_schema import BODY_REGIONS, png_to_mask
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tests/conftest.py
@@ -146,12 +146,35 @@ def test_the_truth_is_what_the_image_shows_cleaned_text_hides_metal_and_screws()
     assert blanked_boxes(params, 300, 300) == [(15, 15, 47, 27)]            # native grid: 1.5x, 3x; outwards
     assert blanked_boxes({"rows": 10, "cols": 10, "blanked": [[0, 8, 10, 10]]}, 15, 15) == [(0, 12, 15, 15)]
     assert blanked_boxes(None, 10, 10) == [] and blanked_boxes({"rows": 10}, 10, 10) == []
-    mask = np.ones((20, 30), dtype=bool)
-    shown = shown_mask(mask, [(2, 3, 5, 7)])
+    mask, unseen = np.ones((20, 30), dtype=bool), np.zeros((20, 30), dtype=bool)
+    unseen[3:7, 2:5] = True
+    shown = shown_mask(mask, unseen)
     assert mask.all() and not shown[3:7, 2:5].any() and shown.sum() == 600 - 12       # the label is untouched
-    assert shown_mask(mask, []) is mask
-    screws = np.array([[1, 1, 1.9, 2.9], [3, 4, 10, 10], [10, 10, 4.9, 6.9], [10, 10, 5, 7]], dtype=np.float64)
-    np.testing.assert_array_equal(shown_screws(screws, [(2, 3, 5, 7)]), screws[[0, 3]])   # head or tip inside
+    assert shown_mask(mask, np.zeros_like(unseen)) is mask and shown_mask(~unseen, unseen) is not mask
+    screws = np.array([[1, 1, 1.9, 2.9], [3, 4, 10, 10], [10, 10, 4.9, 6.9], [10, 10, 5, 7], [40, 1, 2, 2]],
+                      dtype=np.float64)
+    np.testing.assert_array_equal(shown_screws(screws, unseen), screws[[0, 3, 4]])   # head or tip on an unseen pixel
+    np.testing.assert_array_equal(shown_screws(screws, np.zeros_like(unseen)), screws)
+
+
+def test_air_that_clips_the_detector_hides_the_metal_in_front_of_it():
+    """The view's lowest value held by a plateau (the detector's clipped air) shows nothing: metal there is no
+    truth. A noisy minimum is no plateau, and the cleaned boxes (0 in the view) are neither the minimum nor in it."""
+    rng = np.random.default_rng(0)
+    view = rng.integers(20_000, 60_000, size=(40, 50), dtype=np.uint16)
+    assert not air_clipped(view, None).any()                           # a few pixels at the minimum: not clipped
+    view[:, :10] = 5_000                                               # clipped air: 20 % of the image
+    params = {"rows": 40, "cols": 50, "blanked": [[40, 0, 50, 8]]}
+    view[0:8, 40:50] = 0                                               # a cleaned box reads 0 in the models' view
+    clipped = air_clipped(view, params)
+    assert clipped[:, :10].all() and clipped.sum() == 400               # the plateau, not the box
+    small = view.copy()
+    small[:, :10] = rng.integers(20_000, 60_000, size=(40, 10))
+    small[0, 0:int(AIR_CLIP_SHARE * 40 * 50) // 2] = 1_000              # under the share: not a plateau
+    assert not air_clipped(small, params).any()
+    # on the native grid (twice the stored one): the box rounded outwards and the plateau, pixel for pixel
+    unseen = unseen_pixels(view, params, 80, 100)
+    assert unseen[:, :20].all() and unseen[0:16, 80:100].all() and unseen.sum() == 80 * 20 + 16 * 20
 
 
 def test_the_corpus_truth_leaves_out_what_cleaned_text_hides(heads_corpus, corpus64):
@@ -181,9 +204,39 @@ def test_the_corpus_truth_leaves_out_what_cleaned_text_hides(heads_corpus, corpu
             for points in (data.native_screws[i][:, :2], data.native_screws[i][:, 2:]):
                 assert not ((points[:, 0] >= x0) & (points[:, 0] < x1) & (points[:, 1] >= y0) &
                             (points[:, 1] < y1)).any()
-        if raw is not None and not boxes:
-            np.testing.assert_array_equal(native, raw)
     assert hidden_metal >= 1, "the test corpus should have metal under cleaned text"
+
+
+def test_the_corpus_truth_is_the_label_less_what_no_pixel_shows(heads_corpus, corpus64):
+    """On the ingested corpus: each native mask is exactly the label's metal less the unseen pixels (cleaned boxes
+    and clipped air), no screw point lies on one, and the label file has metal in front of clipped air on some
+    fluoroscopy image (so the test fails if the rule goes)."""
+    from collections import defaultdict
+
+    from tasks.ingest.labels import load_labels
+    from tasks.pretrain.data import read_samples
+
+    data = corpus64
+    labels = load_labels(heads_corpus.home, heads_corpus.labels, ("metal_mask_png",)).to_pylist()
+    assert [r["key"] for r in labels] == data.keys
+    by_shard = defaultdict(list)
+    for row in labels:
+        by_shard[row["shard"]].append(row["key"])
+    in_clipped_air = []
+    for key, view, meta in read_samples(heads_corpus.home / "shards", by_shard):
+        i = data.keys.index(key)
+        box, raw = data.boxes[i], labels[i]["metal_mask_png"]
+        unseen = unseen_pixels(view, meta.get("normalization"), box.native_h, box.native_w)
+        label = png_to_mask(raw) if raw else np.zeros((box.native_h, box.native_w), dtype=bool)
+        np.testing.assert_array_equal(data.native_mask(i), label & ~unseen)
+        for points in (data.native_screws[i][:, :2], data.native_screws[i][:, 2:]):
+            assert not unseen[points[:, 1].astype(int), points[:, 0].astype(int)].any()
+        boxes = np.zeros_like(unseen)
+        for x0, y0, x1, y1 in data.hidden[i]:
+            boxes[y0:y1, x0:x1] = True
+        if (label & unseen & ~boxes).any():
+            in_clipped_air.append(meta["normalization"]["modality"])
+    assert in_clipped_air and set(in_clipped_air) <= {"RF", "XA"}, in_clipped_air
 
 
 def _metal_contrast(image: np.ndarray, mask: np.ndarray, box: Letterbox) -> float:

@@ -32,6 +32,7 @@ from tasks.pretrain.data import SelectionError, select_images, stored_linear, tr
 from tasks.pretrain.main_dino import (PretrainConfig, auto_precision, load_config, momentum_schedule, read_job,
                                      teacher_backbone)
 from tasks.pretrain.monitor import CollapseMonitor
+from tests.stand_in_transform import sum_and_noise
 
 TINY = {"knn_size": 48, "augment.global_size": 48, "augment.local_size": 32, "augment.local_crops": 2,
         "batch_size": 8, "workers": 1, "log_every": 1, "out_dim": 256, "head_hidden_dim": 128,
@@ -415,12 +416,6 @@ def test_the_catalog_query_selects_and_refuses(small_corpus):
         select_images(small_corpus.home, "TRUE; DROP TABLE images")
 
 
-def _sum_and_noise(image, linear):
-    """A stand-in augmentation (module level: spawned loader workers unpickle it): the image's sum, and a
-    draw from torch's generator (seeded per sample by the loader)."""
-    return [torch.tensor(int(image.astype(np.int64).sum())), torch.rand(1)]
-
-
 def test_the_loader_gives_exact_seeded_epochs_of_selected_images(small_corpus):
     selection = select_images(small_corpus.home)
     allowed = selection.without(selection.keys[::2])
@@ -431,7 +426,8 @@ def test_the_loader_gives_exact_seeded_epochs_of_selected_images(small_corpus):
     allowed_sums = {sums[k] for k in allowed.keys}
 
     def epoch(**kw):
-        return [[t.clone() for t in b] for b in train_loader(allowed, _sum_and_noise, batch_size=4, steps_per_epoch=5, **kw)]
+        return [[t.clone() for t in b]
+                for b in train_loader(allowed, sum_and_noise, batch_size=4, steps_per_epoch=5, **kw)]
 
     a = epoch(epoch=0, workers=2)
     assert len(a) == 5 and all(b[0].shape == (4,) for b in a)
@@ -440,13 +436,13 @@ def test_the_loader_gives_exact_seeded_epochs_of_selected_images(small_corpus):
     assert all(torch.equal(x, y) for p, q in zip(a, b) for x, y in zip(p, q))      # the same every time
     tail = epoch(epoch=0, workers=2, skip=3)
     assert len(tail) == 2 and all(torch.equal(x, y) for p, q in zip(a[3:], tail) for x, y in zip(p, q))
-    other_rank = epoch(epoch=0, workers=2, rank=1)
-    assert not all(torch.equal(p[1], q[1]) for p, q in zip(a, other_rank))
-    assert len(epoch(epoch=1, workers=0)) == 5
+    in_process = epoch(epoch=0, workers=0, skip=3)
+    other_rank = epoch(epoch=0, workers=0, skip=3, rank=1)       # in process: a rank's seed needs no workers
+    assert len(other_rank) == 2 and not all(torch.equal(p[1], q[1]) for p, q in zip(in_process, other_rank))
     # one loader over three epochs (as training takes them; 5 batches do not split evenly over 2 workers)
     # gives each epoch's batches as the epoch's own loader does, in order, a resumed first epoch included
     for workers in (2, 0):
-        first = a[3:] if workers == 2 else epoch(epoch=0, workers=0, skip=3)
+        first = a[3:] if workers == 2 else in_process
         singles = first + epoch(epoch=1, workers=workers) + epoch(epoch=2, workers=workers)
         span = epoch(epoch=0, workers=workers, skip=3, epochs=3)
         assert len(span) == len(singles) == 2 + 5 + 5

@@ -12,12 +12,14 @@ are reported) by one affine map per axis (``Letterbox``):
 * new_h / rows + top; ``rows`` cancels). Coordinates are continuous pixel coordinates with pixel edges
 at integers (x = column, y = row), as ``letterbox_geometry`` and the generator's screws use them.
 
-What the image shows is the truth: ingestion blanks burned-in text, and the models' view reads those boxes as
-air (``tasks.ingest.normalize.model_view``), so metal under a cleaned box is not in any image a model sees (on
-the evaluation corpus 3.9 % of the metal pixels, more than a tenth of the metal on 14 % of the images with metal,
-all of it on 5 of 628, and 3 % of the screws; docs/experiments.md, section 33). The heads' truth leaves it out:
-the metal masks have no metal inside the boxes (``shown_mask``) and a screw with its head or tip inside one is not
-counted (``shown_screws``), for training targets, floors and metrics alike. The label file is never changed.
+What the image shows is the truth. Two things leave metal in no image a model sees: ingestion blanks burned-in
+text, and the models' view reads those boxes as air (``tasks.ingest.normalize.model_view``); and metal in front of
+air that still saturates the detector holds the clipped air's value, like the air around it
+(``tasks.ingest.normalize.air_clipped``). On the evaluation corpus the boxes hide 2.1 % of the native metal
+pixels and 3.1 % of the screws, the clipped air 1.8 % and 6.4 % (more than a tenth of the metal on 63 of 628
+images, all RF and XA); docs/experiments.md, sections 33-34. The heads' truth leaves both out (``unseen_pixels``):
+the metal masks have no metal there (``shown_mask``) and a screw with its head or tip there is not counted
+(``shown_screws``), for training targets, floors and metrics alike. The label file is never changed.
 
 ``load_head_dataset`` reads the labels (``tasks.ingest.labels.load_labels``), then the images shard by shard
 into preallocated tensors: memory is N x S x S x (2 bytes image + 1 byte mask), known in advance and
@@ -38,7 +40,7 @@ from tasks.ingest.labels import load_labels
 from tasks.label_schema import BODY_REGIONS
 from tasks.pretrain.data import read_samples
 
-__all__ = ["HeadDataset", "load_head_dataset", "screw_rows", "shown_mask", "shown_screws"]
+__all__ = ["HeadDataset", "load_head_dataset", "screw_rows", "shown_mask", "shown_screws", "unseen_pixels"]
 
 DEFAULT_MAX_BYTES = 8 << 30
 
@@ -51,14 +53,16 @@ class HeadDataset:
     - ``regions`` (N,) int64 class ids (index into ``BODY_REGIONS``; -1 if unknown);
     - ``masks`` (N, S, S) bool metal masks in the letterbox, as the image shows them (None when not loaded);
     - ``screws``: per image a (K, 4) float64 array [head_x, head_y, tip_x, tip_y] in INPUT pixels
-      (visible screws only: both points inside the exposed field and outside the cleaned boxes);
+      (visible screws only: both points inside the exposed field and where the image shows them, ``unseen_pixels``);
     - ``native_screws``: the same screws in NATIVE pixels (the metrics' reference: the labels' own coordinates);
     - ``boxes``: per image the ``Letterbox`` (input <-> native);
-    - ``mask_pngs``: per image the NATIVE metal mask as the label file's PNG bytes (None: no mask),
-      decoded only where metrics are computed at native resolution (``native_mask``);
+    - ``mask_pngs``: per image the NATIVE metal mask as the image shows it (``shown_mask``), PNG bytes (the label
+      file's own where nothing is unseen; None: no mask), decoded only where metrics are computed at native
+      resolution (``native_mask``);
     - ``splits``: 'train' / 'val' / 'test' (by patient, ``tasks.ingest.labels.patient_split``);
     - ``hidden``: per image the boxes cleaned of burned-in text in NATIVE pixels (``blanked_boxes``), where the
-      image shows air: no metal and no screw point of the truth lies there (module docstring).
+      image shows air: no metal and no screw point of the truth lies there (module docstring; the air-clipped
+      pixels are left out of the truth too, but not kept here).
     """
 
     size: int
@@ -85,7 +89,7 @@ class HeadDataset:
         raw = self.mask_pngs[i] if self.mask_pngs else None
         if not raw:
             return np.zeros((self.boxes[i].native_h, self.boxes[i].native_w), dtype=bool)
-        return shown_mask(png_to_mask(raw), self.hidden[i] if self.hidden else ())
+        return png_to_mask(raw)
 
     def indices(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.splits == split)
@@ -108,25 +112,40 @@ class HeadDataset:
                 **{f"{k}_images": v for k, v in counts.items()}}
 
 
-def shown_mask(mask: np.ndarray, boxes) -> np.ndarray:
-    """``mask`` without the pixels inside ``boxes`` ((x0, y0, x1, y1), ends exclusive, on the mask's grid): a new
-    array when there are boxes, ``mask`` itself otherwise."""
-    if not len(boxes):
+def unseen_pixels(view: np.ndarray, params: dict | None, rows: int, cols: int) -> np.ndarray:
+    """The (``rows``, ``cols``) NATIVE bool mask of what image ``view`` (the models' view, stored grid) cannot show:
+    the boxes cleaned of burned-in text (``blanked_boxes``, rounded outwards) and the air-clipped pixels
+    (``air_clipped``, each native pixel taking the stored pixel it falls in)."""
+    from tasks.ingest.normalize import air_clipped, blanked_boxes
+
+    unseen = np.zeros((rows, cols), dtype=bool)
+    for x0, y0, x1, y1 in blanked_boxes(params, rows, cols):
+        unseen[y0:y1, x0:x1] = True
+    clipped = air_clipped(view, params)
+    if clipped.any():
+        unseen |= clipped[np.ix_(np.arange(rows) * view.shape[0] // rows, np.arange(cols) * view.shape[1] // cols)]
+    return unseen
+
+
+def shown_mask(mask: np.ndarray, unseen: np.ndarray) -> np.ndarray:
+    """``mask`` without the pixels ``unseen`` (a bool mask of the same grid): a new array when any metal is unseen,
+    ``mask`` itself otherwise."""
+    if not (mask & unseen).any():
         return mask
-    shown = mask.copy()
-    for x0, y0, x1, y1 in boxes:
-        shown[y0:y1, x0:x1] = False
-    return shown
+    return mask & ~unseen
 
 
-def shown_screws(screws: np.ndarray, boxes) -> np.ndarray:
-    """(K, 4) [hx, hy, tx, ty] screws without those whose head or tip lies inside one of ``boxes`` (same grid)."""
-    if not len(boxes) or not len(screws):
+def shown_screws(screws: np.ndarray, unseen: np.ndarray) -> np.ndarray:
+    """(K, 4) [hx, hy, tx, ty] screws without those whose head or tip lies on a pixel ``unseen`` (a bool mask of
+    the same grid; continuous coordinates, pixel edges at integers)."""
+    if not len(screws) or not unseen.any():
         return screws
+    h, w = unseen.shape
     keep = np.ones(len(screws), dtype=bool)
-    for x0, y0, x1, y1 in boxes:
-        for px, py in ((screws[:, 0], screws[:, 1]), (screws[:, 2], screws[:, 3])):
-            keep &= ~((px >= x0) & (px < x1) & (py >= y0) & (py < y1))
+    for px, py in ((screws[:, 0], screws[:, 1]), (screws[:, 2], screws[:, 3])):
+        inside = (px >= 0) & (px < w) & (py >= 0) & (py < h)
+        rows, cols = np.clip(np.floor(py), 0, h - 1).astype(int), np.clip(np.floor(px), 0, w - 1).astype(int)
+        keep &= ~(inside & unseen[rows, cols])
     return screws[keep]
 
 
@@ -145,7 +164,7 @@ def load_head_dataset(home: Path, labels_path: Path, size: int = 224, where: str
     the image and mask tensors (a clear error, not an out-of-memory kill).
     """
     from tasks.ingest.normalize import blanked_boxes
-    from tasks.label_schema import png_to_mask
+    from tasks.label_schema import mask_to_png, png_to_mask
 
     columns = ("region", "metal_mask_png", "screws") if masks else ("region", "screws")
     rows = load_labels(Path(home), Path(labels_path), columns, where).to_pylist()
@@ -167,25 +186,33 @@ def load_head_dataset(home: Path, labels_path: Path, size: int = 224, where: str
     transform = XrayEvalTransform(size=size)
     boxes: list[Letterbox] = [None] * n  # type: ignore[list-item]  # set from each stored image below
     hidden: list[list[tuple[int, int, int, int]]] = [[] for _ in range(n)]
+    mask_pngs: list[bytes | None] = [None] * n
+    native_screws: list[np.ndarray] = [np.zeros((0, 4))] * n
     for key, pixels, meta in read_samples(Path(home) / "shards", by_shard):
         i = position[key]
-        boxes[i] = box = Letterbox.for_stored(rows[i]["orig_rows"], rows[i]["orig_cols"], *pixels.shape, size)
-        hidden[i] = blanked_boxes(meta.get("normalization"), rows[i]["orig_rows"], rows[i]["orig_cols"])
+        native_h, native_w = rows[i]["orig_rows"], rows[i]["orig_cols"]
+        boxes[i] = box = Letterbox.for_stored(native_h, native_w, *pixels.shape, size)
+        hidden[i] = blanked_boxes(meta.get("normalization"), native_h, native_w)
+        unseen = unseen_pixels(pixels, meta.get("normalization"), native_h, native_w)
         images[i] = transform(pixels).to(torch.float16)
+        native_screws[i] = shown_screws(screw_rows(rows[i].get("screws")), unseen)
         if masks:
-            raw = rows[i].get("metal_mask_png")
+            raw = mask_pngs[i] = rows[i].get("metal_mask_png")
             if raw:
-                mask_tensor[i] = mask_to_input(shown_mask(png_to_mask(raw), hidden[i]), box)
+                label = png_to_mask(raw)
+                shown = shown_mask(label, unseen)
+                if shown is not label:
+                    mask_pngs[i] = mask_to_png(shown)
+                mask_tensor[i] = mask_to_input(shown, box)
         seen[i] = True
     if not seen.all():
         missing = int((~seen).sum())
         raise FileNotFoundError(f"{missing} labelled catalog images were not found in their shards")
     regions = torch.tensor([BODY_REGIONS.index(r["region"]) if r["region"] in BODY_REGIONS else -1 for r in rows],
                            dtype=torch.long)
-    native_screws = [shown_screws(screw_rows(r.get("screws")), hidden[i]) for i, r in enumerate(rows)]
     screws = [box.screws_to_input(s) for s, box in zip(native_screws, boxes)]
     return HeadDataset(size=size, keys=[r["key"] for r in rows], images=images, regions=regions,
                        masks=mask_tensor, screws=screws, native_screws=native_screws, boxes=boxes,
                        splits=np.asarray([r["split"] for r in rows]),
                        patient_keys=[r["patient_key"] for r in rows],
-                       mask_pngs=[r.get("metal_mask_png") for r in rows] if masks else [], hidden=hidden)
+                       mask_pngs=mask_pngs if masks else [], hidden=hidden)
