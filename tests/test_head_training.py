@@ -177,41 +177,14 @@ def test_air_that_clips_the_detector_hides_the_metal_in_front_of_it():
     assert unseen[:, :20].all() and unseen[0:16, 80:100].all() and unseen.sum() == 80 * 20 + 16 * 20
 
 
-def test_the_corpus_truth_leaves_out_what_cleaned_text_hides(heads_corpus, corpus64):
-    """On the ingested corpus: every image whose burned-in text was cleaned carries its boxes in native pixels,
-    and neither its native mask, its letterboxed mask nor its screws have anything inside them; the label file
-    does have metal there on some image (what the images do not show)."""
-    import pyarrow.parquet as pq
-
-    from tasks.ingest.labels import load_labels
-
-    data = corpus64
-    labels = load_labels(heads_corpus.home, heads_corpus.labels, ("metal_mask_png", "screws")).to_pylist()
-    assert [r["key"] for r in labels] == data.keys
-    assert sum(bool(b) for b in data.hidden) >= 1
-    assert pq.read_table(heads_corpus.labels, columns=["burned_in_text"]).column(0).to_pylist().count(True) >= 1
-    hidden_metal = 0
-    for i, boxes in enumerate(data.hidden):
-        box = data.boxes[i]
-        raw = png_to_mask(labels[i]["metal_mask_png"]) if labels[i]["metal_mask_png"] else None
-        native = data.native_mask(i)
-        for x0, y0, x1, y1 in boxes:
-            assert 0 <= x0 < x1 <= box.native_w and 0 <= y0 < y1 <= box.native_h
-            assert not native[y0:y1, x0:x1].any()
-            hidden_metal += bool(raw is not None and raw[y0:y1, x0:x1].any())
-            (ix0, iy0), (ix1, iy1) = box.to_input(np.array([[x0, y0], [x1, y1]]))
-            assert not data.masks[i, int(np.ceil(iy0)):int(iy1), int(np.ceil(ix0)):int(ix1)].any()
-            for points in (data.native_screws[i][:, :2], data.native_screws[i][:, 2:]):
-                assert not ((points[:, 0] >= x0) & (points[:, 0] < x1) & (points[:, 1] >= y0) &
-                            (points[:, 1] < y1)).any()
-    assert hidden_metal >= 1, "the test corpus should have metal under cleaned text"
-
-
 def test_the_corpus_truth_is_the_label_less_what_no_pixel_shows(heads_corpus, corpus64):
-    """On the ingested corpus: each native mask is exactly the label's metal less the unseen pixels (cleaned boxes
-    and clipped air), no screw point lies on one, and the label file has metal in front of clipped air on some
-    fluoroscopy image (so the test fails if the rule goes)."""
+    """On the ingested corpus: each native mask is exactly the label's metal less the unseen pixels (the boxes
+    cleaned of burned-in text, in native pixels, and clipped air); neither the letterboxed mask nor a screw point
+    lies there; and the label file has metal under a cleaned box on some image and in front of clipped air on some
+    fluoroscopy image (what the images do not show: the test fails if either rule goes)."""
     from collections import defaultdict
+
+    import pyarrow.parquet as pq
 
     from tasks.ingest.labels import load_labels
     from tasks.pretrain.data import read_samples
@@ -219,23 +192,37 @@ def test_the_corpus_truth_is_the_label_less_what_no_pixel_shows(heads_corpus, co
     data = corpus64
     labels = load_labels(heads_corpus.home, heads_corpus.labels, ("metal_mask_png",)).to_pylist()
     assert [r["key"] for r in labels] == data.keys
+    assert pq.read_table(heads_corpus.labels, columns=["burned_in_text"]).column(0).to_pylist().count(True) >= 1
     by_shard = defaultdict(list)
     for row in labels:
         by_shard[row["shard"]].append(row["key"])
-    in_clipped_air = []
+    with_boxes, hidden_metal, in_clipped_air = 0, 0, []
     for key, view, meta in read_samples(heads_corpus.home / "shards", by_shard):
         i = data.keys.index(key)
-        box, raw = data.boxes[i], labels[i]["metal_mask_png"]
-        unseen = unseen_pixels(view, meta.get("normalization"), box.native_h, box.native_w)
+        box, raw, params = data.boxes[i], labels[i]["metal_mask_png"], meta.get("normalization")
+        unseen = unseen_pixels(view, params, box.native_h, box.native_w)
         label = png_to_mask(raw) if raw else np.zeros((box.native_h, box.native_w), dtype=bool)
-        np.testing.assert_array_equal(data.native_mask(i), label & ~unseen)
+        native = data.native_mask(i)
+        np.testing.assert_array_equal(native, label & ~unseen)
         for points in (data.native_screws[i][:, :2], data.native_screws[i][:, 2:]):
             assert not unseen[points[:, 1].astype(int), points[:, 0].astype(int)].any()
-        boxes = np.zeros_like(unseen)
-        for x0, y0, x1, y1 in data.hidden[i]:
-            boxes[y0:y1, x0:x1] = True
-        if (label & unseen & ~boxes).any():
-            in_clipped_air.append(meta["normalization"]["modality"])
+        boxed = np.zeros_like(unseen)
+        boxes = blanked_boxes(params, box.native_h, box.native_w)
+        with_boxes += bool(boxes)
+        for x0, y0, x1, y1 in boxes:
+            assert 0 <= x0 < x1 <= box.native_w and 0 <= y0 < y1 <= box.native_h
+            assert not native[y0:y1, x0:x1].any()
+            hidden_metal += bool(label[y0:y1, x0:x1].any())
+            (ix0, iy0), (ix1, iy1) = box.to_input(np.array([[x0, y0], [x1, y1]]))
+            assert not data.masks[i, int(np.ceil(iy0)):int(iy1), int(np.ceil(ix0)):int(ix1)].any()
+            for points in (data.native_screws[i][:, :2], data.native_screws[i][:, 2:]):
+                assert not ((points[:, 0] >= x0) & (points[:, 0] < x1) & (points[:, 1] >= y0) &
+                            (points[:, 1] < y1)).any()
+            boxed[y0:y1, x0:x1] = True
+        if (label & unseen & ~boxed).any():
+            in_clipped_air.append(params["modality"])
+    assert with_boxes >= 1
+    assert hidden_metal >= 1, "the test corpus should have metal under cleaned text"
     assert in_clipped_air and set(in_clipped_air) <= {"RF", "XA"}, in_clipped_air
 
 

@@ -59,10 +59,7 @@ class HeadDataset:
     - ``mask_pngs``: per image the NATIVE metal mask as the image shows it (``shown_mask``), PNG bytes (the label
       file's own where nothing is unseen; None: no mask), decoded only where metrics are computed at native
       resolution (``native_mask``);
-    - ``splits``: 'train' / 'val' / 'test' (by patient, ``tasks.ingest.labels.patient_split``);
-    - ``hidden``: per image the boxes cleaned of burned-in text in NATIVE pixels (``blanked_boxes``), where the
-      image shows air: no metal and no screw point of the truth lies there (module docstring; the air-clipped
-      pixels are left out of the truth too, but not kept here).
+    - ``splits``: 'train' / 'val' / 'test' (by patient, ``tasks.ingest.labels.patient_split``).
     """
 
     size: int
@@ -76,7 +73,6 @@ class HeadDataset:
     splits: np.ndarray
     patient_keys: list[str]
     mask_pngs: list[bytes | None] = field(default_factory=list)
-    hidden: list[list[tuple[int, int, int, int]]] = field(default_factory=list)
     classes: tuple[str, ...] = field(default=tuple(BODY_REGIONS))
 
     def __len__(self) -> int:
@@ -163,7 +159,6 @@ def load_head_dataset(home: Path, labels_path: Path, size: int = 224, where: str
     ``max_images`` keeps an evenly spread subset (deterministic); ``max_bytes`` bounds the memory of
     the image and mask tensors (a clear error, not an out-of-memory kill).
     """
-    from tasks.ingest.normalize import blanked_boxes
     from tasks.label_schema import mask_to_png, png_to_mask
 
     columns = ("region", "metal_mask_png", "screws") if masks else ("region", "screws")
@@ -185,14 +180,12 @@ def load_head_dataset(home: Path, labels_path: Path, size: int = 224, where: str
     seen = np.zeros(n, dtype=bool)
     transform = XrayEvalTransform(size=size)
     boxes: list[Letterbox] = [None] * n  # type: ignore[list-item]  # set from each stored image below
-    hidden: list[list[tuple[int, int, int, int]]] = [[] for _ in range(n)]
     mask_pngs: list[bytes | None] = [None] * n
     native_screws: list[np.ndarray] = [np.zeros((0, 4))] * n
     for key, pixels, meta in read_samples(Path(home) / "shards", by_shard):
         i = position[key]
         native_h, native_w = rows[i]["orig_rows"], rows[i]["orig_cols"]
         boxes[i] = box = Letterbox.for_stored(native_h, native_w, *pixels.shape, size)
-        hidden[i] = blanked_boxes(meta.get("normalization"), native_h, native_w)
         unseen = unseen_pixels(pixels, meta.get("normalization"), native_h, native_w)
         images[i] = transform(pixels).to(torch.float16)
         native_screws[i] = shown_screws(screw_rows(rows[i].get("screws")), unseen)
@@ -215,4 +208,4 @@ def load_head_dataset(home: Path, labels_path: Path, size: int = 224, where: str
                        masks=mask_tensor, screws=screws, native_screws=native_screws, boxes=boxes,
                        splits=np.asarray([r["split"] for r in rows]),
                        patient_keys=[r["patient_key"] for r in rows],
-                       mask_pngs=mask_pngs if masks else [], hidden=hidden)
+                       mask_pngs=mask_pngs if masks else [])
