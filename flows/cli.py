@@ -89,6 +89,7 @@ USER_ERRORS = {
     "tasks.ingest.labels": "LabelError",
     "tasks.pretrain.main_dino": "ConfigError",
     "tasks.release.predict": "PredictError",
+    "tasks.release.registry": "StoreError",
     "tasks.synth.corpus": "CorpusMismatch",
 }
 
@@ -102,7 +103,8 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
 @contextmanager
 def user_errors():
     """Errors a user can fix (no secret, no snapshot yet, a busy catalog, a refused query, a source that
-    is not a folder, a corpus made with other settings) as one clear line and exit code 2."""
+    is not a folder, a corpus made with other settings, an MLflow store from a newer MLflow) as one clear line and
+    exit code 2."""
     try:
         yield
     except Exception as error:
@@ -376,12 +378,12 @@ def predict(
     --backbone names one backbone. Without a configured secret, a random key for this run de-identifies (the outputs
     hold no identifier)."""
     root = configure(home)
-    from tasks.release.registry import configure_tracking
-    configure_tracking(root)
     from tasks.release.predict import EPHEMERAL_KEY_NOTE, prediction_key
     from tasks.release.predict import predict as run_predict
+    from tasks.release.registry import configure_tracking
 
     with user_errors():            # a configured secret that is unusable still fails, as one line
+        configure_tracking(root)
         key, ephemeral = prediction_key()
     if ephemeral:
         console.print(f"[dim]{EPHEMERAL_KEY_NOTE}[/]", highlight=False, soft_wrap=True)

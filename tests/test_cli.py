@@ -64,9 +64,10 @@ def test_the_stages_errors_are_still_one_line_and_exit_code_2(capsys):
     from flows.cli import user_errors
     from tasks.ingest.deidentify import DeidError
     from tasks.pretrain.main_dino import ConfigError
+    from tasks.release.registry import StoreError
 
     for error in (DeidError("no de-identification secret: ..."), ConfigError("unknown setting"),
-                  NotADirectoryError("not a folder")):
+                  NotADirectoryError("not a folder"), StoreError("written by a newer MLflow")):
         with pytest.raises(typer.Exit) as stopped, user_errors():
             raise error
         assert stopped.value.exit_code == 2

@@ -287,6 +287,19 @@ def _poll(fetch, done, seconds: float = 90, every: float = 1.0):
     return value
 
 
+def _registrations(server, registry, model: str, worker_log: str) -> str:
+    """What registered ``model`` and which flow runs ran, for a failure message."""
+    with _Client(server.url) as client:
+        runs = sorted(client.read_flow_runs(), key=lambda r: r.created)
+        flows = {f.id: f.name for f in client.read_flows()}
+        deployments = {d.id: d.name for d in client.read_deployments()}
+    lines = [f"flow run {flows.get(r.flow_id)}/{deployments.get(r.deployment_id)} {r.name}: {r.state_name}, "
+             f"created {r.created:%H:%M:%S}, run count {r.run_count}" for r in runs]
+    lines += [f"{model} v{v.version}: mlflow run {v.run_id}, tags {v.tags}"
+              for v in registry.search_model_versions(f"name='{model}'")]
+    return "\n".join(lines) + "\n" + worker_log
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_nightly_ingests_alerts_triggers_retrain_and_a_second_night_reads_nothing(server, deployed, webhook,
@@ -358,7 +371,8 @@ def test_nightly_ingests_alerts_triggers_retrain_and_a_second_night_reads_nothin
         run = client.read_flow_run(triggered["retrain"][0].id)
         assert run.state.is_completed(), f"{run.state}\n{worker_log}"
     registry = MlflowClient(tracking_uri(home), registry_uri=tracking_uri(home))
-    assert int(registry.get_model_version_by_alias("dax-backbone-vit_tiny_patch16", "candidate").version) == 1
+    version = registry.get_model_version_by_alias("dax-backbone-vit_tiny_patch16", "candidate")
+    assert int(version.version) == 1, _registrations(server, registry, "dax-backbone-vit_tiny_patch16", worker_log)
 
     # night two: every file's bytes changed behind the survey's back (size and mtime kept)
     for path in files:

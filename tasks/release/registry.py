@@ -14,19 +14,30 @@ is ``sqlite:///$DAX_HOME/mlflow.db`` and experiments keep their artifacts in
 ``$DAX_HOME/mlartifacts/`` (MLflow's own default would be ``./mlruns`` in whatever folder the command
 runs from). The registry lives in the same store. ``RunLogger`` writes metrics of a run that another
 process opened (the torchrun ranks, the Prefect tasks), by run id, in batches.
+
+The home's store follows the installed MLflow, as Prefect's embedded database does: a store written by an
+older MLflow is copied aside (``mlflow.db.schema-<revision>.bak``) and migrated by ``mlflow db upgrade`` the
+first time a newer MLflow opens it (``upgrade_home_store``); one written by a newer MLflow is refused with
+what to do (``StoreError``), never downgraded.
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import math
 import os
+import sqlite3
+import subprocess
+import sys
 import time
+from functools import cache
 from pathlib import Path
 
 __all__ = ["DEFAULT_BACKBONE", "HEADS_EXPERIMENT", "PIP_REQUIREMENTS", "PRETRAIN_EXPERIMENT", "RunLogger",
-           "backbone_model", "backbone_uri", "configure_tracking", "ensure_experiment", "head_model", "head_uri",
-           "alias_best_heads", "best_heads", "HEADLINE", "log_torch_model", "resolve_model", "tracking_uri"]
+           "StoreError", "backbone_model", "backbone_uri", "configure_tracking", "ensure_experiment", "head_model",
+           "head_uri", "alias_best_heads", "best_heads", "HEADLINE", "log_torch_model", "resolve_model",
+           "tracking_uri", "upgrade_home_store"]
 
 PRETRAIN_EXPERIMENT = "dax-pretrain"
 HEADS_EXPERIMENT = "dax-heads"
@@ -59,11 +70,16 @@ PIP_REQUIREMENTS = ["torch==2.14.1", "torchvision==0.29.1", "timm>=1.0,<1.1", "d
 # Marks an MLFLOW_TRACKING_URI that DAX derived from a home (not one the user set), so that another
 # home later in the same process gets its own store instead of inheriting the first one's.
 _FROM_HOME = "DAX_TRACKING_URI_FROM_HOME"
+log = logging.getLogger("dax.registry")
 
 
 def tracking_uri(home: Path) -> str:
     user_set = os.environ.get("MLFLOW_TRACKING_URI") and os.environ.get(_FROM_HOME) != "1"
     return os.environ["MLFLOW_TRACKING_URI"] if user_set else f"sqlite:///{Path(home).resolve() / 'mlflow.db'}"
+
+
+class StoreError(RuntimeError):
+    """The home's MLflow store cannot be opened by this environment's MLflow (written by a newer one)."""
 
 
 def configure_tracking(home: Path) -> str:
@@ -72,10 +88,70 @@ def configure_tracking(home: Path) -> str:
     uri = tracking_uri(home)
     if not user_set:
         os.environ[_FROM_HOME] = "1"
+        upgrade_home_store(Path(home).resolve() / "mlflow.db")
     os.environ["MLFLOW_TRACKING_URI"] = uri        # child processes (torchrun ranks) see the same store
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or uri)
     return uri
+
+
+def _store_revision(db: Path) -> str | None:
+    """The schema revision an MLflow SQLite store records (alembic's), None for a store not made yet."""
+    if not db.is_file() or db.stat().st_size == 0:
+        return None
+    with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)) as con:
+        try:
+            row = con.execute("SELECT version_num FROM alembic_version").fetchone()
+        except sqlite3.OperationalError:          # no such table: not initialised yet
+            return None
+    return row[0] if row else None
+
+
+@cache
+def _mlflow_revisions() -> tuple[str, frozenset[str]]:
+    """(the schema revision this MLflow writes, every revision its migrations know)."""
+    import mlflow
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory(str(Path(mlflow.__file__).parent / "store" / "db_migrations"))
+    [head] = script.get_heads()
+    return head, frozenset(revision.revision for revision in script.walk_revisions())
+
+
+def upgrade_home_store(db: Path) -> Path | None:
+    """Bring a home's MLflow store to the installed MLflow's schema; the backup's path when it migrated one.
+
+    An older store is copied aside first (SQLite's backup, consistent under readers) and migrated with
+    ``mlflow db upgrade``, under a lock so that concurrent processes migrate it once. A store from a newer
+    MLflow raises ``StoreError``: downgrading would lose what that MLflow wrote."""
+    found = _store_revision(db)
+    if found is None:
+        return None
+    head, known = _mlflow_revisions()
+    if found == head:
+        return None
+    import mlflow
+    if found not in known:
+        raise StoreError(f"the home's MLflow store ({db}) was written by a newer MLflow than this environment's "
+                         f"{mlflow.__version__} (schema {found}; this one writes {head}): upgrade MLflow here "
+                         f"(`{sys.executable} -m pip install -U 'mlflow>=3,<4'`); a store is never "
+                         "downgraded")
+    with open(db, "rb") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)                  # another process may be migrating it now
+        found = _store_revision(db)
+        if found == head:
+            return None
+        backup = db.with_name(f"{db.name}.schema-{found}.bak")
+        with contextlib.closing(sqlite3.connect(db)) as source, contextlib.closing(sqlite3.connect(backup)) as copy:
+            source.backup(copy)
+        done = subprocess.run([sys.executable, "-m", "mlflow", "db", "upgrade", f"sqlite:///{db}"],
+                              capture_output=True, text=True, check=False)
+        if done.returncode != 0 or _store_revision(db) != head:
+            raise StoreError(f"migrating the home's MLflow store ({db}) from schema {found} to {head} failed; "
+                             f"the store before it is in {backup.name}:\n{done.stderr[-2000:]}")
+    log.warning("the home's MLflow store was migrated from schema %s to %s for MLflow %s; the store before it: %s",
+                found, head, mlflow.__version__, backup.name)
+    return backup
 
 
 def ensure_experiment(name: str, home: Path) -> str:
