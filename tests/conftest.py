@@ -1,8 +1,11 @@
 """Test settings: no telemetry, no network, a throw-away Prefect home per session."""
+import atexit
 import os
+import shutil
 import tempfile
 
 _PREFECT_HOME = tempfile.mkdtemp(prefix="dax-test-prefect-")
+atexit.register(shutil.rmtree, _PREFECT_HOME, True)    # registered first, so it runs after Prefect's own exits
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
 from tasks.home import QUIET_DEFAULTS  # noqa: E402  (imports nothing heavy; before prefect)
 
@@ -56,7 +59,6 @@ def small_corpus(tmp_path_factory):
 # registry are not the pretraining tests'), a quick DINO pretraining there, and one run of the heads flow;
 # shared by tests/test_head_training.py and tests/test_predict.py.
 import contextlib  # noqa: E402
-import shutil  # noqa: E402
 
 
 @contextlib.contextmanager

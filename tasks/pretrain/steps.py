@@ -171,8 +171,10 @@ def run_training(job_dir: Path, nproc_per_node: int = 1, resume: bool = False, s
     (job_dir / "job.json").write_text(json.dumps(job, indent=2, default=str))
     if nproc_per_node <= 1:
         return train(job_dir)
+    # --log-dir: torchrun's per-rank files (error.json of a failed rank) stay with the job, not in a new
+    # /tmp/torchelastic_* folder per run that nothing removes
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}",
-               "-m", "tasks.pretrain.main_dino", str(job_dir)]
+               f"--log-dir={job_dir / 'torchrun'}", "-m", "tasks.pretrain.main_dino", str(job_dir)]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     with open(job_dir / "torchrun.log", "w") as out:
         completed = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env)
