@@ -380,11 +380,15 @@ def test_the_environment_wins_and_the_prefect_secret_block_serves_without_it(mon
         def get():
             return "block-secret-0123456789abcdef"
 
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     monkeypatch.setattr(Secret, "load", classmethod(lambda cls, name: Stored if name == "dax-deid-secret" else 0))
     monkeypatch.setenv(SECRET_ENV_VAR, "environment-secret-0123456789")
     assert load_key() == DeidKey(b"environment-secret-0123456789")
     monkeypatch.delenv(SECRET_ENV_VAR)
-    assert load_key() == DeidKey(b"block-secret-0123456789abcdef")
+    # an API URL, so the lookup is not skipped for want of a local database (the stand-in answers, not the API)
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+        assert load_key() == DeidKey(b"block-secret-0123456789abcdef")
 
 
 # --- the recipe ----------------------------------------------------------------------------------------

@@ -365,6 +365,12 @@ def test_user_errors_are_one_clear_line(tmp_path):
                                capture_output=True, text=True, timeout=300)
     assert no_secret.returncode == 2 and "error: no de-identification secret" in no_secret.stdout
     assert "Traceback" not in no_secret.stdout + no_secret.stderr
+    # a first run's Prefect home has no database, so no Secret block: refused without starting Prefect's API
+    first = subprocess.run([DAX, "ingest", str(source), "--home", str(tmp_path / "home")],
+                           env=env | {"PREFECT_HOME": str(tmp_path / "new-prefect-home")}, capture_output=True,
+                           text=True, timeout=300)
+    assert first.returncode == 2 and "error: no de-identification secret" in first.stdout
+    assert not (tmp_path / "new-prefect-home" / "prefect.db").exists(), "the API started to look for the block"
     short_secret = subprocess.run([DAX, "ingest", str(source), "--home", str(tmp_path / "home")],
                                   env=env | {"DAX_DEID_SECRET": "too-short"}, capture_output=True, text=True,
                                   timeout=300)

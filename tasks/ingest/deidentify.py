@@ -201,6 +201,8 @@ def _secret_from_prefect_block() -> str | None:
         from prefect.blocks.system import Secret
     except ImportError:
         return None
+    if _no_prefect_database():
+        return None
     try:
         value = Secret.load(SECRET_BLOCK).get()
     except ValueError as error:  # Prefect's wording for a missing block and for a missing API URL
@@ -212,6 +214,22 @@ def _secret_from_prefect_block() -> str | None:
     if not isinstance(value, str):
         raise DeidError(f"the Prefect Secret block {SECRET_BLOCK!r} must hold a string")
     return value
+
+
+def _no_prefect_database() -> bool:
+    """True when Prefect has no API URL (it would start its temporary API) and the SQLite database that API would
+    serve does not exist yet: no block can be stored there, so looking one up would only start the API for
+    seconds and create an empty database (a first `dax ingest` without a secret said so after 15-23 s)."""
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    if settings.api.url:
+        return False
+    url = settings.server.database.connection_url
+    url = url.get_secret_value() if url is not None else ""
+    scheme, _, path = url.partition(":///")
+    return scheme.startswith("sqlite") and bool(path) and "?" not in path and path != ":memory:" \
+        and not Path(path).exists()
 
 
 @dataclass(frozen=True)
