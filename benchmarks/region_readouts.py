@@ -42,37 +42,21 @@ sys.path.insert(0, str(ROOT))
 READOUTS = ("last4", "pooled", "layout", "last4+layout")
 
 
-class Readouts:
-    """``FeatureStore``'s ``get`` over in-memory readouts: part name -> (n, dim) float tensor."""
-
-    def __init__(self, parts: dict):
-        self.parts = parts
-
-    def get(self, part, idx, device="cpu"):
-        import numpy as np
-        import torch
-
-        return self.parts[part][torch.as_tensor(np.asarray(idx, dtype=np.int64))].to(device)
-
-
-def readouts(backbone, images, batch: int = 64) -> Readouts:
-    """Every readout of ``READOUTS`` from one pass of ``backbone`` over ``images`` (N, 1, S, S)."""
+def readouts(backbone, images):
+    """Every readout of ``READOUTS`` as a ``FeatureStore``: the flow's own feature pass (``FeatureStore.compute``:
+    fp16, autocast; ``pooled``, ``last4`` and the maps), the layout cells and the concatenation derived from it."""
+    import numpy as np
     import torch
 
-    from dax_models.backbones import extract
+    from tasks.heads.features import FeatureStore
     from tasks.pretrain.monitor import LAYOUT_READOUT, grid_cells
 
-    chunks: dict[str, list] = {"last4": [], "pooled": [], "layout": []}
-    backbone.eval()
-    with torch.no_grad():
-        for start in range(0, len(images), batch):
-            out = extract(backbone, images[start:start + batch].float(), parts=("pooled", "last4", "maps"))
-            chunks["last4"].append(out["last4"].float())
-            chunks["pooled"].append(out["pooled"].float())
-            chunks["layout"].append(grid_cells(out["maps"][LAYOUT_READOUT["level"] - 1], LAYOUT_READOUT["grid"]))
-    parts = {name: torch.cat(values) for name, values in chunks.items()}
-    parts["last4+layout"] = torch.cat([parts["last4"], parts["layout"]], dim=1)
-    return Readouts(parts)
+    store = FeatureStore.compute(backbone, images, parts=("pooled", "last4", "maps"))
+    level = torch.from_numpy(np.asarray(store.maps[LAYOUT_READOUT["level"] - 1], dtype=np.float32))
+    arrays = {"last4": store.arrays["last4"], "pooled": store.arrays["pooled"],
+              "layout": grid_cells(level, LAYOUT_READOUT["grid"]).numpy()}
+    arrays["last4+layout"] = np.concatenate([arrays["last4"], arrays["layout"]], axis=1)
+    return FeatureStore(arrays, [], {"parts": list(READOUTS), "n": len(images)})
 
 
 def split_of(patient_keys: list[str], split: int):
@@ -136,6 +120,9 @@ def main() -> None:
     for split in range(args.splits):
         splits = split_of(data.patient_keys, split)
         train, val, test = (np.flatnonzero(splits == s) for s in ("train", "val", "test"))
+        if not (len(train) and len(val) and len(test)):
+            sys.exit(f"split {split} leaves {len(train)} train, {len(val)} val, {len(test)} test images: too few "
+                     f"patients ({len(set(data.patient_keys))}) for a split by patient")
         patients = [data.patient_keys[i] for i in test]
         accuracy: dict[tuple, list[float]] = {}
         correct: dict[tuple, list[float]] = {}        # seed 0's per test image, for the paired intervals
