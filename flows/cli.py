@@ -84,20 +84,21 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
 # already imported (an error whose module was never imported cannot have been raised). Importing them
 # up front cost a command 4 to 11 s (torchvision via tasks.pretrain.main_dino; BENCHMARKS.md, start-up).
 USER_ERRORS = {
-    "tasks.ingest.catalog": "CatalogError",
-    "tasks.ingest.deidentify": "DeidError",
-    "tasks.ingest.labels": "LabelError",
-    "tasks.pretrain.main_dino": "ConfigError",
-    "tasks.release.predict": "PredictError",
-    "tasks.release.registry": "StoreError",
-    "tasks.synth.corpus": "CorpusMismatch",
+    "tasks.heads.training": ("HeadConfigError",),
+    "tasks.ingest.catalog": ("CatalogError",),
+    "tasks.ingest.deidentify": ("DeidError",),
+    "tasks.ingest.labels": ("LabelError",),
+    "tasks.pretrain.main_dino": ("ConfigError",),
+    "tasks.release.predict": ("PredictError",),
+    "tasks.release.registry": ("StoreError", "UnknownModel"),
+    "tasks.synth.corpus": ("CorpusMismatch",),
 }
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    loaded = (sys.modules.get(module) for module in USER_ERRORS)
+    loaded = ((sys.modules.get(module), names) for module, names in USER_ERRORS.items())
     return (NotADirectoryError, FileNotFoundError,
-            *(getattr(module, name) for module, name in zip(loaded, USER_ERRORS.values()) if module is not None))
+            *(getattr(module, name) for module, names in loaded if module is not None for name in names))
 
 
 @contextmanager
@@ -115,19 +116,30 @@ def user_errors():
 
 
 def preflight(source: Path | None = None, configs: Sequence[str] = (), overrides: dict | None = None,
-              secret: bool = False) -> None:
-    """What a flow refuses at its start, refused before Prefect starts, as `user_errors`' one line (inside a
-    flow, a refusal also logs its traceback). The flows keep their own checks, for deployments."""
+              secret: bool = False, labels: Path | None = None, heads_config: str | None = None,
+              backbone: str | None = None, home: Path | None = None) -> None:
+    """What a flow refuses at its start, refused before the flow, and Prefect with it, is loaded, as `user_errors`'
+    one line (inside a flow, a refusal also logs its traceback). The flows keep their own checks, for deployments.
+    ``backbone`` is looked up in ``home``'s registry (a home without an MLflow store is refused, not given one)."""
     if secret:
         from tasks.ingest.deidentify import load_key
         load_key()
     if source is not None:
         from tasks.ingest.triage import check_source
         check_source(source)
+    if labels is not None and not Path(labels).is_file():
+        raise FileNotFoundError("the labels file (--labels) does not exist")   # its path is not echoed
     if configs:
         from tasks.pretrain.main_dino import load_config
         for config in configs:
             load_config(config, overrides)
+    if heads_config is not None:
+        from tasks.heads.training import load_head_config
+        load_head_config(heads_config)
+    if backbone is not None:
+        from tasks.release.registry import require_registry, resolve_model
+        require_registry(home)
+        resolve_model(backbone)
 
 
 @app.command()
@@ -191,11 +203,11 @@ def ingest(
 ) -> None:
     """De-identify, normalize and shard a DICOM export into HOME, cataloged in DuckDB."""
     root = configure(home)
-    from flows.ingest import ingest as ingest_flow
-    from flows.runners import ingest_task_runner
-
     with user_errors():
         preflight(source, secret=True)
+        from flows.ingest import ingest as ingest_flow
+        from flows.runners import ingest_task_runner
+
         result = ingest_flow.with_options(task_runner=ingest_task_runner(runner.value, workers))(
             source=str(source), home=str(root), modalities=tuple(modality), max_size=max_size,
             frame_step=frame_step, batch_size=batch_size, shard_target_mb=shard_mb, image_format=image_format.value,
@@ -300,10 +312,10 @@ def pretrain(
     overrides = pretrain_overrides(settings, epochs)
     root = configure(home)
     _log_progress()
-    from flows.pretrain import pretrain as pretrain_flow
-
     with user_errors():
-        preflight(configs=[] if resume else [config], overrides=overrides)
+        preflight(configs=[] if resume else [config], overrides=overrides, labels=labels)
+        from flows.pretrain import pretrain as pretrain_flow
+
         summary = pretrain_flow(config=config, where=where, home=str(root), labels=str(labels) if labels else None,
                                 device=device.value, nproc_per_node=nproc_per_node, resume=resume, overrides=overrides)
     _print_pretraining(summary)
@@ -352,9 +364,10 @@ def heads(
 ) -> None:
     """Heads on the frozen backbone and on its random-init twin, fanned out over tasks and seeds."""
     root = configure(home)
-    from flows.heads import heads as heads_flow
-
     with user_errors():
+        preflight(labels=labels, heads_config=config, backbone=backbone, home=root)
+        from flows.heads import heads as heads_flow
+
         summary = heads_flow(backbone=backbone, home=str(root), labels=str(labels), seeds=seeds,
                              tasks=tuple(t.value for t in task), size=size, where=where, max_images=max_images,
                              config=config, overrides={"device": device.value}, alias=alias)
@@ -380,10 +393,10 @@ def predict(
     root = configure(home)
     from tasks.release.predict import EPHEMERAL_KEY_NOTE, prediction_key
     from tasks.release.predict import predict as run_predict
-    from tasks.release.registry import configure_tracking
+    from tasks.release.registry import require_registry
 
     with user_errors():            # a configured secret that is unusable still fails, as one line
-        configure_tracking(root)
+        require_registry(root)
         key, ephemeral = prediction_key()
     if ephemeral:
         console.print(f"[dim]{EPHEMERAL_KEY_NOTE}[/]", highlight=False, soft_wrap=True)
@@ -446,10 +459,10 @@ def retrain(
     """The `retrain` deployment's flow: per config, pretrain (or reuse a finished job), heads, promotion."""
     root = configure(home)
     _log_progress()
-    from flows.pipeline import retrain as retrain_flow
-
     with user_errors():
-        preflight(configs=config)
+        preflight(configs=config, labels=labels, heads_config=heads_config)
+        from flows.pipeline import retrain as retrain_flow
+
         outcome = retrain_flow(configs=config, where=where, home=str(root), labels=str(labels) if labels else None,
                                device=device.value, nproc_per_node=nproc_per_node, seeds=seeds,
                                heads_config=heads_config)
@@ -471,10 +484,10 @@ def pipeline_command(
     """The `pipeline` deployment's flow: ingest SOURCE, then retrain."""
     root = configure(home)
     _log_progress()
-    from flows.pipeline import pipeline
-
     with user_errors():
-        preflight(source, configs=config, secret=True)
+        preflight(source, configs=config, secret=True, labels=labels, heads_config=heads_config)
+        from flows.pipeline import pipeline
+
         outcome = pipeline(source=str(source), home=str(root), labels=str(labels) if labels else None, configs=config,
                            device=device.value, nproc_per_node=nproc_per_node, seeds=seeds, heads_config=heads_config)
     ingested = outcome["ingest"]
@@ -505,12 +518,13 @@ def demo(
         os.environ["DAX_DEID_SECRET"] = secrets.token_hex(32)
         console.print("[dim]DAX_DEID_SECRET is not set: the demo uses a throw-away key for this run only[/]")
     _log_progress()
-    from flows.demo import demo as demo_flow
-    from tasks.release.registry import tracking_uri
-
-    console.rule("the demo flow: corpus -> ingest -> DINO pretraining -> heads (fan-out) -> promotion -> a prediction")
     with user_errors():
         preflight(configs=config or ())
+        from flows.demo import demo as demo_flow
+        from tasks.release.registry import tracking_uri
+
+        console.rule("the demo flow: corpus -> ingest -> DINO pretraining -> heads (fan-out) -> promotion -> a "
+                     "prediction")
         outcome = demo_flow(home=str(root), studies=studies, seeds=seeds, configs=config)
     console.rule("results: frozen-backbone heads, pretrained vs random-init vs the DAX paper")
     for retrained in outcome["retrained"]:

@@ -62,12 +62,14 @@ def test_the_stages_errors_are_still_one_line_and_exit_code_2(capsys):
     import typer
 
     from flows.cli import user_errors
+    from tasks.heads.training import HeadConfigError
     from tasks.ingest.deidentify import DeidError
     from tasks.pretrain.main_dino import ConfigError
-    from tasks.release.registry import StoreError
+    from tasks.release.registry import StoreError, UnknownModel
 
     for error in (DeidError("no de-identification secret: ..."), ConfigError("unknown setting"),
-                  NotADirectoryError("not a folder"), StoreError("written by a newer MLflow")):
+                  NotADirectoryError("not a folder"), StoreError("written by a newer MLflow"),
+                  HeadConfigError("unknown head settings: x"), UnknownModel("no registered model models:/x@y")):
         with pytest.raises(typer.Exit) as stopped, user_errors():
             raise error
         assert stopped.value.exit_code == 2
@@ -105,3 +107,28 @@ def test_pretrain_epochs_from_either_option_and_a_disagreement_refused(tmp_path)
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "disagree" in refused.stderr
     assert not (tmp_path / "home").exists()                           # refused before the home is made
+
+
+def test_heads_and_predict_refuse_missing_inputs_in_one_line_before_prefect_loads(tmp_path):
+    """`dax heads` before any `dax pretrain` once ended in MLflow's traceback after 18 s of Prefect's API; a
+    head config typo started the API too. Now each is one line, before the flow (and Prefect, which would make
+    its home) is loaded, and a home without an MLflow store is not given one."""
+    import os
+
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "unused-prefect-home"), COLUMNS="300")
+    env = {k: v for k, v in env.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    labels, home = tmp_path / "labels.parquet", tmp_path / "home"
+    labels.write_bytes(b"")
+
+    def dax(*args: str) -> str:
+        done = subprocess.run([DAX, *args, "--home", str(home)], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and "Traceback" not in done.stdout + done.stderr, done.stdout + done.stderr
+        return done.stdout.strip()
+
+    missing = dax("heads", "--labels", str(tmp_path / "gone.parquet"))
+    assert missing == "error: the labels file (--labels) does not exist"
+    assert dax("heads", "--labels", str(labels), "--config", "nosuch").startswith("error: no head config 'nosuch'")
+    assert dax("heads", "--labels", str(labels)).startswith(f"error: nothing is registered in {home}")
+    assert dax("predict", str(labels)).startswith(f"error: nothing is registered in {home}")
+    assert dax("retrain", "--heads-config", "nosuch").startswith("error: no head config 'nosuch'")
+    assert not (home / "mlflow.db").exists() and not (tmp_path / "unused-prefect-home").exists()

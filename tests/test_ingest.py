@@ -380,8 +380,15 @@ def test_user_errors_are_one_clear_line(tmp_path):
                         check=False)
     assert no_source.returncode == 2 and "error: the ingestion source does not exist" in no_source.stdout
     assert "Traceback" not in no_source.stdout + no_source.stderr and "no such export" not in no_source.stdout
-    unknown = run_dax(tmp_path, "pretrain", "--set", "nonsense=1", "--home", str(tmp_path / "home"), check=False)
+    # settings and sources are refused before the flow, and Prefect with it, is loaded (it would make its home)
+    unloaded = env | {"DAX_DEID_SECRET": SECRET, "PREFECT_HOME": str(tmp_path / "unused-prefect-home")}
+    unknown = subprocess.run([DAX, "pretrain", "--set", "nonsense=1", "--home", str(tmp_path / "home")], env=unloaded,
+                             capture_output=True, text=True, timeout=300)
     assert unknown.returncode == 2 and "error: unknown pretraining settings: nonsense" in unknown.stdout
     assert "Traceback" not in unknown.stdout + unknown.stderr
+    no_export = subprocess.run([DAX, "pipeline", str(tmp_path / "no such export"), "--home", str(tmp_path / "home")],
+                               env=unloaded, capture_output=True, text=True, timeout=300)
+    assert no_export.returncode == 2 and "error: the ingestion source does not exist" in no_export.stdout
+    assert not (tmp_path / "unused-prefect-home").exists(), "Prefect was loaded before the refusal"
     no_snapshot = run_dax(tmp_path, "catalog", "sql", "SELECT 1", "--home", str(tmp_path / "empty"), check=False)
     assert no_snapshot.returncode == 2 and "run `dax ingest` first" in no_snapshot.stdout

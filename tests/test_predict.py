@@ -343,7 +343,7 @@ def test_dax_predict_without_a_secret(tmp_path, monkeypatch):
     from tasks.release.predict import EPHEMERAL_KEY_NOTE
 
     files = without_a_secret(monkeypatch, tmp_path)
-    monkeypatch.setattr("tasks.release.registry.configure_tracking", lambda home: None)   # stub models: no store
+    monkeypatch.setattr("tasks.release.registry.require_registry", lambda home: None)   # stub models: no store
     out = tmp_path / "predictions"
     monkeypatch.setattr("flows.cli.console", Console(width=60))   # a narrow terminal: still one line per file
     done = CliRunner().invoke(app, ["predict", *map(str, files), "--out", str(out), "--home", str(tmp_path / "home")])

@@ -14,7 +14,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tasks.release import registry
-from tasks.release.registry import StoreError, configure_tracking, upgrade_home_store
+from tasks.release.registry import (StoreError, UnknownModel, configure_tracking, require_registry, resolve_model,
+                                    upgrade_home_store)
 
 
 def _revision(db: Path) -> str:
@@ -94,3 +95,30 @@ def test_no_store_yet_and_a_current_store_are_left_to_mlflow(tmp_path, home_trac
     MlflowClient().create_registered_model("dax-backbone-first")     # MLflow makes the store at its own schema
     written = db.read_bytes()
     assert upgrade_home_store(db) is None and db.read_bytes() == written
+
+
+def test_an_unknown_model_is_refused_with_what_the_registry_holds(tmp_path, home_tracking):
+    """A URI that names no registered version raises UnknownModel, naming the models of its kind with their aliases
+    (MLflow itself says "Registered Model with name=... not found" or "alias ... not found", two error codes)."""
+    home = tmp_path / "home"
+    with pytest.raises(UnknownModel, match="the home has no MLflow store yet"):
+        require_registry(home)
+    assert not (home / "mlflow.db").exists()                  # refused, not given an empty store
+    configure_tracking(home)
+    client = MlflowClient()
+    client.create_registered_model("dax-backbone-resnet18")
+    version = client.create_model_version("dax-backbone-resnet18", source=str(tmp_path / "model")).version
+    client.set_registered_model_alias("dax-backbone-resnet18", "candidate", version)
+    assert require_registry(home) == mlflow.get_tracking_uri()
+    assert resolve_model("models:/dax-backbone-resnet18@candidate") == ("dax-backbone-resnet18", "1")
+    assert resolve_model("models:/dax-backbone-resnet18/1") == ("dax-backbone-resnet18", "1")
+    held = "registered here: models:/dax-backbone-resnet18 @candidate"
+    for uri in ("models:/dax-backbone-vit_tiny_patch16@candidate", "models:/dax-backbone-resnet18@champion",
+                "models:/dax-backbone-resnet18/2"):
+        with pytest.raises(UnknownModel, match=f"no registered model {uri} \\({held}\\)"):
+            resolve_model(uri)
+    with pytest.raises(UnknownModel, match="no dax-head-metal-\\* model is registered here"):
+        resolve_model("models:/dax-head-metal-resnet18@candidate")
+    for not_a_uri in ("dax-backbone-resnet18", "models:/dax-backbone-resnet18/latest"):
+        with pytest.raises(UnknownModel, match="models:/<name>@<alias>|cannot read a model name"):
+            resolve_model(not_a_uri)

@@ -65,9 +65,9 @@ from tasks.heads.evaluation import (
     screw_counts_per_image,
 )
 
-__all__ = ["DENSE_TASKS", "TASKS", "DenseCrop", "HeadConfig", "TaskResult", "TrainedMaps", "dense_ceiling",
-           "fit_classifier", "fit_screw_head", "fit_segmenter", "load_head_config", "run_task", "seeded", "task_view",
-           "train_end_to_end"]
+__all__ = ["DENSE_TASKS", "TASKS", "DenseCrop", "HeadConfig", "HeadConfigError", "TaskResult", "TrainedMaps",
+           "dense_ceiling", "fit_classifier", "fit_screw_head", "fit_segmenter", "load_head_config", "run_task",
+           "seeded", "task_view", "train_end_to_end"]
 
 TASKS = ("region", "metal", "screws")
 DENSE_TASKS = ("metal", "screws")
@@ -133,14 +133,21 @@ class HeadConfig:
         return min(self.e2e_size or self.size, self.size)
 
 
+class HeadConfigError(ValueError):
+    """A head config that does not exist, or a setting it does not have or cannot read."""
+
+
 def load_head_config(name_or_path: str | None = None, overrides: dict | None = None) -> HeadConfig:
     """A named config from ``deployments/heads/`` (``demo``), a YAML file, or the defaults (None), with
     ``overrides`` on top (None values ignored)."""
     data = {}
-    if name_or_path:
-        data = yaml.safe_load(find_config("heads", name_or_path, "head config").read_text()) or {}
-    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return HeadConfig.from_dict(data)
+    try:
+        if name_or_path:
+            data = yaml.safe_load(find_config("heads", name_or_path, "head config").read_text()) or {}
+        data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return HeadConfig.from_dict(data)
+    except (FileNotFoundError, ValueError, yaml.YAMLError) as error:
+        raise HeadConfigError(str(error)) from None
 
 
 def seeded(seed: int, make: Callable[[], nn.Module]) -> nn.Module:

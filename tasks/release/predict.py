@@ -53,6 +53,7 @@ from dax_models.heads import decode_screws, head_polarity
 from tasks.home import dax_home
 from tasks.release.registry import (
     DEFAULT_BACKBONE,
+    UnknownModel,
     configure_tracking,
     head_uri,
     resolve_model,
@@ -149,9 +150,8 @@ def load_models(backbone_uri: str | None = None, head_uris: dict[str, str] | Non
     for task, uri in uris.items():
         try:
             head_name, head_version = resolve_model(uri)
-        except Exception as error:  # noqa: BLE001 - MLflow raises several types for "not found"
-            raise PredictError(f"no registered {task} head at {uri} (run `dax heads` first): "
-                               f"{type(error).__name__}") from None
+        except UnknownModel as error:
+            raise PredictError(f"no {task} head: {error}") from None
         tag = client.get_model_version(head_name, head_version).tags.get("dax.backbone")
         if fixed is not None and tag != fixed:
             raise PredictError(f"the {task} head {head_name}/{head_version} was trained on backbone {tag}, "

@@ -35,9 +35,9 @@ from functools import cache
 from pathlib import Path
 
 __all__ = ["DEFAULT_BACKBONE", "HEADS_EXPERIMENT", "PIP_REQUIREMENTS", "PRETRAIN_EXPERIMENT", "RunLogger",
-           "StoreError", "backbone_model", "backbone_uri", "configure_tracking", "ensure_experiment", "head_model",
-           "head_uri", "alias_best_heads", "best_heads", "HEADLINE", "log_torch_model", "resolve_model",
-           "tracking_uri", "upgrade_home_store"]
+           "StoreError", "UnknownModel", "backbone_model", "backbone_uri", "configure_tracking", "ensure_experiment",
+           "head_model", "head_uri", "alias_best_heads", "best_heads", "HEADLINE", "log_torch_model",
+           "require_registry", "resolve_model", "tracking_uri", "upgrade_home_store"]
 
 PRETRAIN_EXPERIMENT = "dax-pretrain"
 HEADS_EXPERIMENT = "dax-heads"
@@ -82,6 +82,10 @@ class StoreError(RuntimeError):
     """The home's MLflow store cannot be opened by this environment's MLflow (written by a newer one)."""
 
 
+class UnknownModel(LookupError):
+    """A model URI that is not ``models:/...`` or names no registered version (no such name, alias or version)."""
+
+
 def configure_tracking(home: Path) -> str:
     import mlflow
     user_set = bool(os.environ.get("MLFLOW_TRACKING_URI")) and os.environ.get(_FROM_HOME) != "1"
@@ -105,6 +109,16 @@ def _store_revision(db: Path) -> str | None:
         except sqlite3.OperationalError:          # no such table: not initialised yet
             return None
     return row[0] if row else None
+
+
+def require_registry(home: Path) -> str:
+    """``configure_tracking`` for a command that only reads the registry: where the registry is the home's own
+    store and that has not been made yet, ``UnknownModel`` says so instead of an empty store being made."""
+    db = Path(home).resolve() / "mlflow.db"
+    if tracking_uri(home) == f"sqlite:///{db}" and not db.is_file():
+        raise UnknownModel(f"nothing is registered in {Path(home).resolve()}: the home has no MLflow store yet "
+                           "(`dax pretrain` registers backbones, `dax heads` heads)")
+    return configure_tracking(home)
 
 
 @cache
@@ -171,18 +185,38 @@ def resolve_model(uri: str) -> tuple[str, str]:
     """(registered model name, version) of ``models:/<name>@<alias>`` or ``models:/<name>/<version>``."""
     from mlflow.tracking import MlflowClient
 
+    from mlflow.exceptions import MlflowException
+
     if not uri.startswith("models:/"):
-        raise ValueError("give a registered model URI: models:/<name>@<alias> or models:/<name>/<version>")
+        raise UnknownModel(f"give a registered model URI, not {uri!r}: models:/<name>@<alias> or "
+                           "models:/<name>/<version>")
     rest = uri[len("models:/"):]
     client = MlflowClient()
-    if "@" in rest:
-        name, alias = rest.split("@", 1)
-        return name, str(client.get_model_version_by_alias(name, alias).version)
-    name, _, version = rest.rpartition("/")
-    if not name or not version.isdigit():
-        raise ValueError(f"cannot read a model name and version from {uri!r}")
-    client.get_model_version(name, version)   # raises when it does not exist
-    return name, version
+    name, alias = rest.split("@", 1) if "@" in rest else (None, None)
+    if name is None:
+        name, _, version = rest.rpartition("/")
+        if not name or not version.isdigit():
+            raise UnknownModel(f"cannot read a model name and version from {uri!r}")
+    try:
+        if alias is not None:
+            return name, str(client.get_model_version_by_alias(name, alias).version)
+        client.get_model_version(name, version)   # raises when it does not exist
+        return name, version
+    except MlflowException as error:   # no such name or version: RESOURCE_DOES_NOT_EXIST; no such alias: INVALID_...
+        if error.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        raise UnknownModel(f"no registered model {uri} ({_registered_beside(client, name)})") from None
+
+
+def _registered_beside(client, name: str) -> str:
+    """What the registry holds of ``name``'s kind (dax-backbone-*, dax-head-<task>-*), with aliases, for an error."""
+    kind = name.rsplit("-", 1)[0] + "-" if name.startswith("dax-") and "-" in name[4:] else name
+    found = sorted((m for m in client.search_registered_models(max_results=1000) if m.name.startswith(kind)),
+                   key=lambda m: m.name)
+    if not found:
+        return f"no {kind}* model is registered here: `dax pretrain` registers backbones, `dax heads` heads"
+    return "registered here: " + ", ".join(f"models:/{m.name}" + "".join(f" @{a}" for a in sorted(m.aliases))
+                                            for m in found)
 
 
 def alias_best_heads(branches: list[dict], tasks: tuple[str, ...], alias: str) -> dict[str, dict]:
