@@ -117,10 +117,12 @@ def user_errors():
 
 def preflight(source: Path | None = None, configs: Sequence[str] = (), overrides: dict | None = None,
               secret: bool = False, labels: Path | None = None, heads_config: str | None = None,
-              backbone: str | None = None, home: Path | None = None) -> None:
-    """What a flow refuses at its start, refused before the flow, and Prefect with it, is loaded, as `user_errors`'
-    one line (inside a flow, a refusal also logs its traceback). The flows keep their own checks, for deployments.
-    ``backbone`` is looked up in ``home``'s registry (a home without an MLflow store is refused, not given one)."""
+              home: Path | None = None, catalog: bool = False, backbone: str | None = None,
+              resume: str | None = None) -> None:
+    """What a flow refuses at its start, refused before the flow (and Prefect's API with it) starts, as
+    `user_errors`' one line (inside a flow, a refusal also logs its traceback). The flows keep their own checks,
+    for deployments. In ``home``: ``catalog``, a published catalog snapshot; ``backbone``, a registered model (a
+    home without an MLflow store is refused, not given one); ``resume``, a pretraining job to resume."""
     if secret:
         from tasks.ingest.deidentify import load_key
         load_key()
@@ -129,6 +131,10 @@ def preflight(source: Path | None = None, configs: Sequence[str] = (), overrides
         check_source(source)
     if labels is not None and not Path(labels).is_file():
         raise FileNotFoundError("the labels file (--labels) does not exist")   # its path is not echoed
+    if catalog:
+        from tasks.ingest.catalog import NO_SNAPSHOT_MESSAGE, SnapshotMissingError, snapshot_path
+        if not snapshot_path(home).is_file():
+            raise SnapshotMissingError(NO_SNAPSHOT_MESSAGE)
     if configs:
         from tasks.pretrain.main_dino import load_config
         for config in configs:
@@ -140,6 +146,9 @@ def preflight(source: Path | None = None, configs: Sequence[str] = (), overrides
         from tasks.release.registry import require_registry, resolve_model
         require_registry(home)
         resolve_model(backbone)
+    if resume is not None:
+        from tasks.pretrain.steps import resumable_job   # loads Prefect's client, not its API: rare enough
+        resumable_job(home, resume)
 
 
 @app.command()
@@ -313,7 +322,8 @@ def pretrain(
     root = configure(home)
     _log_progress()
     with user_errors():
-        preflight(configs=[] if resume else [config], overrides=overrides, labels=labels)
+        preflight(configs=[] if resume else [config], overrides=overrides, labels=labels, home=root,
+                  catalog=not resume, resume=resume)
         from flows.pretrain import pretrain as pretrain_flow
 
         summary = pretrain_flow(config=config, where=where, home=str(root), labels=str(labels) if labels else None,
@@ -365,7 +375,7 @@ def heads(
     """Heads on the frozen backbone and on its random-init twin, fanned out over tasks and seeds."""
     root = configure(home)
     with user_errors():
-        preflight(labels=labels, heads_config=config, backbone=backbone, home=root)
+        preflight(labels=labels, heads_config=config, home=root, catalog=True, backbone=backbone)
         from flows.heads import heads as heads_flow
 
         summary = heads_flow(backbone=backbone, home=str(root), labels=str(labels), seeds=seeds,
@@ -460,7 +470,7 @@ def retrain(
     root = configure(home)
     _log_progress()
     with user_errors():
-        preflight(configs=config, labels=labels, heads_config=heads_config)
+        preflight(configs=config, labels=labels, heads_config=heads_config, home=root, catalog=True)
         from flows.pipeline import retrain as retrain_flow
 
         outcome = retrain_flow(configs=config, where=where, home=str(root), labels=str(labels) if labels else None,

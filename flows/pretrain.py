@@ -21,10 +21,10 @@ from tasks.home import configure
 from tasks.pretrain.main_dino import load_config
 from tasks.pretrain.steps import (
     JOBS_DIR,
-    latest_job,
     open_run_task,
     prepare_job_task,
     register_backbone_task,
+    resumable_job,
     run_training_task,
     summary_markdown,
 )
@@ -49,9 +49,7 @@ def pretrain(
     configure_tracking(root)
     logger = get_run_logger()
     if resume:
-        job_dir = latest_job(root) if resume == "last" else root / JOBS_DIR / resume
-        if not (job_dir / "job.json").is_file():
-            raise FileNotFoundError(f"no pretraining job {resume!r} under this home")
+        job_dir = resumable_job(root, resume)
         prepared = json.loads((job_dir / "prepare.json").read_text())
         run_id = json.loads((job_dir / "job.json").read_text())["run_id"]
         logger.info("resuming job %s (MLflow run %s)", job_dir.name, run_id)

@@ -109,10 +109,11 @@ def test_pretrain_epochs_from_either_option_and_a_disagreement_refused(tmp_path)
     assert not (tmp_path / "home").exists()                           # refused before the home is made
 
 
-def test_heads_and_predict_refuse_missing_inputs_in_one_line_before_prefect_loads(tmp_path):
-    """`dax heads` before any `dax pretrain` once ended in MLflow's traceback after 18 s of Prefect's API; a
-    head config typo started the API too. Now each is one line, before the flow (and Prefect, which would make
-    its home) is loaded, and a home without an MLflow store is not given one."""
+def test_missing_inputs_are_refused_in_one_line_before_prefects_api_starts(tmp_path):
+    """`dax heads` before any `dax pretrain` once ended in MLflow's traceback after 18 s of Prefect's API; a head
+    config typo, a home not ingested yet and a resume without a job started the API too (15-23 s, and a traceback
+    logged before the line). Now each is one line before Prefect's API starts, and a home without an MLflow store
+    is not given one."""
     import os
 
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "unused-prefect-home"), COLUMNS="300")
@@ -127,8 +128,13 @@ def test_heads_and_predict_refuse_missing_inputs_in_one_line_before_prefect_load
 
     missing = dax("heads", "--labels", str(tmp_path / "gone.parquet"))
     assert missing == "error: the labels file (--labels) does not exist"
+    for command in (["pretrain"], ["retrain"], ["heads", "--labels", str(labels)]):
+        assert dax(*command) == "error: no catalog snapshot yet: run `dax ingest` first", command
+    assert dax("pretrain", "--resume", "last") == "error: no pretraining job to resume under this home"
+    from tasks.ingest.catalog import snapshot_path
+
+    snapshot_path(home).write_bytes(b"")          # as if ingested: a config, then the registry, is what is missing
     assert dax("heads", "--labels", str(labels), "--config", "nosuch").startswith("error: no head config 'nosuch'")
     assert dax("heads", "--labels", str(labels)).startswith(f"error: nothing is registered in {home}")
     assert dax("predict", str(labels)).startswith(f"error: nothing is registered in {home}")
-    assert dax("retrain", "--heads-config", "nosuch").startswith("error: no head config 'nosuch'")
-    assert not (home / "mlflow.db").exists() and not (tmp_path / "unused-prefect-home").exists()
+    assert not (home / "mlflow.db").exists() and not (tmp_path / "unused-prefect-home" / "prefect.db").exists()

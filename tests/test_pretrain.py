@@ -492,6 +492,25 @@ def test_a_run_resumed_from_an_epochs_end_scores_that_epochs_knn(small_corpus):
     assert [(entry["step"], entry["epoch"]) for entry in result["knn"]] == [(0, 0), (2, 1), (4, 2)]
 
 
+def test_resume_names_a_job_under_the_home_or_the_latest(tmp_path):
+    """`--resume last` is the job whose job.json was written last; a name is that job; none is refused by name."""
+    import os
+
+    from tasks.pretrain.steps import JOBS_DIR, resumable_job
+    with pytest.raises(FileNotFoundError, match="no pretraining job to resume under this home"):
+        resumable_job(tmp_path, "last")
+    for age, name in enumerate(["demo-cpu-2", "demo-cpu-1"]):        # the later name is the older job
+        (tmp_path / JOBS_DIR / name).mkdir(parents=True)
+        (tmp_path / JOBS_DIR / name / "job.json").write_text("{}")
+        os.utime(tmp_path / JOBS_DIR / name / "job.json", (1000 + age, 1000 + age))
+    (tmp_path / JOBS_DIR / "unprepared").mkdir()                     # a folder without job.json is no job
+    assert resumable_job(tmp_path, "last").name == "demo-cpu-1"
+    assert resumable_job(tmp_path, "demo-cpu-2").name == "demo-cpu-2"
+    for name in ("unprepared", "demo-cpu-3"):
+        with pytest.raises(FileNotFoundError, match=f"no pretraining job '{name}' under this home"):
+            resumable_job(tmp_path, name)
+
+
 def test_the_resnet18_demo_config_lets_lars_move_each_layer_by_its_norm():
     """LARS scales each step to 0.001 of a layer's norm: the lr schedule decides how far a run can go."""
     from dax_models.dino import lars_reach

@@ -51,8 +51,8 @@ from tasks.version import code_version, git_commit
 
 log = logging.getLogger("dax.pretrain")
 
-__all__ = ["attention_figure", "build_knn_probe", "eval_images", "knn_probe_rows", "open_run", "prepare_job",
-           "register_backbone", "run_training"]
+__all__ = ["attention_figure", "build_knn_probe", "eval_images", "knn_probe_rows", "latest_job", "open_run",
+           "prepare_job", "register_backbone", "resumable_job", "run_training"]
 
 
 def _spread(keys: list[str], limit: int) -> list[str]:
@@ -282,6 +282,14 @@ def latest_job(root: Path) -> Path:
     if not jobs:
         raise FileNotFoundError("no pretraining job to resume under this home")
     return jobs[-1].parent
+
+
+def resumable_job(root: Path, name: str) -> Path:
+    """The job ``resume`` names under the home (``last``: the latest); FileNotFoundError when there is none."""
+    job_dir = latest_job(root) if name == "last" else root / JOBS_DIR / name
+    if not (job_dir / "job.json").is_file():
+        raise FileNotFoundError(f"no pretraining job {name!r} under this home")
+    return job_dir
 
 
 def summary_markdown(summary: dict) -> str:
