@@ -117,12 +117,13 @@ def user_errors():
 
 def preflight(source: Path | None = None, configs: Sequence[str] = (), overrides: dict | None = None,
               secret: bool = False, labels: Path | None = None, heads_config: str | None = None,
-              home: Path | None = None, catalog: bool = False, backbone: str | None = None,
-              resume: str | None = None) -> None:
+              home: Path | None = None, catalog: bool = False, where: str | None = None,
+              backbone: str | None = None, resume: str | None = None) -> None:
     """What a flow refuses at its start, refused before the flow (and Prefect's API with it) starts, as
     `user_errors`' one line (inside a flow, a refusal also logs its traceback). The flows keep their own checks,
-    for deployments. In ``home``: ``catalog``, a published catalog snapshot; ``backbone``, a registered model (a
-    home without an MLflow store is refused, not given one); ``resume``, a pretraining job to resume."""
+    for deployments. In ``home``: ``catalog``, a published catalog snapshot (and ``where``, pretraining's selection
+    of its images); ``backbone``, a registered model (a home without an MLflow store is refused, not given one);
+    ``resume``, a pretraining job to resume."""
     if secret:
         from tasks.ingest.deidentify import load_key
         load_key()
@@ -135,6 +136,9 @@ def preflight(source: Path | None = None, configs: Sequence[str] = (), overrides
         from tasks.ingest.catalog import NO_SNAPSHOT_MESSAGE, SnapshotMissingError, snapshot_path
         if not snapshot_path(home).is_file():
             raise SnapshotMissingError(NO_SNAPSHOT_MESSAGE)
+        if where is not None:
+            from tasks.pretrain.data import select_images
+            select_images(home, where)
     if configs:
         from tasks.pretrain.main_dino import load_config
         for config in configs:
@@ -323,7 +327,7 @@ def pretrain(
     _log_progress()
     with user_errors():
         preflight(configs=[] if resume else [config], overrides=overrides, labels=labels, home=root,
-                  catalog=not resume, resume=resume)
+                  catalog=not resume, where=None if resume else where, resume=resume)
         from flows.pretrain import pretrain as pretrain_flow
 
         summary = pretrain_flow(config=config, where=where, home=str(root), labels=str(labels) if labels else None,
@@ -470,7 +474,7 @@ def retrain(
     root = configure(home)
     _log_progress()
     with user_errors():
-        preflight(configs=config, labels=labels, heads_config=heads_config, home=root, catalog=True)
+        preflight(configs=config, labels=labels, heads_config=heads_config, home=root, catalog=True, where=where)
         from flows.pipeline import retrain as retrain_flow
 
         outcome = retrain_flow(configs=config, where=where, home=str(root), labels=str(labels) if labels else None,

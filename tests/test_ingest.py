@@ -347,6 +347,21 @@ def test_auditor_queries_the_snapshot_in_every_format(ingested):
     assert (home / "catalog-report.html").exists() and "report written" in report.stdout
 
 
+def test_pretraining_settings_and_selections_are_refused_before_prefects_api_starts(ingested):
+    """`dax pretrain` on an ingested home: an unknown setting, a selection that matches nothing or does not parse
+    is one line, without starting Prefect's API (14 s, and a traceback logged before the line, for a selection
+    until the CLI checked it first)."""
+    env = _env(ingested["tmp"]) | {"PREFECT_HOME": str(ingested["tmp"] / "unused-prefect-home")}
+    for args, said in ((["--set", "nonsense=1"], "error: unknown pretraining settings: nonsense"),
+                       (["--where", "modality = 'ZZ'"], "error: no image in the catalog matches: modality = 'ZZ'"),
+                       (["--where", "modality = "], "error: refused catalog query: the query does not parse")):
+        done = subprocess.run([DAX, "pretrain", *args, "--home", str(ingested["home"])], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and done.stdout.startswith(said), done.stdout + done.stderr
+        assert "Traceback" not in done.stdout + done.stderr
+    assert not (ingested["tmp"] / "unused-prefect-home" / "prefect.db").exists()
+
+
 def test_locate_maps_a_hash_back_to_its_source_path(ingested):
     label = ingested["labels"][0]
     found = run_dax(ingested["tmp"], "locate", label["sha256"], str(ingested["source"])).stdout.strip()
@@ -380,12 +395,8 @@ def test_user_errors_are_one_clear_line(tmp_path):
                         check=False)
     assert no_source.returncode == 2 and "error: the ingestion source does not exist" in no_source.stdout
     assert "Traceback" not in no_source.stdout + no_source.stderr and "no such export" not in no_source.stdout
-    # settings and sources are refused before the flow, and Prefect with it, is loaded (it would make its home)
+    # a source is refused before the flow, and Prefect with it, is loaded (it would make its home)
     unloaded = env | {"DAX_DEID_SECRET": SECRET, "PREFECT_HOME": str(tmp_path / "unused-prefect-home")}
-    unknown = subprocess.run([DAX, "pretrain", "--set", "nonsense=1", "--home", str(tmp_path / "home")], env=unloaded,
-                             capture_output=True, text=True, timeout=300)
-    assert unknown.returncode == 2 and "error: unknown pretraining settings: nonsense" in unknown.stdout
-    assert "Traceback" not in unknown.stdout + unknown.stderr
     no_export = subprocess.run([DAX, "pipeline", str(tmp_path / "no such export"), "--home", str(tmp_path / "home")],
                                env=unloaded, capture_output=True, text=True, timeout=300)
     assert no_export.returncode == 2 and "error: the ingestion source does not exist" in no_export.stdout
