@@ -463,6 +463,18 @@ def _losses(job: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (job / "history.jsonl").read_text().splitlines()]
 
 
+def test_a_selection_without_held_out_patients_is_refused_for_the_knn_monitor(small_corpus):
+    """One patient's images cannot make a kNN bank and held-out queries: a clear line, not torch.stack's error
+    on an empty list (what `dax pretrain --labels` on a three-study corpus met)."""
+    from tasks.pretrain.steps import prepare_job
+    one_patient = "patient_key = (SELECT min(patient_key) FROM images)"
+    job = small_corpus.tmp / "jobs" / "one-patient"
+    with pytest.raises(SelectionError, match="needs labelled images of training and of held-out .* of 1 labelled "
+                                             "patients: select more patients, or pretrain without --labels"):
+        prepare_job(small_corpus.home, job, load_config("demo-cpu", TINY), one_patient, small_corpus.labels)
+    assert not job.exists()
+
+
 def test_a_killed_run_resumed_gives_the_same_loss_curve(small_corpus):
     from tasks.pretrain.steps import run_training
     settings = {"epochs": 2, "steps_per_epoch": 3, "checkpoint_every": 2, "drop_path_rate": 0.1}

@@ -31,7 +31,7 @@ from tasks.fileio import sha256_file
 from tasks.ingest.events import catalog_images
 from tasks.ingest.labels import load_labels
 from tasks.label_schema import BODY_REGIONS
-from tasks.pretrain.data import Selection, read_samples, select_images
+from tasks.pretrain.data import Selection, SelectionError, read_samples, select_images
 from tasks.pretrain.main_dino import (
     PretrainConfig,
     load_config,
@@ -114,6 +114,12 @@ def prepare_job(home: Path, job_dir: Path, config: PretrainConfig, where: str | 
         chosen = set(selection.keys)
         rows = [r for r in load_labels(home, labels, ("region",)).to_pylist() if r["key"] in chosen]
         held_out, bank_rows, query_rows = knn_probe_rows(rows, config)
+        if not bank_rows or not query_rows:
+            patients = len({r["patient_key"] for r in rows})
+            raise SelectionError(f"the kNN monitor (--labels) needs labelled images of training and of held-out (test) "
+                                 f"patients; this selection gives {len(bank_rows)} training and {len(query_rows)} "
+                                 f"held-out images of {patients} labelled patients: select more patients, or "
+                                 "pretrain without --labels")
         selection = selection.without(r["key"] for r in held_out)
         knn = build_knn_probe(Path(selection.shard_dir), bank_rows, query_rows, config.knn_size)
         job_dir.mkdir(parents=True, exist_ok=True)
@@ -124,7 +130,7 @@ def prepare_job(home: Path, job_dir: Path, config: PretrainConfig, where: str | 
                        chance_uniform=1.0 / classes, chance_majority=float(counts.max() / max(counts.sum(), 1)),
                        knn_thumbnails=knn_thumbnails(knn), knn_patients=int(knn["query_patients"].unique().numel()))
     if not selection.keys:
-        raise ValueError("nothing left to pretrain on after holding out the test patients")
+        raise SelectionError("nothing left to pretrain on after holding out the test patients")
     write_job(job_dir, config, selection, device=device)
     summary.update(trained_on=len(selection.keys), digest=selection.digest)
     (job_dir / "prepare.json").write_text(json.dumps(summary, indent=2))
