@@ -84,6 +84,7 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
 # already imported (an error whose module was never imported cannot have been raised). Importing them
 # up front cost a command 4 to 11 s (torchvision via tasks.pretrain.main_dino; BENCHMARKS.md, start-up).
 USER_ERRORS = {
+    "tasks.heads.data": ("HeadDataError",),
     "tasks.heads.training": ("HeadConfigError",),
     "tasks.ingest.catalog": ("CatalogError",),
     "tasks.ingest.deidentify": ("DeidError",),
@@ -121,9 +122,11 @@ def preflight(source: Path | None = None, configs: Sequence[str] = (), overrides
               backbone: str | None = None, resume: str | None = None) -> None:
     """What a flow refuses at its start, refused before the flow (and Prefect's API with it) starts, as
     `user_errors`' one line (inside a flow, a refusal also logs its traceback). The flows keep their own checks,
-    for deployments. In ``home``: ``catalog``, a published catalog snapshot (and ``where``, pretraining's selection
-    of its images); ``backbone``, a registered model (a home without an MLflow store is refused, not given one);
-    ``resume``, a pretraining job to resume."""
+    for deployments. The command's own arguments first, then what it needs in ``home``: ``catalog``, a published
+    catalog snapshot; ``backbone``, a registered model (a home without an MLflow store is refused, not given one);
+    ``resume``, a pretraining job to resume; last what reads the catalog: ``where``, pretraining's selection of
+    its images, and ``labels`` (with ``catalog``), a label file of images this home ingested, of training and test
+    patients."""
     if secret:
         from tasks.ingest.deidentify import load_key
         load_key()
@@ -132,13 +135,6 @@ def preflight(source: Path | None = None, configs: Sequence[str] = (), overrides
         check_source(source)
     if labels is not None and not Path(labels).is_file():
         raise FileNotFoundError("the labels file (--labels) does not exist")   # its path is not echoed
-    if catalog:
-        from tasks.ingest.catalog import NO_SNAPSHOT_MESSAGE, SnapshotMissingError, snapshot_path
-        if not snapshot_path(home).is_file():
-            raise SnapshotMissingError(NO_SNAPSHOT_MESSAGE)
-        if where is not None:
-            from tasks.pretrain.data import select_images
-            select_images(home, where)
     if configs:
         from tasks.pretrain.main_dino import load_config
         for config in configs:
@@ -146,6 +142,10 @@ def preflight(source: Path | None = None, configs: Sequence[str] = (), overrides
     if heads_config is not None:
         from tasks.heads.training import load_head_config
         load_head_config(heads_config)
+    if catalog:
+        from tasks.ingest.catalog import NO_SNAPSHOT_MESSAGE, SnapshotMissingError, snapshot_path
+        if not snapshot_path(home).is_file():
+            raise SnapshotMissingError(NO_SNAPSHOT_MESSAGE)
     if backbone is not None:
         from tasks.release.registry import require_registry, resolve_model
         require_registry(home)
@@ -153,6 +153,15 @@ def preflight(source: Path | None = None, configs: Sequence[str] = (), overrides
     if resume is not None:
         from tasks.pretrain.steps import resumable_job   # loads Prefect's client, not its API: rare enough
         resumable_job(home, resume)
+    if catalog and where is not None:
+        from tasks.pretrain.data import select_images
+        select_images(home, where)
+    if catalog and labels is not None:
+        from tasks.ingest.labels import LabelError, load_labels
+        splits = set(load_labels(home, labels).column("split").to_pylist())    # LabelError: not ingested here
+        if not {"train", "test"} <= splits:
+            raise LabelError(f"every labelled patient falls in the {' and '.join(sorted(splits))} split: the heads "
+                             "and the kNN monitor need training and test patients (label more patients)")
 
 
 @app.command()

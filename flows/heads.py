@@ -92,7 +92,7 @@ def _heads(backbone, home, labels, seeds, tasks, size, where, max_images, config
     import torch
 
     from dax_models.backbones import create_backbone
-    from tasks.heads.training import TASKS
+    from tasks.heads.training import TASKS, task_view
 
     began = time.perf_counter()
     root = configure(home)
@@ -114,6 +114,8 @@ def _heads(backbone, home, labels, seeds, tasks, size, where, max_images, config
     twin = create_backbone(arch, pretrained.in_chans, img_size=size).eval()
 
     views = _load_views(root, Path(labels), tasks, config, where, max_images)
+    for task in tasks:                  # before any feature is computed: a split without images cannot be scored
+        views[task_view(task)].check_splits(task)
     summary_data = _views_summary(views, config)
     logger.info("%(images)d labelled images of %(patients)d patients (region at %(size)d px, metal and screws at "
                 "%(dense_size)d px): %(train_images)d train, %(val_images)d val, %(test_images)d test", summary_data)

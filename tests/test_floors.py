@@ -1,5 +1,5 @@
-"""Floors (tasks.heads.floors), patient-resampled intervals and the dense heads' training windows, on small
-hand-made data (CPU, seconds)."""
+"""Floors (tasks.heads.floors), patient-resampled intervals, the dense heads' training windows and the split check,
+on small hand-made data (CPU, seconds)."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from dax_models.augment import Letterbox
-from tasks.heads.data import HeadDataset
+from tasks.heads.data import HeadDataError, HeadDataset
 from tasks.heads.evaluation import patient_interval
 from tasks.heads.floors import metal_threshold_floor, region_floors
-from tasks.heads.training import DenseCrop, HeadConfig
+from tasks.heads.training import DenseCrop, HeadConfig, run_task
 from tasks.label_schema import BODY_REGIONS, mask_to_png
 
 SIZE = 32
@@ -85,3 +85,16 @@ def test_dense_crops_cut_every_level_where_the_input_is_cut(strides):
         for level, s in zip(window.maps(maps, top, left), strides):
             assert level.shape[-1] == 256 / s and level[0, 0, 0, 0] == left / s   # the column the input starts at
     assert DenseCrop(512, 0, strides, torch.Generator()).crop == 512             # 0: whole images
+
+
+def test_a_task_without_training_or_test_images_is_refused_naming_the_counts():
+    """The heads flow checks every task's view before computing features (tasks of a two-patient corpus ended in
+    a ValueError traceback, exit 1, after the features); `run_task` keeps the same check."""
+    data = _dataset()
+    data.check_splits("metal")                                # 3 images per patient, patients 2:1:1
+    data.splits[data.splits == "test"] = "val"
+    with pytest.raises(HeadDataError, match=r"the metal task needs training and test images \(got 12 and 0 of 8 "
+                                            r"patients\): label more patients"):
+        data.check_splits("metal")
+    with pytest.raises(HeadDataError, match="the region task needs training and test images"):
+        run_task("region", 0, data, None, HeadConfig(), "resnet18")

@@ -347,14 +347,32 @@ def test_auditor_queries_the_snapshot_in_every_format(ingested):
     assert (home / "catalog-report.html").exists() and "report written" in report.stdout
 
 
-def test_pretraining_settings_and_selections_are_refused_before_prefects_api_starts(ingested):
-    """`dax pretrain` on an ingested home: an unknown setting, a selection that matches nothing or does not parse
-    is one line, without starting Prefect's API (14 s, and a traceback logged before the line, for a selection
-    until the CLI checked it first)."""
+def test_pretraining_settings_selections_and_labels_are_refused_before_prefects_api_starts(ingested, tmp_path):
+    """`dax pretrain` on an ingested home: an unknown setting, a selection that matches nothing or does not parse,
+    a label file of another corpus or of training patients only is one line, without starting Prefect's API (14 s,
+    and a traceback logged before the line, until the CLI checked them first)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tasks.ingest.labels import load_labels
+
+    every, train_only, foreign = (tmp_path / f"{name}.parquet" for name in ("every", "train-only", "foreign"))
+    rows = [{k: row[k] for k in ("sha256", "frame", "region")} for row in ingested["labels"]]
+    pq.write_table(pa.Table.from_pylist(rows), every)
+    split = {row["key"]: row["split"] for row in load_labels(ingested["home"], every).to_pylist()}
+    key = {(row["source_sha256"], row["frame"]): row["key"]
+           for row in catalog_rows(ingested["home"], "SELECT key, source_sha256, frame FROM images")}
+    trained = [row for row in rows if split.get(key.get((row["sha256"], row["frame"]))) == "train"]
+    assert {"train", "test"} <= set(split.values()) and trained
+    pq.write_table(pa.Table.from_pylist(trained), train_only)
+    pq.write_table(pa.Table.from_pylist([{"sha256": "0" * 64, "frame": 0, "region": "hand"}]), foreign)
+
     env = _env(ingested["tmp"]) | {"PREFECT_HOME": str(ingested["tmp"] / "unused-prefect-home")}
     for args, said in ((["--set", "nonsense=1"], "error: unknown pretraining settings: nonsense"),
                        (["--where", "modality = 'ZZ'"], "error: no image in the catalog matches: modality = 'ZZ'"),
-                       (["--where", "modality = "], "error: refused catalog query: the query does not parse")):
+                       (["--where", "modality = "], "error: refused catalog query: the query does not parse"),
+                       (["--labels", str(foreign)], "error: the label file matches no ingested image"),
+                       (["--labels", str(train_only)], "error: every labelled patient falls in the train split")):
         done = subprocess.run([DAX, "pretrain", *args, "--home", str(ingested["home"])], env=env,
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 2 and done.stdout.startswith(said), done.stdout + done.stderr

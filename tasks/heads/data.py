@@ -40,9 +40,14 @@ from tasks.ingest.labels import load_labels
 from tasks.label_schema import BODY_REGIONS
 from tasks.pretrain.data import read_samples
 
-__all__ = ["HeadDataset", "load_head_dataset", "screw_rows", "shown_mask", "shown_screws", "unseen_pixels"]
+__all__ = ["HeadDataError", "HeadDataset", "load_head_dataset", "screw_rows", "shown_mask", "shown_screws",
+           "unseen_pixels"]
 
 DEFAULT_MAX_BYTES = 8 << 30
+
+
+class HeadDataError(ValueError):
+    """Labelled images a head cannot be trained and tested on (too few patients for the splits)."""
 
 
 @dataclass
@@ -89,6 +94,13 @@ class HeadDataset:
 
     def indices(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.splits == split)
+
+    def check_splits(self, task: str) -> None:
+        """``HeadDataError`` unless ``task`` has training and test images (patients split by ``patient_split``)."""
+        train, test = len(self.indices("train")), len(self.indices("test"))
+        if not train or not test:
+            raise HeadDataError(f"the {task} task needs training and test images (got {train} and {test} of "
+                                f"{len(set(self.patient_keys))} patients): label more patients")
 
     @property
     def digest(self) -> str:

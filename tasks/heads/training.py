@@ -458,10 +458,8 @@ def run_task(task: str, seed: int, data: HeadDataset, store, config: HeadConfig,
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     device = resolve_device(config.device)
+    data.check_splits(task)
     train, val, test = data.indices("train"), data.indices("val"), data.indices("test")
-    if not len(train) or not len(test):
-        raise ValueError(f"the {task} task needs training and test images (got {len(train)} and {len(test)}): "
-                         "label more patients")
     if task == "region":
         return _run_region(seed, data, store, config, arch, backbone, train, val, test, device)
     result = _run_dense(task, seed, data, store, config, arch, device)
