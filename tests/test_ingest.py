@@ -347,13 +347,17 @@ def test_auditor_queries_the_snapshot_in_every_format(ingested):
     assert (home / "catalog-report.html").exists() and "report written" in report.stdout
 
 
-def test_pretraining_settings_selections_and_labels_are_refused_before_prefects_api_starts(ingested, tmp_path):
+def test_pretraining_settings_selections_and_labels_are_refused_before_prefects_api_starts(ingested, tmp_path,
+                                                                                           capsys):
     """`dax pretrain` on an ingested home: an unknown setting, a selection that matches nothing or does not parse,
     a label file of another corpus or of training patients only is one line, without starting Prefect's API (14 s,
-    and a traceback logged before the line, until the CLI checked them first)."""
+    and a traceback logged before the line, until the CLI checked them first). The CLI's own preflight in this
+    process, and once through `dax` itself."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+    import typer
 
+    from flows.cli import preflight, user_errors
     from tasks.ingest.labels import load_labels
 
     every, train_only, foreign = (tmp_path / f"{name}.parquet" for name in ("every", "train-only", "foreign"))
@@ -367,16 +371,21 @@ def test_pretraining_settings_selections_and_labels_are_refused_before_prefects_
     pq.write_table(pa.Table.from_pylist(trained), train_only)
     pq.write_table(pa.Table.from_pylist([{"sha256": "0" * 64, "frame": 0, "region": "hand"}]), foreign)
 
+    home = ingested["home"]
+    preflight(configs=["demo-cpu"], home=home, catalog=True, where="modality = 'XA'", labels=every)   # all good
+    for given, said in (({"overrides": {"nonsense": 1}}, "unknown pretraining settings: nonsense"),
+                        ({"where": "modality = 'ZZ'"}, "no image in the catalog matches: modality = 'ZZ'"),
+                        ({"where": "modality = "}, "refused catalog query: the query does not parse"),
+                        ({"labels": foreign}, "the label file matches no ingested image"),
+                        ({"labels": train_only}, "every labelled patient falls in the train split")):
+        with pytest.raises(typer.Exit) as stopped, user_errors():       # a user error: one line, exit code 2
+            preflight(**{"configs": ["demo-cpu"], "home": home, "catalog": True, **given})
+        assert stopped.value.exit_code == 2 and f"error: {said}" in " ".join(capsys.readouterr().out.split())
     env = _env(ingested["tmp"]) | {"PREFECT_HOME": str(ingested["tmp"] / "unused-prefect-home")}
-    for args, said in ((["--set", "nonsense=1"], "error: unknown pretraining settings: nonsense"),
-                       (["--where", "modality = 'ZZ'"], "error: no image in the catalog matches: modality = 'ZZ'"),
-                       (["--where", "modality = "], "error: refused catalog query: the query does not parse"),
-                       (["--labels", str(foreign)], "error: the label file matches no ingested image"),
-                       (["--labels", str(train_only)], "error: every labelled patient falls in the train split")):
-        done = subprocess.run([DAX, "pretrain", *args, "--home", str(ingested["home"])], env=env,
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 2 and done.stdout.startswith(said), done.stdout + done.stderr
-        assert "Traceback" not in done.stdout + done.stderr
+    done = subprocess.run([DAX, "pretrain", "--labels", str(train_only), "--home", str(home)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stdout.startswith("error: every labelled patient falls in the train split")
+    assert "Traceback" not in done.stdout + done.stderr
     assert not (ingested["tmp"] / "unused-prefect-home" / "prefect.db").exists()
 
 
