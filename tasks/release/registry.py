@@ -183,20 +183,20 @@ def ensure_experiment(name: str, home: Path) -> str:
 
 def resolve_model(uri: str) -> tuple[str, str]:
     """(registered model name, version) of ``models:/<name>@<alias>`` or ``models:/<name>/<version>``."""
-    from mlflow.tracking import MlflowClient
-
     from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
 
     if not uri.startswith("models:/"):
         raise UnknownModel(f"give a registered model URI, not {uri!r}: models:/<name>@<alias> or "
                            "models:/<name>/<version>")
     rest = uri[len("models:/"):]
-    client = MlflowClient()
-    name, alias = rest.split("@", 1) if "@" in rest else (None, None)
-    if name is None:
-        name, _, version = rest.rpartition("/")
+    if "@" in rest:
+        (name, alias), version = rest.split("@", 1), None
+    else:
+        (name, _, version), alias = rest.rpartition("/"), None
         if not name or not version.isdigit():
             raise UnknownModel(f"cannot read a model name and version from {uri!r}")
+    client = MlflowClient()
     try:
         if alias is not None:
             return name, str(client.get_model_version_by_alias(name, alias).version)
