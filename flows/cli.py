@@ -48,6 +48,13 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+class Modality(str, Enum):
+    XA = "XA"
+    RF = "RF"
+    DX = "DX"
+    CR = "CR"
+
+
 class Task(str, Enum):
     region = "region"
     metal = "metal"
@@ -210,7 +217,9 @@ def montage(
 def ingest(
     source: Path = typer.Argument(..., help="Folder of raw DICOM (a hospital export); it is only read."),
     home: Optional[Path] = HOME_OPTION,
-    modality: list[str] = typer.Option(["XA", "RF", "DX", "CR"], help="Modalities to accept (repeat the option)."),
+    modality: list[Modality] = typer.Option([m.value for m in Modality], case_sensitive=False,
+                                            help="Modalities to accept (repeat the option; a later run that takes "
+                                                 "more reads the files skipped for theirs)."),
     max_size: int = typer.Option(1024, help="Long side of the stored images, in pixels."),
     frame_step: int = typer.Option(1, help="Keep every k-th frame of multi-frame files."),
     batch_size: int = typer.Option(32, help="Files per Prefect task run."),
@@ -231,7 +240,7 @@ def ingest(
         from flows.runners import ingest_task_runner
 
         result = ingest_flow.with_options(task_runner=ingest_task_runner(runner.value, workers))(
-            source=str(source), home=str(root), modalities=tuple(modality), max_size=max_size,
+            source=str(source), home=str(root), modalities=tuple(m.value for m in modality), max_size=max_size,
             frame_step=frame_step, batch_size=batch_size, shard_target_mb=shard_mb, image_format=image_format.value,
             retrain_after_images=retrain_after_images, rehash=rehash)
     console.print(f"{result['files']} files ({result['unchanged']} unchanged, not read): [bold]{result['ingested']}[/] "

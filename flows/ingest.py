@@ -85,7 +85,7 @@ def ingest(
                            "source_fingerprint": path_key(key, str(Path(source).resolve()))})  # keyed, as paths
         removed = remove_orphans(shard_dir, catalog.shard_names())
         listed = list_files(Path(source), key)
-        to_survey = listed if rehash else unchanged_dropped(catalog, listed)
+        to_survey = listed if rehash else unchanged_dropped(catalog, listed, config.modalities)
         logger.info("%d files in the source, %d unchanged since a previous survey (not read); %d stale or orphan "
                     "shard files removed", len(listed), len(listed) - len(to_survey), removed)
 
@@ -95,7 +95,7 @@ def ingest(
             bar = progress.add_task("ingest", total=len(surveyed))
             pending = surveyed
             while pending:  # a wave per copy of an instance: a later copy is a duplicate only if one got in
-                todo, duplicates, already, pending = plan(catalog, pending)
+                todo, duplicates, already, pending = plan(catalog, pending, config.modalities)
                 catalog.record_batch([duplicate_row(item, run_id) for item in duplicates], [], [],
                                      files=[item.source_file_row(run_id) for item in duplicates + already])
                 counts.update(duplicates=len(duplicates) + len(already))
@@ -138,9 +138,10 @@ def ingest(
 nightly = ingest.with_options(retries=2, retry_delay_seconds=300)
 
 
-def unchanged_dropped(catalog: Catalog, listed: list[ListedFile]) -> list[ListedFile]:
-    """The listed files without those a survey saw with the same path, size and mtime (never read)."""
-    unchanged = catalog.unchanged_files([(f.path_key, f.size, f.mtime_ns) for f in listed])
+def unchanged_dropped(catalog: Catalog, listed: list[ListedFile], modalities: tuple[str, ...]) -> list[ListedFile]:
+    """The listed files without those a survey saw with the same path, size and mtime (never read), but for
+    files skipped before for a modality in ``modalities`` (this run's)."""
+    unchanged = catalog.unchanged_files([(f.path_key, f.size, f.mtime_ns) for f in listed], modalities)
     return [f for f in listed if f.path_key not in unchanged]
 
 
@@ -154,15 +155,17 @@ def survey(source: Path, files: list[ListedFile], batch_size: int, progress: Pro
     return [item for future in futures for item in future.result()]
 
 
-def plan(catalog: Catalog, surveyed: list[SurveyedFile]) -> tuple[list, list, list, list]:
+def plan(catalog: Catalog, surveyed: list[SurveyedFile],
+         modalities: tuple[str, ...]) -> tuple[list, list, list, list]:
     """Split surveyed files into (work now, duplicates, files already cataloged, work for later).
 
     Identity is the file's SHA-256; a file with new bytes whose SOP instance is already ingested (the
     same image exported again, say in another transfer syntax) is a duplicate too: no image is stored
     twice. Of several copies of one instance in this run only the first is tried now; the others wait
-    for the next wave, where they are duplicates if the first got in, or the next candidate if not.
+    for the next wave, where they are duplicates if the first got in, or the next candidate if not. A file an
+    earlier run skipped for its modality is work again for a run that takes that modality (``modalities``).
     """
-    known_files = catalog.known_sha256(f.sha256 for f in surveyed)
+    known_files = catalog.known_sha256((f.sha256 for f in surveyed), modalities)
     known_instances = catalog.known_instance_keys(f.instance_key for f in surveyed if f.instance_key)
     todo, duplicates, later, already = [], [], [], []
     seen_files: set[str] = set()

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import Device, ImageFormat, Preset, Runner, Task
+from flows.cli import Device, ImageFormat, Modality, Preset, Runner, Task
 from tasks.heads.training import TASKS
 from tasks.ingest.shards import IMAGE_FORMATS
+from tasks.ingest.triage import DEFAULT_MODALITIES
 from tasks.synth.study import PRESETS
 
 DAX = str(Path(sys.executable).with_name("dax"))
@@ -21,6 +22,7 @@ def test_the_choices_are_the_stages_own():
     assert [t.value for t in Task] == list(TASKS)
     assert {r.value for r in Runner} == {"process", "dask"}           # flows.runners.ingest_task_runner
     assert {d.value for d in Device} == {"auto", "cpu", "cuda"}
+    assert tuple(m.value for m in Modality) == DEFAULT_MODALITIES
 
 
 def test_version_and_a_refused_choice():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 import duckdb
+import pydicom
 import pytest
 from conftest import CORPUS_SECRET
 
@@ -26,10 +27,14 @@ def secret(monkeypatch):
     monkeypatch.setenv("DAX_DEID_SECRET", CORPUS_SECRET)
 
 
-def _ingest(source, home, **kwargs) -> dict:
+def _ingest(source, home, threads: bool = False, **kwargs) -> dict:
+    """The ingest flow; ``threads``: its tasks in this process (no worker pool to start: seconds a run)."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+
     from flows.ingest import ingest
 
-    return ingest(source=str(source), home=str(home), max_size=96, batch_size=4, retrain_after_images=0, **kwargs)
+    flow = ingest.with_options(task_runner=ThreadPoolTaskRunner(max_workers=1)) if threads else ingest
+    return flow(source=str(source), home=str(home), max_size=96, batch_size=4, retrain_after_images=0, **kwargs)
 
 
 def test_unchanged_files_are_not_read_changed_ones_are_and_rehash_reads_all(tmp_path, secret):
@@ -84,3 +89,34 @@ def test_unchanged_files_are_not_read_changed_ones_are_and_rehash_reads_all(tmp_
     assert "not a DICOM file" in reason
     counted = _rows(home, "SELECT unchanged, surveyed FROM runs ORDER BY started_at")
     assert counted == [(0, len(files)), (len(files), 0), (len(files) - 1, 1), (0, len(files))]
+
+
+def test_files_skipped_for_their_modality_are_read_by_a_run_that_takes_it(tmp_path, secret):
+    """A run that did not take a modality once left its files "seen": every later run skipped them unread, and
+    even `rehash` counted their known bytes as already cataloged, so they could never be ingested into that home.
+    Only that rejection is reconsidered, and only by a run that takes the modality."""
+    source, home = tmp_path / "export", tmp_path / "home"
+    for index in range(3):
+        generate_study(source, 11, index, PRESETS["test"])
+    files = sorted(p for p in source.rglob("*") if p.is_file())
+    modalities = {path: str(pydicom.dcmread(path, stop_before_pixels=True).Modality) for path in files}
+    taken = sorted(set(modalities.values()))
+    assert len(taken) >= 2, modalities                              # the corpus mixes modalities
+    first, rest = taken[0], tuple(taken[1:])
+
+    narrow = _ingest(source, home, True, modalities=(first,))
+    skipped = sum(1 for m in modalities.values() if m != first)
+    assert (narrow["skipped"], narrow["ingested"]) == (skipped, len(files) - skipped)
+    again = _ingest(source, home, True, modalities=(first,))        # the same run's settings: nothing read
+    assert (again["unchanged"], again["surveyed"]) == (len(files), 0)
+    wider = _ingest(source, home, True, modalities=(first, *rest))
+    assert (wider["unchanged"], wider["surveyed"], wider["ingested"], wider["duplicates"]) == (
+        len(files) - skipped, skipped, skipped, 0)
+    assert _rows(home, "SELECT count(DISTINCT source_sha256) FROM images") == [(len(files),)]
+    last = _ingest(source, home, True)                              # settled now: nothing read again
+    assert (last["unchanged"], last["surveyed"]) == (len(files), 0)
+    statuses = _rows(home, "SELECT status, count(*) FROM sources GROUP BY ALL ORDER BY 1")
+    assert statuses == [("ingested", len(files)), ("skipped", skipped)]     # the skipped rows stay, for audit
+    from tasks.ingest.report import SECTIONS                          # the auditor's report counts each file once
+    by_status = next(section.sql for section in SECTIONS if section.key == "status")
+    assert [row[:2] for row in _rows(home, by_status)] == [("ingested", len(files))]

@@ -341,6 +341,12 @@ def _guard(table: str, rows: Sequence[Mapping[str, Any]]) -> list[dict]:
     return checked
 
 
+# A `sources` row of a file skipped only because the run did not take its modality (tasks.ingest.triage records
+# the modality of that rejection alone), for a run that takes the modalities in the query's first parameter: the
+# file is not settled for that run, which reads and ingests it.
+_SKIPPED_FOR_ITS_MODALITY = "(s.status = 'skipped' AND coalesce(list_contains($1::VARCHAR[], s.modality), false))"
+
+
 # --- the writer ----------------------------------------------------------------------------------------
 class Catalog:
     """The catalog's single writer. Open it for the duration of one run and close it straight after::
@@ -442,30 +448,35 @@ class Catalog:
             raise CatalogError(f"no run {run_id!r} to finish: call start_run first")
 
     # reads the writer needs
-    def known_sha256(self, hashes: Iterable[str]) -> set[str]:
-        """The hashes among ``hashes`` that `sources` already holds, with any status (one hash join)."""
-        return self._known("sha256", hashes)
+    def known_sha256(self, hashes: Iterable[str], modalities: Sequence[str] = ()) -> set[str]:
+        """The hashes among ``hashes`` that `sources` already holds, with any status (one hash join), except where
+        its only outcome is "skipped" for a modality in ``modalities``, the modalities of a run that takes them."""
+        return self._known("sha256", hashes, where=f"NOT {_SKIPPED_FOR_ITS_MODALITY}", params=[list(modalities)])
 
     def known_instance_keys(self, keys: Iterable[str]) -> set[str]:
         """The instance pseudonyms among ``keys`` whose image is already ingested (a quarantined copy does
         not count: another copy of the same instance may still be good)."""
         return self._known("instance_key", keys, where="s.status = 'ingested'")
 
-    def _known(self, column: str, values: Iterable[str], where: str = "TRUE") -> set[str]:
+    def _known(self, column: str, values: Iterable[str], where: str = "TRUE", params: list | None = None) -> set[str]:
         probe = pa.table({"v": pa.array(list(set(values)), type=pa.string())})
         return self._probe(probe, f"SELECT DISTINCT s.{column} FROM sources s SEMI JOIN {{probe}} p "
-                                  f"ON s.{column} = p.v WHERE {where}")
+                                  f"ON s.{column} = p.v WHERE {where}", params)
 
-    def unchanged_files(self, files: Sequence[tuple[str, int, int]]) -> set[str]:
+    def unchanged_files(self, files: Sequence[tuple[str, int, int]], modalities: Sequence[str] = ()) -> set[str]:
         """The path keys among ``files`` ((path_key, size_bytes, mtime_ns)) that a survey saw before with the
-        same size and mtime: the file is what it was then, and its outcome is in the catalog (one join)."""
+        same size and mtime: the file is what it was then, and its outcome is in the catalog (one join). Not
+        settled, so not among them: a file whose only outcome is "skipped" for a modality in ``modalities``
+        (an earlier run did not take that modality; this one does)."""
         keys, sizes, mtimes = zip(*files) if files else ((), (), ())
         probe = pa.table({"path_key": pa.array(keys, pa.string()), "size_bytes": pa.array(sizes, pa.int64()),
                           "mtime_ns": pa.array(mtimes, pa.int64())})
-        return self._probe(probe, "SELECT DISTINCT p.path_key FROM {probe} p SEMI JOIN source_files f "
-                                  "USING (path_key, size_bytes, mtime_ns)")
+        return self._probe(probe, "SELECT DISTINCT p.path_key FROM {probe} p JOIN source_files f "
+                                  "USING (path_key, size_bytes, mtime_ns) WHERE EXISTS (SELECT 1 FROM sources s "
+                                  f"WHERE s.sha256 = f.sha256 AND NOT {_SKIPPED_FOR_ITS_MODALITY})",
+                           [list(modalities)])
 
-    def _probe(self, probe: pa.Table, sql: str) -> set:
+    def _probe(self, probe: pa.Table, sql: str, params: list | None = None) -> set:
         """The first column of ``sql`` run with the Arrow table ``probe`` registered as ``{probe}`` (a join
         in DuckDB instead of a parameter per value); empty for an empty probe."""
         if probe.num_rows == 0:
@@ -474,7 +485,7 @@ class Catalog:
         con = self._connection
         con.register(name, probe)
         try:
-            rows = con.execute(sql.format(probe=name)).fetchall()
+            rows = con.execute(sql.format(probe=name), params).fetchall()
         finally:
             con.unregister(name)
         return {row[0] for row in rows}

@@ -31,23 +31,28 @@ class Section:
     chart: str | None = None     # "bar" or "barh": column 0 labels, column 1 values
 
 
+# Each file's latest outcome: `sources` keeps every outcome (a file a run skipped for its modality and a later
+# run ingested has both rows); the report counts a file once, as it stands.
+FILES = """\
+WITH files AS (SELECT * FROM sources QUALIFY row_number() OVER (PARTITION BY sha256 ORDER BY recorded_at DESC) = 1)
+"""
 SECTIONS = (
-    Section("totals", "Totals", """\
+    Section("totals", "Totals", FILES + """\
 SELECT
-  (SELECT count(*) FROM sources)                       AS files,
-  (SELECT coalesce(sum(size_bytes), 0)::BIGINT FROM sources) AS source_bytes,
+  (SELECT count(*) FROM files)                         AS files,
+  (SELECT coalesce(sum(size_bytes), 0)::BIGINT FROM files) AS source_bytes,
   (SELECT count(*) FROM images)                        AS images,
   (SELECT count(*) FROM shards)                        AS shards,
   (SELECT coalesce(sum(bytes), 0)::BIGINT FROM shards) AS shard_bytes,
   (SELECT count(*) FROM runs)                          AS runs"""),
-    Section("status", "Files by status", """\
+    Section("status", "Files by status", FILES + """\
 SELECT status, count(*) AS files, coalesce(sum(size_bytes), 0)::BIGINT AS bytes
-FROM sources
+FROM files
 GROUP BY status
-ORDER BY files DESC, status""", chart="bar"),
-    Section("reasons", "Quarantine and skip reasons", """\
+ORDER BY files DESC, status""", note="Each file counted once, by its latest outcome.", chart="bar"),
+    Section("reasons", "Quarantine and skip reasons", FILES + """\
 SELECT status, coalesce(reason, '(no reason recorded)') AS reason, count(*) AS files
-FROM sources
+FROM files
 WHERE status IN ('quarantined', 'skipped')
 GROUP BY ALL
 ORDER BY status, files DESC, reason"""),

@@ -44,6 +44,12 @@ class IngestConfig:
     # uses HOME/cache/deid-plans); None: each worker records its own plans with deid
     plan_cache: str | None = None
 
+    def __post_init__(self):
+        unknown = sorted(set(self.modalities) - set(DEFAULT_MODALITIES))
+        if unknown or not self.modalities:
+            raise ValueError(f"ingestion takes modalities among {', '.join(DEFAULT_MODALITIES)}, not "
+                             f"{', '.join(unknown) or 'none'}")
+
 
 @dataclass
 class BatchOutcome:
@@ -71,7 +77,7 @@ def ingest_batch(source: Path, shard_dir: Path, files: list[SurveyedFile], run_i
             try:
                 samples, facts = prepare_file(Path(source, item.relpath), item.sha256, key, config)
             except Rejected as rejected:
-                row.update(status=rejected.status, reason=rejected.reason)
+                row.update(rejected.facts, status=rejected.status, reason=rejected.reason)
             except Exception as error:  # noqa: BLE001 - a bad file never stops the run
                 row.update(status="quarantined", reason=f"unexpected error while ingesting ({type(error).__name__})")
             else:

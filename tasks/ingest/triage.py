@@ -31,12 +31,14 @@ STATUSES = ("ingested", "duplicate", "skipped", "quarantined")
 
 
 class Rejected(Exception):
-    """A file that will not be ingested; ``status`` is 'skipped' or 'quarantined', ``reason`` has no PHI."""
+    """A file that will not be ingested; ``status`` is 'skipped' or 'quarantined', ``reason`` has no PHI;
+    ``facts``: the `sources` columns known when it was rejected."""
 
-    def __init__(self, status: str, reason: str):
+    def __init__(self, status: str, reason: str, **facts):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.facts = facts
 
 
 def check_source(source: Path) -> None:
@@ -95,8 +97,9 @@ def check_header(ds: pydicom.Dataset, modalities: tuple[str, ...]) -> Header:
     if sop_class not in IMAGE_SOP_CLASSES:
         name = UID(sop_class).name if sop_class else "none"
         raise Rejected("skipped", f"SOP class {sop_class or '-'} ({name}) is not a projection X-ray image")
-    if modality not in modalities:
-        raise Rejected("skipped", f"modality {modality or '-'} is not among the configured {','.join(modalities)}")
+    if modality not in modalities:   # the one rejection recorded with its modality: a run that takes it reads it
+        raise Rejected("skipped", f"modality {modality or '-'} is not among the configured {','.join(modalities)}",
+                       modality=modality, sop_class_uid=sop_class, transfer_syntax_uid=transfer_syntax, frames=frames)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise Rejected("quarantined", "no pixel data")
     return Header(modality, sop_class, transfer_syntax, frames)
