@@ -104,16 +104,16 @@ def test_files_skipped_for_their_modality_are_read_by_a_run_that_takes_it(tmp_pa
     assert len(taken) >= 2, modalities                              # the corpus mixes modalities
     first, rest = taken[0], tuple(taken[1:])
 
-    narrow = _ingest(source, home, True, modalities=(first,))
+    narrow = _ingest(source, home, threads=True, modalities=(first,))
     skipped = sum(1 for m in modalities.values() if m != first)
     assert (narrow["skipped"], narrow["ingested"]) == (skipped, len(files) - skipped)
-    again = _ingest(source, home, True, modalities=(first,))        # the same run's settings: nothing read
+    again = _ingest(source, home, threads=True, modalities=(first,))        # the same run's settings: nothing read
     assert (again["unchanged"], again["surveyed"]) == (len(files), 0)
-    wider = _ingest(source, home, True, modalities=(first, *rest))
+    wider = _ingest(source, home, threads=True, modalities=(first, *rest))
     assert (wider["unchanged"], wider["surveyed"], wider["ingested"], wider["duplicates"]) == (
         len(files) - skipped, skipped, skipped, 0)
     assert _rows(home, "SELECT count(DISTINCT source_sha256) FROM images") == [(len(files),)]
-    last = _ingest(source, home, True)                              # settled now: nothing read again
+    last = _ingest(source, home, threads=True)                              # settled now: nothing read again
     assert (last["unchanged"], last["surveyed"]) == (len(files), 0)
     statuses = _rows(home, "SELECT status, count(*) FROM sources GROUP BY ALL ORDER BY 1")
     assert statuses == [("ingested", len(files)), ("skipped", skipped)]     # the skipped rows stay, for audit

@@ -36,7 +36,7 @@ from pathlib import Path
 
 __all__ = ["DEFAULT_BACKBONE", "HEADS_EXPERIMENT", "PIP_REQUIREMENTS", "PRETRAIN_EXPERIMENT", "RunLogger",
            "StoreError", "UnknownModel", "backbone_model", "backbone_uri", "configure_tracking", "ensure_experiment",
-           "head_model", "head_uri", "alias_best_heads", "best_heads", "HEADLINE", "log_torch_model",
+           "head_model", "head_uri", "home_store", "alias_best_heads", "best_heads", "HEADLINE", "log_torch_model",
            "require_registry", "resolve_model", "tracking_uri", "upgrade_home_store"]
 
 PRETRAIN_EXPERIMENT = "dax-pretrain"
@@ -73,9 +73,19 @@ _FROM_HOME = "DAX_TRACKING_URI_FROM_HOME"
 log = logging.getLogger("dax.registry")
 
 
+def _user_tracking_uri() -> str | None:
+    """MLFLOW_TRACKING_URI where the user set it (not one DAX derived from a home), else None."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    return uri if uri and os.environ.get(_FROM_HOME) != "1" else None
+
+
+def home_store(home: Path) -> Path:
+    """The home's own MLflow store, an SQLite file."""
+    return Path(home).resolve() / "mlflow.db"
+
+
 def tracking_uri(home: Path) -> str:
-    user_set = os.environ.get("MLFLOW_TRACKING_URI") and os.environ.get(_FROM_HOME) != "1"
-    return os.environ["MLFLOW_TRACKING_URI"] if user_set else f"sqlite:///{Path(home).resolve() / 'mlflow.db'}"
+    return _user_tracking_uri() or f"sqlite:///{home_store(home)}"
 
 
 class StoreError(RuntimeError):
@@ -88,11 +98,11 @@ class UnknownModel(LookupError):
 
 def configure_tracking(home: Path) -> str:
     import mlflow
-    user_set = bool(os.environ.get("MLFLOW_TRACKING_URI")) and os.environ.get(_FROM_HOME) != "1"
+    user_set = _user_tracking_uri() is not None
     uri = tracking_uri(home)
     if not user_set:
         os.environ[_FROM_HOME] = "1"
-        upgrade_home_store(Path(home).resolve() / "mlflow.db")
+        upgrade_home_store(home_store(home))
     os.environ["MLFLOW_TRACKING_URI"] = uri        # child processes (torchrun ranks) see the same store
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or uri)
@@ -114,9 +124,9 @@ def _store_revision(db: Path) -> str | None:
 def require_registry(home: Path) -> str:
     """``configure_tracking`` for a command that only reads the registry: where the registry is the home's own
     store and that has not been made yet, ``UnknownModel`` says so instead of an empty store being made."""
-    db = Path(home).resolve() / "mlflow.db"
+    db = home_store(home)
     if tracking_uri(home) == f"sqlite:///{db}" and not db.is_file():
-        raise UnknownModel(f"nothing is registered in {Path(home).resolve()}: the home has no MLflow store yet "
+        raise UnknownModel(f"nothing is registered in {db.parent}: the home has no MLflow store yet "
                            "(`dax pretrain` registers backbones, `dax heads` heads)")
     return configure_tracking(home)
 
